@@ -1,0 +1,40 @@
+# Set-up and entry points. `make demo` and `make test` install what they need first.
+#
+# If $(PYTHON) already has torch (say a CUDA build), paro is installed into that environment and
+# torch is left alone. Otherwise a local .venv gets the CPU build of torch 2.13.0 and triton 3.9.0
+# (whose interpreter runs the kernels on CPU).
+PYTHON ?= python3
+HAS_TORCH := $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo yes)
+ifeq ($(HAS_TORCH),yes)
+PY := $(PYTHON)
+else
+PY := .venv/bin/python
+endif
+STAMP := .paro-installed
+OUT := out
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+ifneq ($(HAS_TORCH),yes)
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 triton==3.9.0
+endif
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	mkdir -p $(OUT)
+	$(PY) -m paro_cli calibrate --recipe tiny --out $(OUT)/plan.safetensors
+	$(PY) -m paro_cli generate --recipe tiny --plan $(OUT)/plan.safetensors --prompt "a red circle moving left on a striped background" --seed 0 --out $(OUT)/demo.mp4
+	$(PY) -m paro_cli bench e2e --recipe tiny --plan $(OUT)/plan.safetensors
+	@echo "video: $(OUT)/demo.mp4   plan: $(OUT)/plan.safetensors"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(OUT) $(STAMP) .pytest_cache

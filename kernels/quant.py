@@ -1,0 +1,103 @@
+"""Quantisation primitives shared by the reference and the kernels.
+
+Small pure functions in the torchao manner: `choose_scale` -> `quantize` -> `dequantize`, the
+granularity passed as a value (`block_rows`: one scale per block of that many token rows, or
+`None` for one scale per channel over all tokens). `fake_quantize` chains the three and is what
+the reference attention applies, so the reference sees exactly the values a kernel multiplies.
+
+Formats and what they stand for:
+
+| name | stored as                | range used           | scale                      |
+|------|--------------------------|----------------------|----------------------------|
+| fp32 | unchanged                | -                    | none                       |
+| bf16 | torch.bfloat16           | -                    | none (a cast)              |
+| fp16 | torch.float16            | -                    | none (a cast)              |
+| int8 | integers in [-127, 127]  | symmetric, no -128   | amax / 127 per granule     |
+| int4 | integers in [-7, 7]      | simulated only: Hopper has no INT4 tensor cores |
+| fp8  | torch.float8_e4m3fn      | [-448, 448]          | amax / 448 per granule     |
+
+Shapes: x is (..., N, D) with tokens on dim -2. A block-row scale is (..., ceil(N / b), 1); a
+per-channel scale is (..., 1, D). Scales are float32, as the kernels keep them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+QK_FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8", "int4")
+PV_FORMATS = ("fp32", "bf16", "fp16", "fp8", "int8")
+
+FLOAT_CASTS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+
+# A granule whose largest magnitude is below this quantises to zeros instead of dividing by 0.
+MIN_AMAX = 1e-6
+
+
+def is_scaled(fmt: str) -> bool:
+    """True for the formats that need a scale (integers and fp8)."""
+    return fmt in QMAX
+
+
+def _blocks(x: torch.Tensor, block_rows: int) -> tuple[torch.Tensor, int]:
+    """x (..., N, D) zero-padded to whole blocks and viewed as (..., nb, b, D)."""
+    n = x.shape[-2]
+    nb = math.ceil(n / block_rows)
+    pad = nb * block_rows - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.reshape(*x.shape[:-2], nb, block_rows, x.shape[-1]), n
+
+
+def choose_scale(x: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
+    """float32 scale per granule so that amax maps to the format's largest value."""
+    qmax = QMAX[fmt]
+    ax = x.detach().abs().float()
+    if block_rows is None:
+        amax = ax.amax(dim=-2, keepdim=True)
+    else:
+        amax = _blocks(ax, block_rows)[0].amax(dim=(-2, -1)).unsqueeze(-1)
+    return amax.clamp_min(MIN_AMAX) / qmax
+
+
+def _expand(scale: torch.Tensor, n: int, block_rows: int | None) -> torch.Tensor:
+    if block_rows is None:
+        return scale
+    return scale.repeat_interleave(block_rows, dim=-2)[..., :n, :]
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
+    """Codes of x in `fmt`: int8 tensor for int8/int4, float8_e4m3fn for fp8."""
+    y = x.float() / _expand(scale, x.shape[-2], block_rows)
+    if fmt == "fp8":
+        return y.clamp(-QMAX[fmt], QMAX[fmt]).to(torch.float8_e4m3fn)
+    return y.round().clamp(-QMAX[fmt], QMAX[fmt]).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_rows: int | None, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.to(dtype) * _expand(scale, codes.shape[-2], block_rows).to(dtype))
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
+    """x rounded to what `fmt` can hold at this granularity, returned in x's dtype."""
+    if not is_scaled(fmt):
+        cast = FLOAT_CASTS[fmt]
+        return x if cast is None else x.to(cast).to(x.dtype)
+    scale = choose_scale(x, fmt, block_rows)
+    return dequantize(quantize(x, scale, fmt, block_rows), scale, block_rows, x.dtype)
+
+
+def quantize_probabilities(p: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Round softmax numerators p in [0, 1] as the PV product sees them, in p's dtype.
+
+    p <= 1 holds by construction (exp of a score minus its row maximum), so a static scale
+    suffices: fp8 holds p directly, int8 uses 1/127.
+    """
+    if fmt == "fp8":
+        return p.to(torch.float8_e4m3fn).to(p.dtype)
+    if fmt == "int8":
+        return (p * QMAX["int8"]).round() / QMAX["int8"]
+    cast = FLOAT_CASTS[fmt]
+    return p if cast is None else p.to(cast).to(p.dtype)

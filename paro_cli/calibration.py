@@ -1,0 +1,272 @@
+"""Calibration: attention statistics -> one order per (layer, head) -> block masks per slot.
+
+Two sampling passes over the same prompts and seeds, both with dense (stock) attention, so they
+follow the same trajectory:
+  1. OrderProfiler: at the profiled steps, for every candidate order, each head's mass recall at
+     the target density and its block incoherence (kernels/stats.py), averaged over prompts,
+     CFG branches and steps. `choose_orders` applies the corrected score of method.md.
+  2. MassCollector: at every step, each head's block mass in its chosen order, normalised per
+     row block and averaged within its timestep slot; a finished slot becomes masks at once
+     (`select_blocks`), so memory holds one slot's statistics, never an N x N map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels.layout import SequenceLayout, num_blocks
+from kernels.orders import candidate_orders, head_permutations, order_permutation
+from kernels.stats import block_statistics, mass_recall
+
+from . import runner
+from .errors import ParoError
+from .intercept import AttentionInterceptor, DenseFn
+from .models.loading import LoadedModel
+from .plan import ComponentPlan, Plan, pack_bits
+from .recipe import Recipe
+
+RECALL_TOLERANCE = 0.005  # orders this close to the best recall are tied; incoherence decides
+
+
+def slot_of_steps(num_steps: int, policy: str) -> list[int]:
+    """"half": the first half of the steps get a slot each, the rest share one; "single": one."""
+    if policy == "single":
+        return [0] * num_steps
+    half = num_steps // 2
+    return [min(i, half) for i in range(num_steps)]
+
+
+def slot_bounds(timesteps: list[float], slots: list[int]) -> list[float]:
+    """Normalised timesteps between consecutive slots (descending): slot(t) = #bounds >= t."""
+    return [(timesteps[i] + timesteps[i + 1]) / 2 for i in range(len(slots) - 1) if slots[i + 1] != slots[i]]
+
+
+def dense_above(timesteps: list[float], dense_first_steps: int) -> float | None:
+    """Normalised timestep above which attention stays dense (the first N calibrated steps).
+
+    None: no dense steps; -1: every step is dense.
+    """
+    if dense_first_steps == 0:
+        return None
+    if dense_first_steps >= len(timesteps):
+        return -1.0
+    return (timesteps[dense_first_steps - 1] + timesteps[dense_first_steps]) / 2
+
+
+def profiled_steps(num_steps: int, order_steps: int | None) -> set[int]:
+    if order_steps is None or order_steps >= num_steps:
+        return set(range(num_steps))
+    return {round(i * (num_steps - 1) / max(1, order_steps - 1)) for i in range(order_steps)}
+
+
+def choose_orders(recall: torch.Tensor, incoherence: torch.Tensor, density: float, quantised: bool) -> torch.Tensor:
+    """Index of the chosen candidate per (layer, head) from (layers, heads, candidates) scores.
+
+    Highest recall wins; among candidates within RECALL_TOLERANCE of it, the lowest incoherence.
+    At density 1 recall says nothing: with quantisation incoherence alone decides, without it
+    the arrival order (candidate 0) is kept.
+    """
+    if density >= 1.0:
+        if not quantised:
+            return torch.zeros(recall.shape[:2], dtype=torch.long)
+        return incoherence.argmin(dim=-1)
+    tied = recall >= recall.amax(dim=-1, keepdim=True) - RECALL_TOLERANCE
+    return incoherence.masked_fill(~tied, float("inf")).argmin(dim=-1)
+
+
+def forced_blocks(nb: int, n: int, block: int, device=None) -> torch.Tensor:
+    """Blocks every mask keeps: the diagonal and, if the last block is ragged, its column."""
+    forced = torch.eye(nb, dtype=torch.bool, device=device)
+    if n % block:
+        forced[:, -1] = True
+    return forced
+
+
+def select_blocks(mass: torch.Tensor, density: float, n: int, block: int) -> torch.Tensor:
+    """Kept blocks (H, nb, nb) of one layer at `density`, one threshold shared by its heads.
+
+    `mass` is normalised per row block. Keeping every block with mass >= theta, with theta set so
+    the layer keeps round(density * H * nb * nb) blocks, is a top-k over the layer's unforced
+    blocks: the exact solution a bisection on theta approaches. A sharp head thus keeps few
+    blocks and a diffuse head many, for the same total work.
+    """
+    heads, nb, _ = mass.shape
+    forced = forced_blocks(nb, n, block, mass.device).expand(heads, nb, nb)
+    kept = forced.clone()
+    extra = round(density * kept.numel()) - int(forced.sum())
+    if extra > 0:
+        scores = mass.masked_fill(forced, float("-inf")).flatten()
+        kept.view(-1)[scores.topk(extra).indices] = True
+    return kept
+
+
+class _StepTracker:
+    """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe)."""
+
+    def __init__(self):
+        self.timesteps: list[float] = []
+        self.grid: tuple[int, int, int] | None = None
+
+    def see(self, grid: tuple[int, int, int], t: float) -> int:
+        if self.grid is None:
+            self.grid = tuple(grid)
+        elif tuple(grid) != self.grid:
+            raise ParoError(f"token grid changed during calibration ({self.grid} -> {grid})", "calibrate one geometry at a time")
+        if not self.timesteps or abs(self.timesteps[-1] - t) > 1e-9:
+            self.timesteps.append(t)
+        return len(self.timesteps) - 1
+
+
+class OrderProfiler:
+    """Pass 1 handler: recall and incoherence of every candidate order, every head."""
+
+    def __init__(self, layers: int, heads: int, block: int, density: float, layout: SequenceLayout, steps: set[int]):
+        self.block, self.density, self.layout, self.steps = block, density, layout, steps
+        self.tracker = _StepTracker()
+        self.profile = False
+        self.recall: torch.Tensor | None = None
+        self.incoherence: torch.Tensor | None = None
+        self.count = torch.zeros(layers)
+        self.shape = (layers, heads)
+
+    def on_forward(self, grid, t):
+        step = self.tracker.see(grid, t)
+        self.profile = step in self.steps
+        if self.recall is None:
+            shape = (*self.shape, len(candidate_orders(self.tracker.grid)))
+            self.recall, self.incoherence = torch.zeros(shape), torch.zeros(shape)
+
+    def attention(self, layer: int, q, k, v, dense: DenseFn):
+        if self.profile:
+            heads = q.shape[2]
+            for c, order in enumerate(candidate_orders(self.tracker.grid)):
+                perm = order_permutation(order, self.tracker.grid).expand(heads, -1)
+                stats = block_statistics(q, k, perm=perm, block=self.block, layout=self.layout)
+                self.recall[layer, :, c] += mass_recall(stats.mass, self.density).cpu()
+                self.incoherence[layer, :, c] += stats.incoherence.cpu()
+            self.count[layer] += 1
+        return dense()
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.count.clamp_min(1)[:, None, None]
+        return self.recall / n, self.incoherence / n
+
+
+class MassCollector:
+    """Pass 2 handler: block mass in the chosen orders, reduced to masks slot by slot."""
+
+    def __init__(self, orders: list[list[str]], grid, timesteps: list[float], slots: list[int], block: int,
+                 density: float, dense_layers: set[int], layout: SequenceLayout, device: torch.device):
+        self.grid, self.timesteps, self.slots = tuple(grid), timesteps, slots
+        self.block, self.density, self.dense_layers, self.layout = block, density, dense_layers, layout
+        self.perms = torch.stack([head_permutations(o, self.grid) for o in orders]).to(device)
+        self.n = self.grid[0] * self.grid[1] * self.grid[2]
+        nb = num_blocks(self.n, block)
+        layers, heads = len(orders), len(orders[0])
+        self.masks = torch.zeros(max(slots) + 1, layers, heads, nb, nb, dtype=torch.bool)
+        self.done = torch.zeros(max(slots) + 1, dtype=torch.bool)
+        self.sum = torch.zeros(layers, heads, nb, nb, device=device)
+        self.count = torch.zeros(layers)
+        self.slot: int | None = None
+
+    def on_forward(self, grid, t):
+        if tuple(grid) != self.grid:
+            raise ParoError(f"token grid changed during calibration ({self.grid} -> {grid})", "calibrate one geometry at a time")
+        step = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
+        slot = self.slots[step]
+        if self.slot is not None and slot != self.slot:
+            self.finish_slot()
+        self.slot = slot
+
+    def attention(self, layer: int, q, k, v, dense: DenseFn):
+        mass = block_statistics(q, k, perm=self.perms[layer], block=self.block, layout=self.layout).mass
+        self.sum[layer] += mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        self.count[layer] += 1
+        return dense()
+
+    def finish_slot(self) -> None:
+        for layer in range(self.sum.shape[0]):
+            if layer in self.dense_layers or self.count[layer] == 0:
+                self.masks[self.slot, layer] = True
+            else:
+                self.masks[self.slot, layer] = select_blocks(self.sum[layer] / self.count[layer], self.density, self.n, self.block).cpu()
+        self.done[self.slot] = True
+        self.sum.zero_()
+        self.count.zero_()
+
+
+@dataclass
+class CalibrationProgress:
+    """Callbacks for a UI: start(pass_name, total_steps) then step(i) per denoising step."""
+
+    start: Callable[[str, int], None] = lambda name, total: None
+    step: Callable[[int], None] = lambda i: None
+
+
+def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress | None = None) -> Plan:
+    """Profile the model on the recipe's prompts and seeds and return its plan."""
+    progress = progress or CalibrationProgress()
+    sp, cal = recipe.sparsity, recipe.calibration
+    prompts = [p for p in cal.prompts for _ in cal.seeds]
+    seeds = [s for _ in cal.prompts for s in cal.seeds]
+    transformer, adapter = loaded.transformer, loaded.adapter
+    layers = len(adapter.attention_layers(transformer))
+    heads = adapter.num_heads(transformer)
+    bad = [i for i in sp.dense_layers if i >= layers]
+    if bad:
+        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {layers} (0..{layers - 1})", "fix the recipe")
+    grid = runner.token_grid(loaded, recipe)
+    layout = adapter.sequence_layout()
+    steps = recipe.sampling.steps
+
+    profiler = OrderProfiler(layers, heads, sp.block_size, sp.density, layout, profiled_steps(steps, cal.order_steps))
+    progress.start("profiling orders", steps)
+    with AttentionInterceptor(transformer, adapter, profiler):
+        runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
+    recall, incoherence = profiler.scores()
+    names = candidate_orders(grid)
+    chosen = choose_orders(recall, incoherence, sp.density, recipe.quantised)
+    orders = [[names[i] for i in row] for row in chosen.tolist()]
+
+    timesteps = profiler.tracker.timesteps
+    slots = slot_of_steps(len(timesteps), sp.slots)
+    collector = MassCollector(orders, grid, timesteps, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
+    progress.start("building masks", steps)
+    with AttentionInterceptor(transformer, adapter, collector):
+        runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
+    collector.finish_slot()
+
+    masks = collector.masks
+    achieved = masks.float().mean(dim=(-1, -2))
+    component = ComponentPlan(
+        config_fingerprint=loaded.fingerprints()["transformer"],
+        orders=orders,
+        packed_masks=pack_bits(masks),
+        num_blocks=masks.shape[-1],
+        target_density=torch.full_like(achieved, sp.density),
+        achieved_density=achieved,
+        recall=recall,
+        incoherence=incoherence,
+    )
+    return Plan(
+        model_id=loaded.model_id,
+        family=loaded.family,
+        grid=grid,
+        text_tokens=layout.text_len,
+        text_position="none" if layout.text_len == 0 else ("prefix" if layout.text_first else "suffix"),
+        block_size=sp.block_size,
+        density=sp.density,
+        slot_policy=sp.slots,
+        slot_bounds=slot_bounds(timesteps, slots),
+        calibration_timesteps=timesteps,
+        dense_above_t=dense_above(timesteps, sp.dense_first_steps),
+        dense_layers=list(sp.dense_layers),
+        qk=recipe.precision.qk,
+        pv=recipe.precision.pv,
+        prompts=list(cal.prompts),
+        seeds=list(cal.seeds),
+        components={"transformer": component},
+    )

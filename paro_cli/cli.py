@@ -1,0 +1,63 @@
+"""The `paro` command: wires the command modules and maps errors to exit codes.
+
+Exit codes: 0 success, 2 bad input (a ParoError or a usage error), 1 internal error.
+PARO_DEBUG=1 shows the traceback of internal errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from .commands import bench, calibrate, generate, plan, recipes
+from .errors import ParoError
+
+app = typer.Typer(
+    name="paro",
+    help="PAROAttention for diffusers video/image transformers: calibrate a plan, generate with it, benchmark it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.command("calibrate")(calibrate.command)
+app.command("generate")(generate.command)
+app.add_typer(bench.app, name="bench")
+app.add_typer(plan.app, name="plan")
+app.command("recipes")(recipes.command)
+
+
+def _check_kernels_package() -> None:
+    """Our top-level `kernels` package must not be shadowed by another (e.g. Hugging Face's)."""
+    import kernels
+
+    if not getattr(kernels, "PARO_KERNELS", False):
+        raise ParoError(
+            f"the 'kernels' module imported from {getattr(kernels, '__file__', '?')} is not paro's",
+            "uninstall the other 'kernels' package in this environment (pip uninstall kernels)",
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        _check_kernels_package()
+        app(args=argv, standalone_mode=False)
+    except ParoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # anything else is our bug
+        if os.environ.get("PARO_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set PARO_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,112 @@
+"""`paro bench ...`: measurements. `e2e` times a full sampling run dense vs with a plan."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import typer
+
+from ..backend import use_plan
+from ..errors import ParoError
+from ..models.loading import load_model
+from ..options import (BackendOpt, FramesOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt, RecipeOpt,
+                       SeedOpt, StepsOpt, WidthOpt, build_recipe)
+from ..output import Output
+from ..plan import load_plan
+from ..runner import sample, token_grid
+
+app = typer.Typer(help="Benchmarks: end-to-end speed and output difference, dense vs plan.", no_args_is_help=True)
+
+
+def _timed_sample(loaded, recipe, prompt, seed, label, bar):
+    """Run sampling, returning (output, per-step seconds); CUDA work is synchronised per step."""
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    marks = []
+
+    def on_step(i):
+        sync()
+        marks.append(time.perf_counter())
+        bar.step(i)
+
+    bar.start(label, recipe.sampling.steps)
+    sync()
+    start = time.perf_counter()
+    decode = loaded.pipeline is not None or loaded.transformer.config.in_channels == 3
+    out = sample(loaded, recipe, [prompt], [seed], on_step=on_step, decode=decode)
+    steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
+    return out, steps
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@app.command("e2e")
+def e2e(
+    plan: PlanOpt = None,
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    prompt: PromptOpt = None,
+    seed: SeedOpt = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    steps: StepsOpt = None,
+    qk: QkOpt = None,
+    pv: PvOpt = None,
+    backend: BackendOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time a full sampling run with dense attention and with the plan, on this device; report the
+    per-step latency (median, first step excluded as warm-up when there are several), the speed-up
+    and how far the plan's output is from dense."""
+    if plan is None:
+        raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`")
+    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
+    loaded_plan = load_plan(plan)
+    ui = Output(as_json)
+    loaded = load_model(r.model, r.sampling.dtype)
+    grid = token_grid(loaded, r)
+    text = prompt if prompt is not None else r.calibration.prompts[0]
+    seed_ = seed if seed is not None else r.calibration.seeds[0]
+    with ui.progress() as bar:
+        dense_out, dense_steps = _timed_sample(loaded, r, text, seed_, "dense", bar)
+        with use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) as handler:
+            paro_out, paro_steps = _timed_sample(loaded, r, text, seed_, "paro", bar)
+
+    def median_ms(times):
+        return 1000 * statistics.median(times[1:] if len(times) > 1 else times)
+
+    dense_ms, paro_ms = median_ms(dense_steps), median_ms(paro_steps)
+    rel_l2 = ((paro_out.double() - dense_out.double()).norm() / dense_out.double().norm().clamp_min(1e-12)).item()
+    result = {
+        "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
+        "model": loaded.model_id,
+        "plan": plan,
+        "grid": list(grid),
+        "steps": r.sampling.steps,
+        "backend": handler.backend.name,
+        "qk": handler.qk,
+        "pv": handler.pv,
+        "plan_density": loaded_plan.density,
+        "dense_ms_per_step": round(dense_ms, 3),
+        "paro_ms_per_step": round(paro_ms, 3),
+        "speedup": round(dense_ms / paro_ms, 4),
+        "output_rel_l2": round(rel_l2, 6),
+        "psnr_db": round(psnr(paro_out, dense_out), 3) if dense_out.dtype == torch.uint8 else None,
+        "attention_calls": dict(handler.calls),
+    }
+    ui.table(
+        f"end to end on {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, {r.sampling.steps} steps",
+        ["attention", "ms / step", "speed-up", "PSNR vs dense (dB)", "rel. L2 vs dense"],
+        [
+            ["dense (stock)", f"{dense_ms:.1f}", "1.00x", "-", "-"],
+            [f"paro {handler.backend.name} d={loaded_plan.density} {handler.qk}/{handler.pv}", f"{paro_ms:.1f}",
+             f"{result['speedup']:.2f}x", result["psnr_db"] if result["psnr_db"] is not None else "n/a", f"{rel_l2:.4f}"],
+        ],
+    )
+    ui.json(result)

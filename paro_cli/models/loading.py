@@ -1,0 +1,132 @@
+"""Loading a model named by a recipe: the embedded demo, a local folder, or a hub id.
+
+- "embedded": the demo transformer (models/demo.py) with the offline prompt encoder.
+- a folder with config.json (a transformer saved alone by `save_pretrained`): built from its
+  config, weights loaded strictly from its safetensors; sampled by paro's own loop with the
+  offline prompt encoder sized to the model's text_dim.
+- a folder with model_index.json, or a hub id: a full diffusers pipeline (needs the
+  `pipelines` extra: transformers and accelerate).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from ..recipe import EMBEDDED_MODEL
+from . import ADAPTERS, adapter_for, config_fingerprint
+from .prompt_encoder import HashPromptEncoder
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    transformer: torch.nn.Module
+    adapter: Any
+    device: torch.device
+    dtype: torch.dtype
+    pipeline: Any = None
+    prompt_encoder: HashPromptEncoder | None = None
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.transformer}
+
+    def fingerprints(self) -> dict[str, str]:
+        return {name: config_fingerprint(m) for name, m in self.components.items()}
+
+
+def resolve_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _load_transformer_folder(folder: Path) -> torch.nn.Module:
+    import diffusers
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{folder}/config.json is unreadable ({exc})", "point --model at a folder written by save_pretrained") from None
+    class_name = config.get("_class_name", "?")
+    if class_name not in ADAPTERS:
+        raise ModelError(f"{folder} holds a {class_name}, which paro does not support", "supported: " + ", ".join(sorted(ADAPTERS)))
+    model = getattr(diffusers, class_name).from_config(config)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["diffusion_pytorch_model.safetensors"]
+    state = {}
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise ModelError(f"{folder} has no weights file {shard}", "save the model with save_pretrained (safetensors)")
+        state.update(load_file(str(folder / shard)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"weights in {folder} do not fit its config: {str(exc).splitlines()[0]}", "re-save the model") from None
+    return model
+
+
+def _load_pipeline(spec: str, dtype: torch.dtype):
+    try:
+        import accelerate  # noqa: F401  (diffusers needs it for several families' from_pretrained)
+        import transformers  # noqa: F401  (every pipeline's text encoder)
+    except ImportError:
+        raise ModelError(
+            f"loading the diffusers pipeline {spec} needs transformers and accelerate",
+            "pip install 'paro[pipelines]'",
+        ) from None
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load pipeline {spec}: {str(exc).splitlines()[0]}", "check the id/folder (no network: use a local folder)") from None
+
+
+def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None = None) -> LoadedModel:
+    device = device or resolve_device()
+    dtype = resolve_dtype(dtype_name, device)
+    if spec == EMBEDDED_MODEL:
+        from .demo import build_demo_transformer
+
+        transformer = build_demo_transformer()
+        pipeline = None
+    else:
+        path = Path(spec)
+        if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
+            pipeline = _load_pipeline(spec, dtype)
+            transformer = pipeline.transformer
+        elif (path / "config.json").is_file():
+            transformer, pipeline = _load_transformer_folder(path), None
+        elif path.is_dir():
+            raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
+        else:
+            raise ModelError(f"model {spec!r} not found", "give 'embedded', a local diffusers folder or a hub id like org/name")
+    adapter = adapter_for(transformer)
+    if pipeline is not None:
+        pipeline.to(device)
+    transformer.to(device=device, dtype=dtype).eval()
+    encoder = None if pipeline is not None else HashPromptEncoder(transformer.config.text_dim)
+    return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder)

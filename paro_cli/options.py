@@ -1,0 +1,36 @@
+"""CLI options shared by several commands, written once, and the recipe they build."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .recipe import Recipe, load_recipe
+
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `paro recipes`) or YAML path. Default: tiny.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="'embedded', a hub id, or a local diffusers folder (pipeline or transformer alone).")]
+FramesOpt = Annotated[Optional[int], typer.Option(help="Frames to generate (overrides geometry.frames).")]
+HeightOpt = Annotated[Optional[int], typer.Option(help="Height in pixels (overrides geometry.height).")]
+WidthOpt = Annotated[Optional[int], typer.Option(help="Width in pixels (overrides geometry.width).")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Denoising steps (overrides sampling.steps).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (overrides sampling.guidance).")]
+DensityOpt = Annotated[Optional[float], typer.Option(help="Target share of attention blocks kept, in (0, 1] (overrides sparsity.density).")]
+BlockOpt = Annotated[Optional[int], typer.Option("--block-size", help="Attention block size in tokens (overrides sparsity.block_size).")]
+QkOpt = Annotated[Optional[str], typer.Option("--qk", help="Q/K precision: fp32|bf16|fp16|int8|fp8|int4 (int4 simulated, no speed-up).")]
+PvOpt = Annotated[Optional[str], typer.Option("--pv", help="P/V precision: fp32|bf16|fp16|fp8|int8.")]
+BackendOpt = Annotated[Optional[str], typer.Option(help="Attention backend: auto|triton|torch (overrides recipe backend).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout (no tables, no progress).")]
+PlanOpt = Annotated[Optional[str], typer.Option("--plan", "-p", help="Plan file from `paro calibrate`.")]
+PromptOpt = Annotated[Optional[str], typer.Option(help="Prompt (default: the recipe's first calibration prompt).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed (default: the recipe's first seed).")]
+
+
+def build_recipe(recipe: str | None, **flags) -> Recipe:
+    """Load a recipe with CLI flags as overrides; flag names map to recipe fields here only."""
+    fields = {
+        "model": "model", "frames": "geometry.frames", "height": "geometry.height", "width": "geometry.width",
+        "steps": "sampling.steps", "guidance": "sampling.guidance", "density": "sparsity.density",
+        "block_size": "sparsity.block_size", "qk": "precision.qk", "pv": "precision.pv", "backend": "backend",
+    }
+    return load_recipe(recipe, {fields[k]: v for k, v in flags.items()})

@@ -1,0 +1,62 @@
+"""One output sink: Rich tables and progress for people, or only JSON on stdout with --json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Output:
+    def __init__(self, as_json: bool = False):
+        self.as_json = as_json
+        self.console = Console(stderr=as_json)
+        self.errors = Console(stderr=True)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if not self.as_json:
+            self.console.print(*args, **kwargs)
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.as_json:
+            return
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(str(x) for x in row))
+        self.console.print(table)
+
+    def json(self, data: Any) -> None:
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator["StepProgress"]:
+        """A progress bar on stderr (silent with --json or when stderr is not a terminal)."""
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.errors, disable=self.as_json, transient=False,
+        )
+        with bar:
+            yield StepProgress(bar)
+
+
+class StepProgress:
+    """Adapter from (start(name, total), step(i)) callbacks to Rich tasks."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task = None
+
+    def start(self, name: str, total: int) -> None:
+        self.task = self.bar.add_task(name, total=total)
+
+    def step(self, i: int) -> None:
+        self.bar.update(self.task, completed=i + 1)

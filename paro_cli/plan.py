@@ -1,0 +1,211 @@
+"""Plan files: what calibration found, in one self-describing safetensors file.
+
+Tensors (per component, e.g. "transformer"; Wan 2.2 holds two):
+  {c}.masks             uint8 (slots, layers, heads, ceil(nb*nb/8)): kept blocks, bit-packed
+                        row-major over (query block, key block), most significant bit first
+  {c}.target_density    float32 (slots, layers, heads)
+  {c}.achieved_density  float32 (slots, layers, heads)
+  {c}.recall            float32 (layers, heads, candidates): mass recall of each candidate order
+  {c}.incoherence       float32 (layers, heads, candidates)
+The header (safetensors metadata key "paro", JSON) holds everything else: versions, model,
+grid, text layout, block size, orders per (layer, head) by name, the slot map, precision and
+the calibration inputs. Plans are checked against the run they are used for; a mismatch is a
+PlanError, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels.layout import num_blocks
+from kernels.orders import candidate_orders
+
+from . import __version__
+from .errors import PlanError
+from .fileio import atomic_path
+
+FORMAT_VERSION = 1
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool (..., a, b) -> uint8 (..., ceil(a*b/8))."""
+    flat = mask.flatten(-2).to(torch.uint8)
+    pad = -flat.shape[-1] % 8
+    flat = torch.nn.functional.pad(flat, (0, pad))
+    return (flat.unflatten(-1, (-1, 8)) * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """uint8 (..., nbytes) -> bool (..., *shape)."""
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS).ne(0).flatten(-2)
+    return bits[..., : shape[0] * shape[1]].unflatten(-1, shape)
+
+
+@dataclass
+class ComponentPlan:
+    """The plan of one transformer: one order per (layer, head), masks per (slot, layer, head)."""
+
+    config_fingerprint: str
+    orders: list[list[str]]  # [layer][head], names outermost -> innermost
+    packed_masks: torch.Tensor  # uint8 (slots, layers, heads, ceil(nb*nb/8)), see pack_bits
+    num_blocks: int
+    target_density: torch.Tensor  # (slots, layers, heads)
+    achieved_density: torch.Tensor  # (slots, layers, heads)
+    recall: torch.Tensor  # (layers, heads, candidates)
+    incoherence: torch.Tensor  # (layers, heads, candidates)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.orders)
+
+    def slot_masks(self, slot: int) -> torch.Tensor:
+        """Kept blocks of one timestep slot: bool (layers, heads, nb, nb)."""
+        return unpack_bits(self.packed_masks[slot], (self.num_blocks, self.num_blocks))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.orders[0]) if self.orders else 0
+
+
+@dataclass
+class Plan:
+    model_id: str
+    family: str
+    grid: tuple[int, int, int]  # (F', H', W') visual tokens
+    text_tokens: int  # text tokens inside self-attention
+    text_position: str  # "none" | "prefix" | "suffix"
+    block_size: int
+    density: float
+    slot_policy: str
+    slot_bounds: list[float]  # descending normalised timesteps: slot = #bounds above t
+    calibration_timesteps: list[float]  # normalised timestep of each calibrated step
+    dense_above_t: float | None  # run dense (stock) attention while t > this; None: never
+    dense_layers: list[int]
+    qk: str
+    pv: str
+    prompts: list[str]
+    seeds: list[int]
+    components: dict[str, ComponentPlan]
+    tool_version: str = __version__
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_bounds) + 1
+
+    @property
+    def num_blocks(self) -> int:
+        return num_blocks(self.grid[0] * self.grid[1] * self.grid[2], self.block_size)
+
+    def slot_of(self, t: float) -> int:
+        return sum(1 for b in self.slot_bounds if b >= t)
+
+    def header(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "components"}
+        data["grid"] = list(self.grid)
+        data["candidate_orders"] = candidate_orders(self.grid)
+        data["components"] = {
+            name: {"config_fingerprint": c.config_fingerprint, "layers": c.num_layers, "heads": c.num_heads, "orders": c.orders}
+            for name, c in self.components.items()
+        }
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """All metadata plus, per layer and head, its order and density per slot."""
+        data = self.header()
+        for name, comp in self.components.items():
+            layers = []
+            for li, orders in enumerate(comp.orders):
+                heads = [
+                    {
+                        "head": hi,
+                        "order": order,
+                        "density": [round(float(d), 4) for d in comp.achieved_density[:, li, hi]],
+                    }
+                    for hi, order in enumerate(orders)
+                ]
+                layers.append({"layer": li, "dense": li in self.dense_layers, "heads": heads})
+            data["components"][name]["per_layer"] = layers
+            data["components"][name]["mean_density"] = round(float(comp.achieved_density.mean()), 4)
+        return data
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for name, c in self.components.items():
+            tensors[f"{name}.masks"] = c.packed_masks.contiguous()
+            tensors[f"{name}.target_density"] = c.target_density.float().contiguous()
+            tensors[f"{name}.achieved_density"] = c.achieved_density.float().contiguous()
+            tensors[f"{name}.recall"] = c.recall.float().contiguous()
+            tensors[f"{name}.incoherence"] = c.incoherence.float().contiguous()
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"paro": json.dumps(self.header())})
+
+    # --- checks against a run -------------------------------------------------------------
+
+    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int] | None, block_size: int | None) -> None:
+        """Refuse a plan made for another model, geometry or block size."""
+        if family != self.family:
+            raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
+        for name, fp in fingerprints.items():
+            if name not in self.components:
+                raise PlanError(f"plan has no component {name!r} (it has {', '.join(self.components)})", "calibrate a plan for this model")
+            if self.components[name].config_fingerprint != fp:
+                raise PlanError(
+                    f"plan was calibrated for another {name} config (fingerprint {self.components[name].config_fingerprint}, this model {fp})",
+                    "calibrate a plan for this model",
+                )
+        if grid is not None and tuple(grid) != tuple(self.grid):
+            raise PlanError(
+                f"plan is for a token grid of {'x'.join(map(str, self.grid))}, this run has {'x'.join(map(str, grid))}",
+                "use the plan's geometry or calibrate for this one",
+            )
+        if block_size is not None and block_size != self.block_size:
+            raise PlanError(f"plan uses block size {self.block_size}, the recipe asks for {block_size}", "drop the override or recalibrate")
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file {path} not found", "run `paro calibrate --out PATH` first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise PlanError(f"{path} is not a readable plan file ({type(exc).__name__})", "re-run `paro calibrate`") from None
+    if "paro" not in meta:
+        raise PlanError(f"{path} is a safetensors file but not a paro plan", "pass a file written by `paro calibrate`")
+    header = json.loads(meta["paro"])
+    if header.get("format_version") != FORMAT_VERSION:
+        raise PlanError(
+            f"{path} has plan format {header.get('format_version')}, this paro reads {FORMAT_VERSION}", "recalibrate with this version"
+        )
+    grid = tuple(header["grid"])
+    nb = num_blocks(math.prod(grid), header["block_size"])
+    components = {}
+    try:
+        for name, info in header["components"].items():
+            components[name] = ComponentPlan(
+                config_fingerprint=info["config_fingerprint"],
+                orders=info["orders"],
+                packed_masks=tensors[f"{name}.masks"],
+                num_blocks=nb,
+                target_density=tensors[f"{name}.target_density"],
+                achieved_density=tensors[f"{name}.achieved_density"],
+                recall=tensors[f"{name}.recall"],
+                incoherence=tensors[f"{name}.incoherence"],
+            )
+    except KeyError as exc:
+        raise PlanError(f"{path} lacks {exc.args[0]!r}: the file is damaged", "re-run `paro calibrate`") from None
+    fields = {k: v for k, v in header.items() if k not in ("components", "candidate_orders", "grid")}
+    return Plan(grid=grid, components=components, **fields)

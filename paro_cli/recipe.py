@@ -1,0 +1,202 @@
+"""Recipes: YAML files that pick model, geometry, sampling, sparsity and precision.
+
+A recipe crosses into the program once: raw YAML plus CLI overrides (dotted keys) are merged,
+checked field by field, and frozen into a `Recipe`. Unknown keys and bad values raise a
+RecipeError naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kernels.quant import PV_FORMATS, QK_FORMATS
+
+from .errors import RecipeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+EMBEDDED_MODEL = "embedded"
+
+Backend = Literal["auto", "triton", "torch"]
+SlotPolicy = Literal["half", "single"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Output size in pixels (the transformer's input size when the model has no VAE)."""
+
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+
+
+@dataclass(frozen=True)
+class Sampling:
+    steps: int = 10
+    guidance: float = 5.0
+    flow_shift: float = 3.0
+    negative_prompt: str = ""
+    dtype: Dtype = "auto"
+    fps: int = 8
+
+
+@dataclass(frozen=True)
+class Calibration:
+    prompts: tuple[str, ...] = ("a red circle moving left on a striped background",)
+    seeds: tuple[int, ...] = (0,)
+    # Steps profiled for the order choice, spread over the schedule; None profiles every step.
+    order_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    density: float = 0.5
+    block_size: int = 64
+    slots: SlotPolicy = "half"
+    dense_first_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Precision:
+    qk: str = "bf16"
+    pv: str = "bf16"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str = EMBEDDED_MODEL
+    geometry: Geometry = field(default_factory=Geometry)
+    sampling: Sampling = field(default_factory=Sampling)
+    calibration: Calibration = field(default_factory=Calibration)
+    sparsity: Sparsity = field(default_factory=Sparsity)
+    precision: Precision = field(default_factory=Precision)
+    backend: Backend = "auto"
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def quantised(self) -> bool:
+        return self.precision.qk not in ("fp32", "bf16", "fp16") or self.precision.pv not in ("fp32", "bf16", "fp16")
+
+
+# Value rules beyond the type: (check, what is allowed).
+RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "geometry.frames": (lambda v: v >= 1, "an integer >= 1"),
+    "geometry.height": (lambda v: v >= 1, "an integer >= 1"),
+    "geometry.width": (lambda v: v >= 1, "an integer >= 1"),
+    "sampling.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "sampling.guidance": (lambda v: v >= 0, "a number >= 0"),
+    "sampling.flow_shift": (lambda v: v > 0, "a number > 0"),
+    "sampling.fps": (lambda v: v >= 1, "an integer >= 1"),
+    "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),
+    "calibration.seeds": (lambda v: len(v) >= 1, "a non-empty list of integers"),
+    "calibration.order_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "sparsity.density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "sparsity.block_size": (lambda v: v in (16, 32, 64, 128), "one of 16, 32, 64, 128"),
+    "sparsity.dense_first_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "sparsity.dense_layers": (lambda v: all(i >= 0 for i in v), "a list of layer indices >= 0"),
+    "precision.qk": (lambda v: v in QK_FORMATS, "one of " + ", ".join(QK_FORMATS) + " (int4 is simulated: no speed-up)"),
+    "precision.pv": (lambda v: v in PV_FORMATS, "one of " + ", ".join(PV_FORMATS)),
+}
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{name} is {value!r}", "allowed: " + ", ".join(map(str, typing.get_args(tp))))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _convert(value, inner, name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{name} must be a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise RecipeError(f"{name} must be {tp.__name__}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix or 'recipe'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"unknown recipe key '{where}{unknown[0]}'", "allowed: " + ", ".join(names))
+    values = {}
+    for key, value in raw.items():
+        name = f"{prefix}.{key}" if prefix else key
+        value = _convert(value, hints[key], name)
+        if name in RULES:
+            check, allowed = RULES[name]
+            if not check(value):
+                raise RecipeError(f"{name} is {value!r}", f"allowed: {allowed}")
+        values[key] = value
+    return cls(**values)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe given as a path, or as the name of a shipped one ("tiny" -> recipes/tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found", "give a YAML path or a name from `paro recipes`")
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise RecipeError(f"no shipped recipe named {name_or_path!r}", "see `paro recipes` for the names")
+    return shipped
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe (default: the shipped 'tiny'), apply dotted-key overrides, validate."""
+    path = resolve_recipe_path(name_or_path or "tiny")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RecipeError(f"recipe {path} is not valid YAML: {first}", "fix the file's syntax") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        recipe = _build(Recipe, raw, "")
+    except RecipeError as exc:
+        raise RecipeError(f"recipe {path}: {exc.problem}", exc.fix) from None
+    return dataclasses.replace(recipe, source=str(path))
+
+
+def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:
+    data = dataclasses.asdict(recipe)
+    data.pop("source")
+    return data

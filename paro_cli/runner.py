@@ -1,0 +1,110 @@
+"""Sampling: paro's own flow-matching loop for bare transformers, or the diffusers pipeline.
+
+Attention is whatever is installed on the transformer when `sample` runs (stock, a calibration
+profiler or a plan): the loop itself knows nothing of paro.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import ModelError, RecipeError
+from .models.loading import LoadedModel
+from .recipe import Recipe
+
+StepCallback = Callable[[int], None]
+
+
+def token_grid(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int, int]:
+    """The visual token grid this recipe's geometry gives on this model (checked for fit)."""
+    g = recipe.geometry
+    if loaded.pipeline is not None:
+        shape = loaded.adapter.pipeline_latent_shape(loaded.pipeline, g)
+    else:
+        divisors = loaded.adapter.divisors(loaded.transformer)
+        for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
+            if size % d:
+                raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
+        shape = (1, loaded.transformer.config.in_channels, g.frames, g.height, g.width)
+    return loaded.adapter.token_grid_of_input(loaded.transformer, shape)
+
+
+def pixels_to_video(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+
+@torch.no_grad()
+def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None) -> torch.Tensor:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tr, s, g = loaded.transformer, recipe.sampling, recipe.geometry
+    token_grid(loaded, recipe)
+    shape = (tr.config.in_channels, g.frames, g.height, g.width)
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]).to(loaded.device)
+    cond = loaded.prompt_encoder(prompts)
+    uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
+    guided = s.guidance > 1.0
+    context = (torch.cat([uncond, cond]) if guided else cond).to(loaded.device, loaded.dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=s.flow_shift)
+    scheduler.set_timesteps(s.steps, device=loaded.device)
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = torch.cat([x, x]) if guided else x
+        v = tr(hidden_states=x_in.to(loaded.dtype), timestep=t.expand(x_in.shape[0]), encoder_hidden_states=context, return_dict=False)[0].float()
+        if guided:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + s.guidance * (v_cond - v_uncond)
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+        if on_step:
+            on_step(i)
+    return x
+
+
+def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None, decode: bool):
+    s, g = recipe.sampling, recipe.geometry
+
+    def callback(pipe, i, t, kwargs):
+        if on_step:
+            on_step(i)
+        return {}
+
+    out = loaded.pipeline(
+        prompt=prompts,
+        negative_prompt=[s.negative_prompt] * len(prompts),
+        height=g.height,
+        width=g.width,
+        num_frames=g.frames,
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance,
+        generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
+        output_type="np" if decode else "latent",
+        callback_on_step_end=callback,
+    )
+    return out.frames
+
+
+def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], *, on_step: StepCallback | None = None, decode: bool = True):
+    """Run the full schedule for each (prompt, seed) pair as one batch.
+
+    Returns (B, F, H, W, 3) uint8 video when `decode`, else the final latents.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    if loaded.pipeline is not None:
+        frames = _pipeline_sample(loaded, recipe, prompts, seeds, on_step, decode)
+        return torch.from_numpy((frames * 255).round().astype("uint8")) if decode else frames
+    if decode:
+        check_decodable(loaded)
+    x = _builtin_sample(loaded, recipe, prompts, seeds, on_step)
+    return pixels_to_video(x) if decode else x
+
+
+def check_decodable(loaded: LoadedModel) -> None:
+    """A bare transformer's output is a video only when it works in RGB pixel space."""
+    if loaded.pipeline is None and loaded.transformer.config.in_channels != 3:
+        raise ModelError(
+            f"{loaded.model_id} is a bare transformer with {loaded.transformer.config.in_channels} latent channels and no VAE",
+            "generate with a full diffusers pipeline folder or hub id",
+        )
