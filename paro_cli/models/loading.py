@@ -59,6 +59,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def cast_transformer(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to device and cast to dtype, keeping the modules the class marks as float32-only
+    (`_keep_in_fp32_modules`, e.g. Wan's norms and time embedding) as diffusers' loader does."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    model.to(device).eval()
+    for name, module in model.named_modules():
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if keep & set(f"{name}.{key}".split(".")):
+                continue
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+
+
 def _load_transformer_folder(folder: Path) -> torch.nn.Module:
     import diffusers
     from safetensors.torch import load_file
@@ -127,6 +140,6 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
     adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)
-    transformer.to(device=device, dtype=dtype).eval()
+    cast_transformer(transformer, device, dtype)
     encoder = None if pipeline is not None else HashPromptEncoder(transformer.config.text_dim)
     return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder)

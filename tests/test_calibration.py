@@ -1,0 +1,96 @@
+"""Calibration: planted structure with known answers, and the mask and slot rules."""
+
+import math
+
+import pytest
+import torch
+
+from kernels.orders import candidate_orders
+from paro_cli.calibration import (choose_orders, dense_above, forced_blocks, profiled_steps, select_blocks, slot_bounds,
+                                  slot_of_steps)
+from paro_cli.models.demo import PLANTED_ORDERS
+
+
+def test_planted_orders_are_found(demo_calibration):
+    _, plan = demo_calibration
+    assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
+
+
+def test_planted_order_wins_on_recall_alone(demo_calibration):
+    """The planted order has the strictly best mass recall, beyond the tie tolerance."""
+    _, plan = demo_calibration
+    comp = plan.components["transformer"]
+    names = candidate_orders(plan.grid)
+    for layer, orders in enumerate(PLANTED_ORDERS):
+        for head, order in enumerate(orders):
+            recall = comp.recall[layer, head]
+            best = recall[names.index(order)]
+            others = torch.cat([recall[: names.index(order)], recall[names.index(order) + 1 :]])
+            assert best > others.max() + 0.005
+
+
+def test_masks_hit_target_density_and_keep_forced_blocks(demo_calibration):
+    recipe, plan = demo_calibration
+    comp = plan.components["transformer"]
+    nb = plan.num_blocks
+    n = math.prod(plan.grid)
+    for slot in range(plan.num_slots):
+        masks = comp.slot_masks(slot)
+        for layer in range(comp.num_layers):
+            kept = masks[layer]
+            # the shared threshold lands on the target exactly (far within one block per row)
+            assert int(kept.sum()) == round(recipe.sparsity.density * kept.numel())
+            assert kept[:, torch.arange(nb), torch.arange(nb)].all()
+    assert n % plan.block_size == 0  # the demo grid has no ragged tail; select_blocks tests cover it
+    torch.testing.assert_close(comp.achieved_density.mean(dim=2), torch.full((plan.num_slots, comp.num_layers), 0.3), atol=1 / nb**2, rtol=0)
+
+
+def test_select_blocks_shares_one_threshold_across_heads():
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.eye(8) * 0.9 + torch.rand(8, 8, generator=g) * 0.01
+    diffuse = torch.rand(8, 8, generator=g)
+    mass = torch.stack([sharp, diffuse])
+    mass = mass / mass.sum(-1, keepdim=True)
+    kept = select_blocks(mass, 0.4, n=100, block=13)  # 100 tokens in blocks of 13: ragged last block
+    forced = forced_blocks(8, 100, 13)
+    assert forced[:, -1].all() and kept[:, :, -1].all() and kept[:, torch.arange(8), torch.arange(8)].all()
+    assert int(kept.sum()) == round(0.4 * 2 * 64)
+    assert kept[0].sum() < kept[1].sum()  # the sharp head needs fewer blocks
+    free = ~forced.expand(2, 8, 8)
+    assert mass[kept & free].min() >= mass[~kept].max()  # one theta: all kept >= all dropped
+
+
+def test_density_one_keeps_everything():
+    assert select_blocks(torch.rand(2, 5, 5), 1.0, n=80, block=16).all()
+
+
+def test_choose_orders_rules():
+    recall = torch.tensor([[[0.90, 0.898, 0.80], [0.5, 0.6, 0.7]]])
+    incoherence = torch.tensor([[[5.0, 3.0, 1.0], [1.0, 2.0, 3.0]]])
+    # head 0: candidates 0 and 1 tie within 0.005, 1 is more coherent; candidate 2 is out of reach
+    assert choose_orders(recall, incoherence, 0.3, quantised=False).tolist() == [[1, 2]]
+    assert choose_orders(recall, incoherence, 1.0, quantised=True).tolist() == [[2, 0]]
+    assert choose_orders(recall, incoherence, 1.0, quantised=False).tolist() == [[0, 0]]
+
+
+def test_slots_and_timestep_map():
+    assert slot_of_steps(10, "half") == [0, 1, 2, 3, 4, 5, 5, 5, 5, 5]
+    assert slot_of_steps(3, "single") == [0, 0, 0]
+    ts = [1.0, 0.9, 0.7, 0.4, 0.1]
+    slots = slot_of_steps(5, "half")  # [0, 1, 2, 2, 2]
+    bounds = slot_bounds(ts, slots)
+    assert bounds == pytest.approx([0.95, 0.8])
+    assert dense_above(ts, 0) is None
+    assert dense_above(ts, 2) == pytest.approx(0.8)
+    assert dense_above(ts, 9) == -1.0
+    assert profiled_steps(10, None) == set(range(10))
+    assert profiled_steps(10, 3) == {0, 4, 9}
+
+
+def test_plan_maps_other_step_counts_by_timestep(demo_calibration):
+    _, plan = demo_calibration
+    cal = plan.calibration_timesteps
+    assert [plan.slot_of(t) for t in cal] == slot_of_steps(len(cal), plan.slot_policy)
+    fine = torch.linspace(1.0, 0.0, 50).tolist()  # a 50-step schedule
+    slots = [plan.slot_of(t) for t in fine]
+    assert slots == sorted(slots) and slots[0] == 0 and slots[-1] == plan.num_slots - 1

@@ -1,0 +1,78 @@
+"""Plan files: round trip, bit packing, refusal of plans that do not fit the run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from paro_cli.errors import PlanError
+from paro_cli.plan import load_plan, pack_bits, unpack_bits
+
+
+def test_bit_packing_round_trip_and_order():
+    mask = torch.rand(3, 2, 7, 7) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 2, 7)  # ceil(49 / 8)
+    assert torch.equal(unpack_bits(packed, (7, 7)), mask)
+    one = torch.zeros(1, 3, 3, dtype=torch.bool)
+    one[0, 0, 0] = True  # first block -> most significant bit of the first byte
+    assert pack_bits(one).tolist() == [[128, 0]]
+
+
+def test_round_trip(demo_calibration, tmp_path):
+    _, plan = demo_calibration
+    path = tmp_path / "p.safetensors"
+    plan.save(path)
+    back = load_plan(path)
+    assert back.header() == plan.header()
+    a, b = plan.components["transformer"], back.components["transformer"]
+    for slot in range(plan.num_slots):
+        assert torch.equal(a.slot_masks(slot), b.slot_masks(slot))
+    for name in ("achieved_density", "target_density", "recall", "incoherence"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary left behind
+
+
+def test_header_is_self_describing(demo_calibration, tmp_path):
+    _, plan = demo_calibration
+    plan.save(tmp_path / "p.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["paro"])
+    for key in ("format_version", "tool_version", "model_id", "family", "grid", "text_tokens", "text_position",
+                "block_size", "slot_bounds", "qk", "pv", "prompts", "seeds", "candidate_orders"):
+        assert key in header
+    assert header["components"]["transformer"]["config_fingerprint"]
+    summary = plan.summary()
+    head = summary["components"]["transformer"]["per_layer"][0]["heads"][0]
+    assert head["order"] == "HWF" and len(head["density"]) == plan.num_slots
+
+
+def test_refuses_mismatched_runs(demo_calibration):
+    _, plan = demo_calibration
+    fp = plan.components["transformer"].config_fingerprint
+    plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=plan.grid, block_size=64)
+    with pytest.raises(PlanError, match="flux model"):
+        plan.check_run(family="flux", fingerprints={"transformer": fp}, grid=None, block_size=None)
+    with pytest.raises(PlanError, match="another transformer config"):
+        plan.check_run(family="wan", fingerprints={"transformer": "0" * 16}, grid=None, block_size=None)
+    with pytest.raises(PlanError, match="token grid of 8x16x16, this run has 4x16x16"):
+        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=(4, 16, 16), block_size=None)
+    with pytest.raises(PlanError, match="block size 64"):
+        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=None, block_size=128)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(PlanError, match="not found"):
+        load_plan(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a plan at all")
+    with pytest.raises(PlanError, match="not a readable plan"):
+        load_plan(tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PlanError, match="not a paro plan"):
+        load_plan(tmp_path / "other.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "future.safetensors"), metadata={"paro": json.dumps({"format_version": 99})})
+    with pytest.raises(PlanError, match="plan format 99"):
+        load_plan(tmp_path / "future.safetensors")

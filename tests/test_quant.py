@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from kernels.quant import MIN_AMAX, choose_scale, dequantize, fake_quantize, quantize, quantize_probabilities
+
+
+def _scales_by_loop(x, block, qmax):
+    """Per (row-block) scale computed with explicit loops."""
+    n = x.shape[-2]
+    out = torch.empty(*x.shape[:-2], math.ceil(n / block), 1)
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in x.shape[:-2]]).reshape(-1, x.dim() - 2).tolist():
+        for i in range(out.shape[-2]):
+            tile = x[(*idx, slice(i * block, (i + 1) * block))]
+            out[(*idx, i, 0)] = max(tile.abs().max().item(), MIN_AMAX) / qmax
+    return out
+
+
+@pytest.mark.parametrize("fmt,qmax", [("int8", 127), ("int4", 7), ("fp8", 448)])
+def test_block_scales_and_codes_bit_exact(fmt, qmax):
+    x = torch.randn(2, 3, 37, 8) * torch.linspace(0.1, 5, 37)[:, None]
+    scale = choose_scale(x, fmt, 16)
+    assert scale.shape == (2, 3, 3, 1)
+    torch.testing.assert_close(scale, _scales_by_loop(x, 16, qmax), rtol=0, atol=0)
+    codes = quantize(x, scale, fmt, 16)
+    full = scale.repeat_interleave(16, dim=-2)[..., :37, :]
+    if fmt == "fp8":
+        expect = (x / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert codes.dtype == torch.float8_e4m3fn
+        assert torch.equal(codes.float(), expect.float())
+    else:
+        expect = torch.round(x / full).clamp(-qmax, qmax)
+        assert codes.dtype == torch.int8
+        assert torch.equal(codes.float(), expect)
+        assert codes.abs().max() == qmax  # the block maximum maps to the top code
+    back = dequantize(codes, scale, 16, torch.float32)
+    assert torch.equal(back, fake_quantize(x, fmt, 16))
+
+
+def test_per_channel_scale():
+    x = torch.randn(1, 2, 50, 4)
+    x[..., 1] *= 100
+    scale = choose_scale(x, "fp8", None)
+    assert scale.shape == (1, 2, 1, 4)
+    torch.testing.assert_close(scale[..., 0, 1], x[..., 1].abs().amax(-1) / 448)
+
+
+def test_zero_block_quantises_to_zero():
+    x = torch.zeros(1, 1, 8, 4)
+    assert torch.equal(fake_quantize(x, "int8", 4), x)
+
+
+def test_int8_error_bound():
+    x = torch.randn(4, 64, 16)
+    err = (fake_quantize(x, "int8", 32) - x).abs()
+    assert (err <= choose_scale(x, "int8", 32).repeat_interleave(32, dim=-2) / 2 + 1e-7).all()
+
+
+def test_float_formats_are_casts():
+    x = torch.randn(3, 5, 7)
+    assert torch.equal(fake_quantize(x, "fp32", 4), x)
+    assert torch.equal(fake_quantize(x, "bf16", 4), x.bfloat16().float())
+    assert torch.equal(fake_quantize(x, "fp16", None), x.half().float())
+
+
+def test_probability_rounding():
+    p = torch.rand(100, dtype=torch.float64)
+    assert torch.equal(quantize_probabilities(p, "int8"), torch.round(p * 127) / 127)
+    assert torch.equal(quantize_probabilities(p, "fp8"), p.float().to(torch.float8_e4m3fn).double())
+    assert torch.equal(quantize_probabilities(p, "fp32"), p)

@@ -1,0 +1,93 @@
+"""The reference attention against independent float64 constructions."""
+
+import pytest
+import torch
+
+from conftest import position_in_order, rel_l2, structured_qkv
+from kernels.layout import SequenceLayout
+from kernels.orders import candidate_orders, head_permutations
+from kernels.reference import paro_attention_reference
+
+
+def sdpa(q, k, v, mask=None):
+    """torch SDPA in float64 on (B, S, H, D); mask (H, S, S) bool, True = attend."""
+    qt, kt, vt = (x.double().transpose(1, 2) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=None if mask is None else mask[None])
+    return out.transpose(1, 2)
+
+
+def element_mask(orders, kept, grid, block, text_len, text_first):
+    """(H, S, S) mask in arrival order, from block masks in each head's order, built from the
+    stride formula token by token (no use of kernels.orders)."""
+    f_, h_, w_ = grid
+    n = f_ * h_ * w_
+    s = n + text_len
+    heads = len(orders)
+    mask = torch.ones(heads, s, s, dtype=torch.bool)
+    vis0 = text_len if text_first else 0
+    for hd, order in enumerate(orders):
+        pos = torch.empty(n, dtype=torch.long)
+        for f in range(f_):
+            for h in range(h_):
+                for w in range(w_):
+                    pos[f * h_ * w_ + h * w_ + w] = position_in_order(order, grid, f, h, w)
+        blk = pos // block
+        mask[hd, vis0 : vis0 + n, vis0 : vis0 + n] = kept[hd][blk[:, None], blk[None, :]]
+    return mask
+
+
+@pytest.mark.parametrize("order", candidate_orders((3, 4, 5)))
+def test_dense_equals_sdpa_for_every_order(order):
+    q, k, v = structured_qkv(2, 60, 3, 16, seed=1)
+    perm = head_permutations([order] * 3, (3, 4, 5))
+    out = paro_attention_reference(q, k, v, perm=perm, block=16, compute_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_l2(out, sdpa(q, k, v)) <= 1e-5
+
+
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (7, True), (5, False)])
+def test_block_sparse_equals_masked_softmax(text_len, text_first):
+    grid, block = (3, 5, 7), 16  # 105 visual tokens: a ragged last block
+    orders = ["HWF", "WFH"]
+    nb = 7
+    g = torch.Generator().manual_seed(3)
+    kept = torch.rand(2, nb, nb, generator=g) < 0.4
+    kept |= torch.eye(nb, dtype=torch.bool)
+    q, k, v = structured_qkv(2, 105 + text_len, 2, 8, seed=2, dtype=torch.float64)
+    layout = SequenceLayout(text_len, text_first)
+    out = paro_attention_reference(q, k, v, perm=head_permutations(orders, grid), kept=kept, block=block, layout=layout,
+                                   max_chunk_elems=2000)  # several query chunks
+    expect = sdpa(q, k, v, element_mask(orders, kept, grid, block, text_len, text_first))
+    assert rel_l2(out, expect) <= 1e-12
+
+
+def test_bounded_chunks_change_nothing():
+    q, k, v = structured_qkv(1, 64, 2, 8, seed=4, dtype=torch.float64)
+    kept = torch.eye(4, dtype=torch.bool).expand(2, 4, 4)
+    a = paro_attention_reference(q, k, v, kept=kept, block=16, max_chunk_elems=1)
+    b = paro_attention_reference(q, k, v, kept=kept, block=16, max_chunk_elems=1 << 30)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qk,pv,bound", [("bf16", "bf16", 1e-2), ("int8", "bf16", 2e-2), ("int8", "fp8", 4e-2),
+                                         ("fp8", "fp8", 4e-2), ("int8", "int8", 4e-2)])
+def test_quantised_error_within_budget(qk, pv, bound):
+    q, k, v = structured_qkv(2, 200, 2, 32, seed=5)
+    perm = head_permutations(["HFW", "WHF"], (2, 10, 10))
+    out = paro_attention_reference(q, k, v, perm=perm, block=32, qk=qk, pv=pv)
+    err = rel_l2(out, sdpa(q, k, v))
+    assert err <= bound
+    assert err > 1e-6  # the format really rounds
+
+
+def test_key_mean_smoothing_makes_int8_blind_to_key_offsets():
+    """A common offset in K leaves softmax unchanged; with K's mean removed first, INT8's
+    rounding does not see it either, so the error stays what it was without the offset."""
+    q, k, v = structured_qkv(1, 128, 1, 32, seed=6)
+    errors = []
+    for offset in (0.0, 30.0):
+        shifted = k + offset
+        out = paro_attention_reference(q, shifted, v, block=32, qk="int8", pv="fp32")
+        errors.append(rel_l2(out, sdpa(q, shifted, v)))
+    assert errors[1] == pytest.approx(errors[0], rel=0.05)
+    assert errors[0] < 2e-2
