@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from .commands import bench, calibrate, generate, plan, recipes
@@ -41,23 +40,15 @@ def _check_kernels_package() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point. Typer itself exits 0 on success and 2 on usage errors (bad flags)."""
     try:
         _check_kernels_package()
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except ParoError as exc:
-        click.echo(f"error: {exc}", err=True)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
     except Exception as exc:  # anything else is our bug
         if os.environ.get("PARO_DEBUG"):
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (set PARO_DEBUG=1 for the traceback)", err=True)
+        print(f"internal error: {type(exc).__name__}: {exc} (set PARO_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
-    sys.exit(0)

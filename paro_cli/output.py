@@ -27,8 +27,8 @@ class Output:
         if self.as_json:
             return
         table = Table(title=title)
-        for col in columns:
-            table.add_column(col)
+        for i, col in enumerate(columns):
+            table.add_column(col, no_wrap=i == 0)
         for row in rows:
             table.add_row(*(str(x) for x in row))
         self.console.print(table)
@@ -39,13 +39,18 @@ class Output:
 
     @contextlib.contextmanager
     def progress(self) -> Iterator["StepProgress"]:
-        """A progress bar on stderr (silent with --json or when stderr is not a terminal)."""
+        """Progress bars on stderr (none with --json). The display starts with the first task,
+        so checks that fail before any work print nothing but their error."""
         bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.errors, disable=self.as_json, transient=False,
+            console=self.errors, disable=self.as_json,
         )
-        with bar:
-            yield StepProgress(bar)
+        steps = StepProgress(bar)
+        try:
+            yield steps
+        finally:
+            if steps.task is not None:
+                bar.stop()
 
 
 class StepProgress:
@@ -56,6 +61,8 @@ class StepProgress:
         self.task = None
 
     def start(self, name: str, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
         self.task = self.bar.add_task(name, total=total)
 
     def step(self, i: int) -> None:

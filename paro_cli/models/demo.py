@@ -5,7 +5,10 @@ and key projections are zeroed and their biases carry energy in the RoPE dimensi
 axes only. A head then attends by RoPE distance along those axes alone: sharply along the
 first letter of its planted order, broadly along the second, uniformly along the third. So its
 attention is block-wise exactly in its planted order (that axis outermost, the ignored one
-innermost), which calibration must find.
+innermost), which calibration must find. At densities up to about 0.3 the planted order has
+the strictly highest mass recall; at 0.5 several orders keep over 99% of the mass and the
+incoherence tie-break decides among them, so the planted order is the known answer there only
+up to that tie.
 """
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""The `paro` command end to end, in-process: outputs, JSON, exit codes, nothing half-written."""
+
+import json
+
+import imageio.v3 as iio
+import pytest
+
+from paro_cli.cli import main
+
+FAST = ["--steps", "3"]
+
+
+def paro(capsys, *args):
+    """Run `paro ARGS`; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory, demo_calibration):
+    path = tmp_path_factory.mktemp("plan") / "plan.safetensors"
+    demo_calibration[1].save(path)
+    return path
+
+
+def test_calibrate_writes_a_plan_and_reports_json(capsys, tmp_path):
+    out = tmp_path / "p.safetensors"
+    code, stdout, _ = paro(capsys, "calibrate", "--recipe", "tiny", *FAST, "--density", "0.2", "--out", out, "--json")
+    assert code == 0 and out.is_file()
+    data = json.loads(stdout)
+    assert data["density"] == 0.2 and data["grid"] == [8, 16, 16] and data["path"] == str(out)
+    orders = [[h["order"] for h in layer["heads"]] for layer in data["components"]["transformer"]["per_layer"]]
+    assert orders == [["HWF", "WFH"], ["FWH", "WHF"]]
+
+
+def test_plan_show(capsys, plan_file):
+    code, stdout, _ = paro(capsys, "plan", "show", plan_file, "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    assert data["family"] == "wan" and data["block_size"] == 64
+    heads = data["components"]["transformer"]["per_layer"][1]["heads"]
+    assert [h["order"] for h in heads] == ["FWH", "WHF"]
+    assert all(len(h["density"]) == data["slot_bounds"].__len__() + 1 for h in heads)
+    code, stdout, _ = paro(capsys, "plan", "show", plan_file)
+    assert code == 0 and "FWHx1" in stdout
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_generate_writes_a_playable_video(capsys, tmp_path, plan_file, suffix):
+    out = tmp_path / f"v{suffix}"
+    code, stdout, _ = paro(capsys, "generate", "--plan", plan_file, "--prompt", "a blue square moving up", "--seed", "3",
+                           *FAST, "--out", out, "--json")
+    assert code == 0
+    frames = iio.imread(out)
+    assert frames.shape == (8, 32, 32, 3)
+    data = json.loads(stdout)
+    assert data["attention_calls"] == {"paro": 3 * 2}  # 3 steps x 2 layers (CFG batched)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_generate_without_plan_is_dense(capsys, tmp_path):
+    code, stdout, _ = paro(capsys, "generate", *FAST, "--out", tmp_path / "d.png")
+    assert code == 0 and "dense attention" in stdout
+    assert iio.imread(tmp_path / "d.png").shape == (32, 8 * 32, 3)
+
+
+def test_bench_e2e_json(capsys, plan_file):
+    code, stdout, _ = paro(capsys, "bench", "e2e", "--plan", plan_file, *FAST, "--json")
+    assert code == 0
+    data = json.loads(stdout)
+    assert data["device"] == "cpu" and data["backend"] == "torch" and data["steps"] == 3
+    assert data["dense_ms_per_step"] > 0 and data["paro_ms_per_step"] > 0
+    assert data["speedup"] == pytest.approx(data["dense_ms_per_step"] / data["paro_ms_per_step"], rel=1e-2)
+    assert data["psnr_db"] > 25  # density 0.3 on planted heads stays close to dense
+    code, stdout, _ = paro(capsys, "bench", "e2e", "--plan", plan_file, *FAST)
+    assert code == 0 and "speed-up" in stdout
+
+
+def test_recipes(capsys):
+    code, stdout, _ = paro(capsys, "recipes")
+    assert code == 0 and "tiny-d20-int8-fp8" in stdout
+    code, stdout, _ = paro(capsys, "recipes", "tiny-d50-int8-fp8", "--json")
+    assert json.loads(stdout)["sparsity"]["density"] == 0.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["calibrate", "--density", "1.5"], "sparsity.density is 1.5"),
+    (["calibrate", "--qk", "int3"], "precision.qk is 'int3'"),
+    (["calibrate", "--recipe", "nope"], "no shipped recipe named 'nope'"),
+    (["calibrate", "--frames", "7", "--height", "33"], "geometry.height = 33 is not a multiple"),
+    (["calibrate", "--model", "/no/such/model"], "not found"),
+    (["calibrate", "--out", "OUT/plan.bin"], "must end in .safetensors"),
+    (["calibrate", "--out", "OUT/missing/plan.safetensors"], "does not exist"),
+    (["generate", "--plan", "OUT/none.safetensors", "--out", "OUT/v.mp4"], "plan file OUT/none.safetensors not found"),
+    (["generate", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"], "token grid of 8x16x16, this run has 4x16x16"),
+    (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
+    (["generate", "--plan", "PLAN", "--backend", "triton", "--out", "OUT/v.mp4"], "backend 'triton' is not available"),
+    (["generate", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
+    (["bench", "e2e"], "needs a plan"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
+    args = [a.replace("OUT", str(tmp_path)).replace("PLAN", str(plan_file)) for a in args]
+    code, stdout, err = paro(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message.replace("OUT", str(tmp_path)) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = paro(capsys, "generate", "--steps", "many")
+    assert code == 2 and "--steps" in err
+    code, _, _ = paro(capsys, "frobnicate")
+    assert code == 2
+
+
+def test_internal_errors_exit_1(capsys, monkeypatch):
+    import paro_cli.commands.recipes as recipes
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(recipes, "shipped_recipes", boom)
+    code, _, err = paro(capsys, "recipes")
+    assert code == 1 and "internal error: RuntimeError: disk on fire" in err
+
+
+def test_bare_transformer_folder(capsys, tmp_path):
+    """A WanTransformer3DModel saved alone calibrates through the built-in loop; generating a
+    video from its latent space (no VAE) is refused before any work."""
+    from test_models import tiny_wan
+
+    tiny_wan().save_pretrained(tmp_path / "wan")
+    out = tmp_path / "plan.safetensors"
+    code, stdout, err = paro(capsys, "calibrate", "--model", tmp_path / "wan", "--frames", "4", "--height", "16", "--width", "16",
+                             "--steps", "2", "--block-size", "16", "--out", out, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["grid"] == [4, 8, 8] and data["components"]["transformer"]["layers"] == 2
+    code, _, err = paro(capsys, "generate", "--model", tmp_path / "wan", "--plan", out, "--frames", "4", "--height", "16",
+                        "--width", "16", "--out", tmp_path / "v.mp4")
+    assert code == 2 and "no VAE" in err and not (tmp_path / "v.mp4").exists()
+    code, _, err = paro(capsys, "generate", "--plan", out, "--out", tmp_path / "v.mp4")
+    assert code == 2 and "another transformer config" in err
+
+
+def test_help_for_every_command(capsys):
+    for args in (["--help"], ["calibrate", "--help"], ["generate", "--help"], ["bench", "e2e", "--help"], ["plan", "show", "--help"],
+                 ["recipes", "--help"]):
+        code, stdout, _ = paro(capsys, *args)
+        assert code == 0 and "Usage" in stdout

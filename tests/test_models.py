@@ -1,0 +1,176 @@
+"""Attention integration: interception is transparent and reversible, plans at density 1 are
+exact, loading paths give clear errors."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from conftest import rel_l2
+from kernels.layout import num_blocks
+from paro_cli.backend import PlanAttention, select_backend, use_plan
+from paro_cli.errors import BackendError, ModelError
+from paro_cli.intercept import AttentionInterceptor
+from paro_cli.models import config_fingerprint
+from paro_cli.models.loading import load_model
+from paro_cli.plan import ComponentPlan, Plan, pack_bits
+
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
+def tiny_wan(seed=0):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**TINY_WAN).eval()
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([700.0, 700.0]), encoder_hidden_states=torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)), return_dict=False)[0]
+
+
+def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
+    nb = num_blocks(grid[0] * grid[1] * grid[2], block)
+    layers = len(orders)
+    masks = torch.ones(2, layers, len(orders[0]), nb, nb, dtype=torch.bool)
+    return Plan(
+        model_id="tiny", family="wan", grid=grid, text_tokens=0, text_position="none", block_size=block, density=1.0,
+        slot_policy="half", slot_bounds=[0.5], calibration_timesteps=[1.0, 0.0], dense_above_t=None, dense_layers=[],
+        qk=qk, pv=pv, prompts=["x"], seeds=[0],
+        components={"transformer": ComponentPlan(
+            config_fingerprint=config_fingerprint(model), orders=orders, packed_masks=pack_bits(masks), num_blocks=nb,
+            target_density=torch.ones(2, layers, 2), achieved_density=torch.ones(2, layers, 2),
+            recall=torch.ones(layers, 2, 6), incoherence=torch.ones(layers, 2, 6))},
+    )
+
+
+class Recorder:
+    def __init__(self):
+        self.calls, self.forwards = [], []
+
+    def on_forward(self, grid, t):
+        self.forwards.append((grid, t))
+
+    def attention(self, layer, q, k, v, dense):
+        self.calls.append((layer, tuple(q.shape)))
+        return dense()
+
+
+def test_interception_is_transparent_and_reversible():
+    model = tiny_wan()
+    x = torch.randn(2, 4, 3, 8, 10)
+    stock = run(model, x)
+    processors = dict(model.attn_processors)
+    from diffusers.models.transformers import transformer_wan
+
+    original = transformer_wan.dispatch_attention_fn
+    rec = Recorder()
+    with AttentionInterceptor(model, model_adapter(model), rec):
+        assert torch.equal(run(model, x), stock)
+    assert rec.forwards == [((3, 4, 5), 0.7)]
+    assert rec.calls == [(0, (2, 60, 2, 12)), (1, (2, 60, 2, 12))]  # attn1 only; attn2 untouched
+    assert transformer_wan.dispatch_attention_fn is original
+    assert all(model.attn_processors[k] is p for k, p in processors.items())
+
+
+def model_adapter(model):
+    from paro_cli.models import adapter_for
+
+    return adapter_for(model)
+
+
+@pytest.mark.parametrize("orders", [[["FHW", "FHW"], ["FHW", "FHW"]], [["HWF", "WFH"], ["FWH", "WHF"]]])
+def test_density_one_plan_equals_stock_model(orders):
+    model = tiny_wan()
+    x = torch.randn(2, 4, 3, 8, 10)
+    stock = run(model, x)
+    plan = full_plan(model, (3, 4, 5), orders)
+    backend = select_backend("torch", torch.device("cpu"), 12, "fp32", "fp32")
+    handler = PlanAttention(plan, "transformer", backend, model_adapter(model).sequence_layout(), torch.device("cpu"), "fp32", "fp32")
+    with AttentionInterceptor(model, model_adapter(model), handler):
+        out = run(model, x)
+    assert handler.calls["paro"] == 2
+    assert rel_l2(out, stock) <= 1e-5
+
+
+def test_use_plan_refuses_other_geometry_and_model(demo_model, demo_calibration):
+    _, plan = demo_calibration
+    from paro_cli.errors import PlanError
+
+    with pytest.raises(PlanError, match="token grid"):
+        with use_plan(demo_model, plan, (4, 16, 16), "auto"):
+            pass
+    other = load_model("embedded")
+    other.transformer.register_to_config(num_layers=3)  # a different config, same class
+    with pytest.raises(PlanError, match="another transformer config"):
+        with use_plan(other, plan, plan.grid, "auto"):
+            pass
+
+
+def test_backend_selection():
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu, 64, "int8", "fp8").name == "torch"
+    with pytest.raises(BackendError, match="'triton' is not available"):
+        select_backend("triton", cpu, 64, "bf16", "bf16")
+
+
+def test_transformer_folder_loads_strictly(tmp_path):
+    model = tiny_wan()
+    model.save_pretrained(tmp_path / "wan")
+    loaded = load_model(str(tmp_path / "wan"))
+    assert loaded.pipeline is None and loaded.prompt_encoder.dim == 16
+    assert config_fingerprint(loaded.transformer) == config_fingerprint(model)
+    for (name, a), b in zip(model.state_dict().items(), loaded.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
+    weights = tmp_path / "wan" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    state.pop(next(iter(state)))
+    save_file(state, str(weights))
+    with pytest.raises(ModelError, match="do not fit its config"):
+        load_model(str(tmp_path / "wan"))
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="neither model_index.json nor config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ModelError, match="UNet2DModel.*supported: WanTransformer3DModel"):
+        load_model(str(tmp_path / "unet"))
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelError, match=r"needs transformers and accelerate \(pip install 'paro\[pipelines\]'\)"):
+            load_model(str(tmp_path / "pipe"))
+
+
+def test_our_kernels_package_does_not_confuse_diffusers():
+    """Hugging Face publishes a `kernels` package that diffusers probes for; ours must not pass
+    for it, and a foreign `kernels` shadowing ours must be reported."""
+    import diffusers.utils.import_utils as iu
+    import kernels
+
+    assert kernels.PARO_KERNELS
+    assert iu._is_package_available("kernels") == (False, "N/A")
+    from paro_cli.cli import _check_kernels_package
+    from paro_cli.errors import ParoError
+
+    fake = types.ModuleType("kernels")
+    fake.__file__ = "/site-packages/kernels/__init__.py"
+    saved = sys.modules["kernels"]
+    sys.modules["kernels"] = fake
+    try:
+        with pytest.raises(ParoError, match="is not paro's"):
+            _check_kernels_package()
+    finally:
+        sys.modules["kernels"] = saved
