@@ -58,3 +58,10 @@ def block_mask_rows(kept: torch.Tensor, block: int, n: int, first_block: int, ro
     row_blocks = torch.arange(first_block * block, first_block * block + rows, device=kept.device) // block
     col_blocks = torch.arange(n, device=kept.device) // block
     return kept[:, row_blocks][:, :, col_blocks]
+
+
+def kept_block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block masks as the kernels read them: (..., nb, nb) bool -> per query tile the kept key
+    tiles first, ascending (int32 (..., nb, nb)), and how many there are (int32 (..., nb))."""
+    index = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices
+    return index.to(torch.int32), kept.sum(dim=-1, dtype=torch.int32)

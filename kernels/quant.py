@@ -93,10 +93,11 @@ def quantize_probabilities(p: torch.Tensor, fmt: str) -> torch.Tensor:
     """Round softmax numerators p in [0, 1] as the PV product sees them, in p's dtype.
 
     p <= 1 holds by construction (exp of a score minus its row maximum), so a static scale
-    suffices: fp8 holds p directly, int8 uses 1/127.
+    suffices: fp8 holds 448 p (its whole range, keeping small p out of the subnormals), int8
+    holds round(127 p).
     """
     if fmt == "fp8":
-        return p.to(torch.float8_e4m3fn).to(p.dtype)
+        return (p * QMAX["fp8"]).to(torch.float8_e4m3fn).to(p.dtype) / QMAX["fp8"]
     if fmt == "int8":
         return (p * QMAX["int8"]).round() / QMAX["int8"]
     cast = FLOAT_CASTS[fmt]

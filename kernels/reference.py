@@ -5,7 +5,10 @@ One call computes, for each head h:
   2. round Q and K to the QK format, one scale per block of `block` rows (text and visual
      segments blocked separately); for scaled formats K first loses its mean over tokens, which
      leaves softmax unchanged (it shifts every score of a row by the same amount);
-  3. round V to the PV format, one scale per channel (V's outliers live in channels);
+  3. round V to the PV format, one scale per channel (V's outliers live in channels); for
+     scaled formats V first loses its mean over tokens, added back to the output: each row of
+     P / l sums to 1, so P (V - mean) / l + mean = P V / l, and the smaller V - mean rounds
+     with a smaller absolute error;
   4. scores S = Q K^T * scale over the kept blocks only: visual row block i sees visual column
      block j iff kept[h, i, j]; text rows and text columns are always seen;
   5. softmax numerators P = exp(S - rowmax) in [0, 1]; the row sum l is taken before rounding;
@@ -72,9 +75,11 @@ def paro_attention_reference(
         kt, kv = kt - k_mean, kv - k_mean
     qt, qv, kt, kv = (fake_quantize(x, qk, block) for x in (qt, qv, kt, kv))
     keys = torch.cat([kt, kv], dim=2)
-    values = fake_quantize(torch.cat([vt, vv], dim=2), pv, None)
+    values = torch.cat([vt, vv], dim=2)
+    v_mean = values.mean(dim=2, keepdim=True) if is_scaled(pv) else torch.zeros_like(values[:, :, :1])
+    values = fake_quantize(values - v_mean, pv, None)
 
-    text_out = _attend(qt, keys, values, None, scale, pv)
+    text_out = _attend(qt, keys, values, None, scale, pv) + v_mean
     rows = max(block, (max_chunk_elems // max(1, bsz * heads * seq)) // block * block)
     visual_out = []
     for start in range(0, n, rows):
@@ -84,7 +89,7 @@ def paro_attention_reference(
             visual_cols = block_mask_rows(kept.to(q.device), block, n, start // block, stop - start)
             text_cols = visual_cols.new_ones(heads, stop - start, layout.text_len)
             allowed = torch.cat([text_cols, visual_cols], dim=2)
-        visual_out.append(_attend(qv[:, :, start:stop], keys, values, allowed, scale, pv))
+        visual_out.append(_attend(qv[:, :, start:stop], keys, values, allowed, scale, pv) + v_mean)
     visual = torch.cat(visual_out, dim=2)
     if perm is not None:
         visual = gather_tokens(visual, inverse_permutation(perm))

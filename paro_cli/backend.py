@@ -8,13 +8,12 @@ silently: if it cannot run here, that is a BackendError.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from kernels.layout import SequenceLayout
+from kernels.layout import SequenceLayout, kept_block_lists
 from kernels.orders import head_permutations
 from kernels.quant import PV_FORMATS, QK_FORMATS
 from kernels.reference import paro_attention_reference
@@ -25,10 +24,16 @@ from .intercept import AttentionInterceptor, DenseFn
 from .plan import Plan
 
 
-def _torch_attention(q, k, v, *, perm, kept, block, layout, qk, pv):
+def _torch_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
     """The reference itself, computed in float32 (float64 inputs stay float64)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     return paro_attention_reference(q, k, v, perm=perm, kept=kept, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute)
+
+
+def _triton_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
+    """The Triton kernel through its custom op (one opaque node under torch.compile)."""
+    return torch.ops.paro.attention(q, k, v, perm, kv_index, kv_count, block, layout.text_len, layout.text_first,
+                                    qk, pv, q.shape[-1] ** -0.5)
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,17 @@ class AttentionBackend:
     qk_formats: tuple[str, ...]
     pv_formats: tuple[str, ...]
     head_dims: tuple[int, ...] | None  # None: any
+    dtypes: tuple[torch.dtype, ...] | None  # model dtypes served; None: any
+    block_sizes: tuple[int, ...] | None
     note: str
 
-    def check(self, device: torch.device, head_dim: int, qk: str, pv: str) -> None:
+    def check(self, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> None:
         if device.type not in self.devices:
             raise BackendError(f"backend {self.name!r} does not run on {device.type}", "use backend: auto or torch")
+        if self.dtypes is not None and dtype not in self.dtypes:
+            raise BackendError(f"backend {self.name!r} needs a bf16/fp16 model, this one runs in {dtype}", "set sampling.dtype: bfloat16")
+        if self.block_sizes is not None and block not in self.block_sizes:
+            raise BackendError(f"backend {self.name!r} does not support block size {block}", "recalibrate with block_size 64")
         if qk not in self.qk_formats or pv not in self.pv_formats:
             raise BackendError(f"backend {self.name!r} has no QK {qk} / PV {pv} mode", "choose another precision or backend")
         if self.head_dims is not None and head_dim not in self.head_dims:
@@ -58,20 +69,38 @@ BACKENDS = {
         qk_formats=QK_FORMATS,
         pv_formats=PV_FORMATS,
         head_dims=None,
+        dtypes=None,
+        block_sizes=None,
         note="plain-torch reference (chunked, exact semantics, slow): the CPU path",
+    ),
+    "triton": AttentionBackend(
+        name="triton",
+        fn=_triton_attention,
+        devices=("cuda",),
+        qk_formats=("bf16", "fp16", "int8", "fp8", "int4"),
+        pv_formats=("bf16", "fp16", "fp8", "int8"),
+        head_dims=(16, 32, 64, 128),
+        dtypes=(torch.bfloat16, torch.float16),
+        block_sizes=(16, 32, 64, 128),
+        note="Triton kernels: reordering fused into loads/stores, kept blocks only; int4 is simulated (no INT4 tensor cores on Hopper)",
     ),
 }
 
 
-def select_backend(requested: str, device: torch.device, head_dim: int, qk: str, pv: str) -> AttentionBackend:
-    """Resolve "auto" and check the backend can serve this run."""
-    name = requested
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> AttentionBackend:
+    """Resolve "auto" (Triton where it can serve the run, else torch) and check the backend."""
     if requested == "auto":
-        name = "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
-    if name not in BACKENDS:
-        raise BackendError(f"backend {name!r} is not available in paro {__version__}", "available: " + ", ".join(BACKENDS))
-    backend = BACKENDS[name]
-    backend.check(device, head_dim, qk, pv)
+        try:
+            BACKENDS["triton"].check(device, dtype, head_dim, block, qk, pv)
+            requested = "triton"
+        except BackendError:
+            requested = "torch"
+    if requested not in BACKENDS:
+        raise BackendError(f"backend {requested!r} is not available in paro {__version__}", "available: " + ", ".join(BACKENDS))
+    backend = BACKENDS[requested]
+    backend.check(device, dtype, head_dim, block, qk, pv)
+    if backend.name == "triton":
+        import kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
     return backend
 
 
@@ -94,10 +123,20 @@ class PlanAttention:
         self.device = device
         self.perms = torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]).to(device)
         self.dense_layers = set(plan.dense_layers)
+        # The current slot's masks, in buffers that are refilled in place when the slot changes:
+        # a compiled graph or a captured CUDA graph keeps reading the same tensors.
+        layers, heads, nb = self.comp.num_layers, self.comp.num_heads, plan.num_blocks
+        self.kept = torch.zeros(layers, heads, nb, nb, dtype=torch.bool, device=device)
+        self.kv_index = torch.zeros(layers, heads, nb, nb, dtype=torch.int32, device=device)
+        self.kv_count = torch.zeros(layers, heads, nb, dtype=torch.int32, device=device)
         self.slot: int | None = None
-        self.kept: torch.Tensor | None = None  # (layers, heads, nb, nb) of the current slot
         self.dense_step = False
-        self.calls: Counter[str] = Counter()
+        self.paro_calls = 0
+        self.dense_calls = 0
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {name: n for name, n in (("paro", self.paro_calls), ("dense", self.dense_calls)) if n}
 
     def on_forward(self, grid: tuple[int, int, int], t: float) -> None:
         if tuple(grid) != tuple(self.plan.grid):
@@ -108,17 +147,20 @@ class PlanAttention:
         slot = self.plan.slot_of(t)
         if slot != self.slot:
             self.slot = slot
-            self.kept = self.comp.slot_masks(slot).to(self.device)
+            self.kept.copy_(self.comp.slot_masks(slot))
+            index, count = kept_block_lists(self.kept)
+            self.kv_index.copy_(index)
+            self.kv_count.copy_(count)
         self.dense_step = self.plan.dense_above_t is not None and t > self.plan.dense_above_t
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn) -> torch.Tensor:
         if self.dense_step or layer in self.dense_layers:
-            self.calls["dense"] += 1
+            self.dense_calls += 1
             return dense()
-        self.calls["paro"] += 1
+        self.paro_calls += 1
         return self.backend.fn(
-            q, k, v, perm=self.perms[layer], kept=self.kept[layer], block=self.plan.block_size,
-            layout=self.layout, qk=self.qk, pv=self.pv,
+            q, k, v, perm=self.perms[layer], kept=self.kept[layer], kv_index=self.kv_index[layer],
+            kv_count=self.kv_count[layer], block=self.plan.block_size, layout=self.layout, qk=self.qk, pv=self.pv,
         )
 
 
@@ -131,7 +173,7 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     """
     plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, block_size=None)
     qk, pv = qk or plan.qk, pv or plan.pv
-    chosen = select_backend(backend, loaded.device, loaded.adapter.head_dim(loaded.transformer), qk, pv)
+    chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handler = PlanAttention(plan, "transformer", chosen, loaded.adapter.sequence_layout(), loaded.device, qk, pv)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, handler):
         yield handler

@@ -131,6 +131,7 @@ class OrderProfiler:
         self.incoherence: torch.Tensor | None = None
         self.count = torch.zeros(layers)
         self.shape = (layers, heads)
+        self.perms: torch.Tensor | None = None  # (candidates, heads, N), made at the first call
 
     def on_forward(self, grid, t):
         step = self.tracker.see(grid, t)
@@ -141,12 +142,12 @@ class OrderProfiler:
 
     def attention(self, layer: int, q, k, v, dense: DenseFn):
         if self.profile:
-            heads = q.shape[2]
-            for c, order in enumerate(candidate_orders(self.tracker.grid)):
-                perm = order_permutation(order, self.tracker.grid).expand(heads, -1)
-                stats = block_statistics(q, k, perm=perm, block=self.block, layout=self.layout)
-                self.recall[layer, :, c] += mass_recall(stats.mass, self.density).cpu()
-                self.incoherence[layer, :, c] += stats.incoherence.cpu()
+            if self.perms is None:
+                grid, heads = self.tracker.grid, q.shape[2]
+                self.perms = torch.stack([order_permutation(o, grid).expand(heads, -1) for o in candidate_orders(grid)]).to(q.device)
+            stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=self.layout)
+            self.recall[layer] += mass_recall(stats.mass, self.density).T.cpu()
+            self.incoherence[layer] += stats.incoherence.T.cpu()
             self.count[layer] += 1
         return dense()
 
@@ -182,7 +183,7 @@ class MassCollector:
         self.slot = slot
 
     def attention(self, layer: int, q, k, v, dense: DenseFn):
-        mass = block_statistics(q, k, perm=self.perms[layer], block=self.block, layout=self.layout).mass
+        mass = block_statistics(q, k, perms=self.perms[layer][None], block=self.block, layout=self.layout).mass[0]
         self.sum[layer] += mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         self.count[layer] += 1
         return dense()

@@ -96,7 +96,7 @@ def test_recipes(capsys):
     (["generate", "--plan", "OUT/none.safetensors", "--out", "OUT/v.mp4"], "plan file OUT/none.safetensors not found"),
     (["generate", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"], "token grid of 8x16x16, this run has 4x16x16"),
     (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
-    (["generate", "--plan", "PLAN", "--backend", "triton", "--out", "OUT/v.mp4"], "backend 'triton' is not available"),
+    (["generate", "--plan", "PLAN", "--backend", "triton", "--out", "OUT/v.mp4"], "backend 'triton' does not run on cpu"),
     (["generate", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
     (["bench", "e2e"], "needs a plan"),
 ])

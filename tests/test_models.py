@@ -88,7 +88,7 @@ def test_density_one_plan_equals_stock_model(orders):
     x = torch.randn(2, 4, 3, 8, 10)
     stock = run(model, x)
     plan = full_plan(model, (3, 4, 5), orders)
-    backend = select_backend("torch", torch.device("cpu"), 12, "fp32", "fp32")
+    backend = select_backend("torch", torch.device("cpu"), torch.float32, 12, 16, "fp32", "fp32")
     handler = PlanAttention(plan, "transformer", backend, model_adapter(model).sequence_layout(), torch.device("cpu"), "fp32", "fp32")
     with AttentionInterceptor(model, model_adapter(model), handler):
         out = run(model, x)
@@ -111,10 +111,19 @@ def test_use_plan_refuses_other_geometry_and_model(demo_model, demo_calibration)
 
 
 def test_backend_selection():
-    cpu = torch.device("cpu")
-    assert select_backend("auto", cpu, 64, "int8", "fp8").name == "torch"
-    with pytest.raises(BackendError, match="'triton' is not available"):
-        select_backend("triton", cpu, 64, "bf16", "bf16")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert select_backend("auto", cpu, torch.bfloat16, 64, 64, "int8", "fp8").name == "torch"
+    assert select_backend("auto", cuda, torch.float32, 64, 64, "int8", "fp8").name == "torch"  # Triton needs 16-bit
+    with pytest.raises(BackendError, match="'triton' does not run on cpu"):
+        select_backend("triton", cpu, torch.bfloat16, 64, 64, "bf16", "bf16")
+    with pytest.raises(BackendError, match="needs a bf16/fp16 model"):
+        select_backend("triton", cuda, torch.float32, 64, 64, "int8", "fp8")
+    with pytest.raises(BackendError, match="head dim 80"):
+        select_backend("triton", cuda, torch.bfloat16, 80, 64, "int8", "fp8")
+    with pytest.raises(BackendError, match="no QK fp32"):
+        select_backend("triton", cuda, torch.bfloat16, 64, 64, "fp32", "fp8")
+    with pytest.raises(BackendError, match="'flash' is not available"):
+        select_backend("flash", cpu, torch.bfloat16, 64, 64, "bf16", "bf16")
 
 
 def test_transformer_folder_loads_strictly(tmp_path):

@@ -33,15 +33,18 @@ def full_map_statistics(q, k, orders, grid, block, layout):
     return mass, ratios
 
 
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (6, False), (9, True)])
-def test_streamed_statistics_match_full_map(text_len, text_first):
+def test_streamed_statistics_match_full_map(text_len, text_first, use_triton):
     grid, block, orders = (3, 4, 6), 16, ["WHF", "FWH", "HFW"]
     q, k, _ = structured_qkv(2, 72 + text_len, 3, 16, seed=7)
     layout = SequenceLayout(text_len, text_first)
-    stats = block_statistics(q, k, perm=head_permutations(orders, grid), block=block, layout=layout, max_chunk_elems=3000)
-    mass, incoherence = full_map_statistics(q, k, orders, grid, block, layout)
-    torch.testing.assert_close(stats.mass.double(), mass, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(stats.incoherence.double(), incoherence, rtol=1e-4, atol=1e-5)
+    perms = torch.stack([head_permutations(orders, grid), head_permutations(orders[::-1], grid)])
+    stats = block_statistics(q, k, perms=perms, block=block, layout=layout, max_chunk_elems=3000, use_triton=use_triton)
+    for o, candidate in enumerate((orders, orders[::-1])):
+        mass, incoherence = full_map_statistics(q, k, candidate, grid, block, layout)
+        torch.testing.assert_close(stats.mass[o].double(), mass, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats.incoherence[o].double(), incoherence, rtol=1e-4, atol=1e-5)
 
 
 def test_mass_recall():

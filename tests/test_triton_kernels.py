@@ -1,0 +1,116 @@
+"""Triton kernels against float64 references: under the CPU interpreter on small shapes, and
+(marked gpu) on the GPU at larger ones. Inputs carry real structure (channel means, outlier
+channels), masks are random with the diagonal kept, sizes are ragged."""
+
+import pytest
+import torch
+
+from conftest import rel_l2, structured_qkv
+from kernels.layout import SequenceLayout, kept_block_lists, num_blocks
+from kernels.orders import candidate_orders, head_permutations
+from kernels.reference import paro_attention_reference
+from kernels.triton_attention import paro_attention_triton
+
+# (QK, PV) -> bound on relative L2 error vs the exact float64 masked attention
+BOUNDS = {("native", "native"): 1e-2, ("int8", "native"): 2e-2, ("int8", "fp8"): 4e-2, ("fp8", "fp8"): 5e-2,
+          ("int8", "int8"): 4e-2, ("int4", "native"): 1.2e-1}
+
+
+def case(grid, text_len, text_first, heads, dim, block, batch=1, density=0.4, seed=0, device="cpu", dtype=torch.bfloat16):
+    n = grid[0] * grid[1] * grid[2]
+    nb = num_blocks(n, block)
+    g = torch.Generator().manual_seed(seed)
+    kept = (torch.rand(heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
+    orders = [candidate_orders(grid)[(seed + h) % 6] for h in range(heads)]
+    q, k, v = (x.to(device=device, dtype=dtype) for x in structured_qkv(batch, n + text_len, heads, dim, seed=seed))
+    return dict(q=q, k=k, v=v, perm=head_permutations(orders, grid).to(device), kept=kept.to(device), block=block,
+                layout=SequenceLayout(text_len, text_first))
+
+
+def run_kernel(c, qk, pv, poison=True):
+    native = {torch.bfloat16: "bf16", torch.float16: "fp16"}[c["q"].dtype]
+    qk, pv = (native if f == "native" else f for f in (qk, pv))
+    index, count = kept_block_lists(c["kept"])
+    out = torch.full_like(c["q"], float("nan")) if poison else None
+    return paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=c["block"],
+                                 layout=c["layout"], qk=qk, pv=pv, out=out), qk, pv
+
+
+def exact(c):
+    return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"])
+
+
+@pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
+def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
+    c = case((3, 5, 7), text_len, text_first, heads=2, dim=32, block=16, seed=text_len)
+    out, qk, pv = run_kernel(c, *modes)
+    assert not out.isnan().any()  # every element written over the NaN poison
+    assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+    same = paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"],
+                                    layout=c["layout"], qk=qk, pv=pv)
+    if pv in ("bf16", "fp16"):  # no P rounding at play: the kernel computes the reference's numbers
+        assert rel_l2(out, same) <= 1e-2
+
+
+def test_interpreted_fp16_is_tight():
+    c = case((2, 4, 6), 3, True, heads=2, dim=16, block=16, dtype=torch.float16)
+    out, _, _ = run_kernel(c, "native", "native")
+    assert rel_l2(out, exact(c)) <= 1e-3
+
+
+def test_custom_op_and_shape_checks():
+    import kernels.ops  # noqa: F401
+
+    c = case((2, 4, 4), 0, True, heads=2, dim=16, block=16)
+    index, count = kept_block_lists(c["kept"])
+    out = torch.ops.paro.attention(c["q"], c["k"], c["v"], c["perm"], index, count, 16, 0, True, "int8", "fp8", 0.25)
+    assert rel_l2(out, exact(c)) <= 4e-2
+    with pytest.raises(ValueError, match="head dim 80"):
+        q = torch.zeros(1, 32, 2, 80, dtype=torch.bfloat16)
+        paro_attention_triton(q, q, q, perm=c["perm"], kv_index=index, kv_count=count, block=16)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        paro_attention_triton(c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=16)
+    with pytest.raises(ValueError, match="do not fit"):
+        paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU (run on the H100 before a kernel change lands)
+
+GPU_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 16, 16), 512, True, 128), ((6, 10, 14), 33, False, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("grid,text_len,text_first,dim", GPU_CASES, ids=lambda x: str(x))
+def test_gpu_kernel_matches_reference(modes, grid, text_len, text_first, dim):
+    c = case(grid, text_len, text_first, heads=3, dim=dim, block=64, batch=2, density=0.3, device="cuda")
+    out, _, _ = run_kernel(c, *modes)
+    assert not out.isnan().any()
+    assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+
+
+@pytest.mark.gpu
+def test_gpu_identity_order_and_density_one_equal_flash():
+    c = case((4, 8, 8), 0, True, heads=4, dim=64, block=64, batch=2, device="cuda", dtype=torch.float16)
+    c["perm"] = torch.arange(256, device="cuda").expand(4, 256).contiguous()
+    c["kept"] = torch.ones_like(c["kept"])
+    out, _, _ = run_kernel(c, "native", "native")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (c["q"], c["k"], c["v"]))).transpose(1, 2)
+    assert rel_l2(out, sdpa) <= 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_statistics_kernel_matches_torch():
+    from kernels.stats import block_statistics, mass_recall
+
+    grid = (5, 12, 18)
+    q, k, _ = (x.cuda().bfloat16() for x in structured_qkv(2, 1080 + 226, 3, 64, seed=3))
+    perms = torch.stack([head_permutations([o] * 3, grid) for o in candidate_orders(grid)]).cuda()
+    layout = SequenceLayout(226, True)
+    fast = block_statistics(q, k, perms=perms, block=64, layout=layout, use_triton=True)
+    slow = block_statistics(q, k, perms=perms, block=64, layout=layout, use_triton=False)
+    torch.testing.assert_close(fast.mass, slow.mass, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(fast.incoherence, slow.incoherence, atol=1e-3, rtol=1e-3)
+    assert torch.equal(mass_recall(fast.mass, 0.3).argmax(0), mass_recall(slow.mass, 0.3).argmax(0))
