@@ -51,6 +51,15 @@ def _rint(x):
 
 
 @triton.jit
+def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Load/store mask of a tile: its valid rows, and the real channels when the head dim was
+    padded to a power of two (nothing to mask, hence nothing computed, when it was not)."""
+    if DIM == HEAD_DIM:
+        return valid[:, None]
+    return valid[:, None] & (d[None, :] < DIM)
+
+
+@triton.jit
 def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl.constexpr, GATHER: tl.constexpr):
     """Row indices of one tile of the paro-order sequence.
 
@@ -73,9 +82,10 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
-                 QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr):
+                 QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One online-softmax step over a key tile: the body shared by text and visual key tiles."""
-    k = tl.load(k_ptr + rows[:, None] * stride_ks + d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
+    mask = _row_mask(valid, d, DIM, HEAD_DIM)
+    k = tl.load(k_ptr + rows[:, None] * stride_ks + d[None, :] * stride_kd, mask=mask, other=0.0)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
     if QK == 1:
@@ -87,7 +97,7 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, d,
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + rows[:, None] * stride_vs + d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vs + d[None, :] * stride_vd, mask=mask, other=0.0)
     if PV == 2:  # P * 448 uses e4m3's whole range: small probabilities stay normal numbers
         pv = tl.dot((p * 448.0).to(tl.float8e4nv), v) * (1.0 / 448.0)
     elif PV == 3:
@@ -107,7 +117,7 @@ def _paro_attention_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
     QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -129,7 +139,7 @@ def _paro_attention_kernel(
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
     rows, original, valid = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
-    q = tl.load(q_ptr + rows[:, None] * stride_qs + d[None, :] * stride_qd, mask=valid[:, None], other=0.0)
+    q = tl.load(q_ptr + rows[:, None] * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     if UPCAST and QK == 0:
         q = q.to(tl.float32)
     if QK != 0:
@@ -146,7 +156,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, d,
-                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST)
+                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
@@ -159,14 +169,16 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, d,
-                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST)
+                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
-        out = out * tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + d)[None, :] + tl.load(VMean + bh.to(tl.int64) * HEAD_DIM + d)[None, :]
+        v_scale = tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
+        v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
+        out = out * v_scale[None, :] + v_mean[None, :]
     o_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_ptr + original[:, None].to(tl.int64) * stride_os + d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=valid[:, None])
+             out.to(Out.dtype.element_ty), mask=_row_mask(valid, d, DIM, HEAD_DIM))
 
 
 @triton.jit
@@ -190,7 +202,7 @@ def _prep_kernel(
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_vpb, stride_vph, stride_vps, stride_vpd,
     H, T, N, n_text_tiles, nb, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, PV_QMAX: tl.constexpr, MIN_AMAX_: tl.constexpr,
 ):
     """One fused pass: gather a tile in paro order, remove K's and V's means, quantise Q/K per
@@ -208,7 +220,7 @@ def _prep_kernel(
     src = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
     vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + buf_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
-    mask = valid[:, None]
+    mask = _row_mask(valid, d, DIM, HEAD_DIM)
     n_tiles = n_text_tiles + nb
 
     q = tl.load(Q + src, mask=mask, other=0.0).to(tl.float32)
@@ -217,7 +229,7 @@ def _prep_kernel(
 
     k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
     if QK != 0:  # softmax ignores a shift shared by all keys; the quantiser does not
-        k = tl.where(mask, k - tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + d)[None, :], 0.0)
+        k = tl.where(mask, k - tl.load(KMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_)
     tl.store(Kp + dst, k.to(Kp.dtype.element_ty), mask=mask)
     if QK != 0:
@@ -226,8 +238,8 @@ def _prep_kernel(
 
     v = tl.load(V + src, mask=mask, other=0.0).to(tl.float32)
     if PV != 0:
-        v_mean = tl.load(VMean + bh.to(tl.int64) * HEAD_DIM + d)[None, :]
-        v = (v - v_mean) / tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + d)[None, :]
+        v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :]
+        v = (v - v_mean) / tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=1.0)[None, :]
         v = tl.minimum(tl.maximum(v, -PV_QMAX), PV_QMAX)
         if PV == 3:
             v = _rint(v)
@@ -238,8 +250,13 @@ def _prep_kernel(
 # Host side
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
-HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 128
 BLOCKS = (16, 32, 64, 128)
+
+
+def padded_head_dim(dim: int) -> int:
+    """Tiles span a power of two >= 16 channels (tl.arange and tensor-core shapes need it)."""
+    return max(16, triton.next_power_of_2(dim))
 
 
 def launch_config(block: int, head_dim: int) -> dict:
@@ -257,8 +274,8 @@ def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
         raise ValueError(f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must be bf16 or fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim {q.shape[-1]} unsupported (supported: {HEAD_DIMS})")
+    if not 8 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} unsupported (supported: 8 to {MAX_HEAD_DIM})")
     if block not in BLOCKS:
         raise ValueError(f"block {block} unsupported (supported: {BLOCKS})")
     if qk not in ("bf16", "fp16", "int8", "int4", "fp8") or pv not in ("bf16", "fp16", "int8", "fp8"):
@@ -332,7 +349,7 @@ def paro_attention_triton(
         qs, ks, vs, out, perm, kv_index, kv_count, q_scale, k_scale, v_scale, v_mean,
         sqb, sqh, sqs, sqd, svb, svh, svs, svd, so[0], so[2], so[1], so[3],
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=dim, GATHER=gather, QK=qk_code, PV=pv_code, UPCAST=upcast, **config,
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, PV=pv_code, UPCAST=upcast, **config,
     )
     return out
 
@@ -366,7 +383,7 @@ def prepare(q, k, v, perm, block, layout, qk, pv, n_tiles, n_text_tiles, nb):
         q, k, v, perm, k_mean, v_mean, v_scale, qp, kp, vp, q_scale, k_scale,
         sq[0], sq[1], sq[2], sq[3], *qp.stride(), svpb, svph, svps, svpd,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code, PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX,
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code, PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX,
         **launch_config(block, dim),
     )
     return qp, kp, vp, q_scale, k_scale, v_scale, v_mean

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .layout import SequenceLayout, num_blocks
-from .triton_attention import INTERPRET, LOG2E, _rows
+from .triton_attention import INTERPRET, LOG2E, _row_mask, _rows, padded_head_dim
 
 
 @triton.jit
@@ -22,7 +22,7 @@ def _row_lse_kernel(
     Q, K, Lse, Ident,
     stride_qb, stride_qs, stride_qh, stride_qd,
     H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)  # visual query tile, arrival order
     bh = tl.program_id(1)
@@ -34,14 +34,14 @@ def _row_lse_kernel(
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     rows, original, valid = _rows(n_text_tiles + tile, n_text_tiles, T, N, Ident, offs, text_base, vis_base, BLOCK, True)
-    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=valid[:, None], other=0.0)
+    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     for t in range(0, n_text_tiles + nb):
         k_rows, _, k_valid = _rows(t, n_text_tiles, T, N, Ident, offs, text_base, vis_base, BLOCK, True)
-        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=k_valid[:, None], other=0.0)
+        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(k_valid, d, DIM, HEAD_DIM), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)) * score_scale, float("-inf"))
@@ -57,7 +57,7 @@ def _block_mass_kernel(
     Q, K, Lse, Perms, Mass, Peak,
     stride_qb, stride_qs, stride_qh, stride_qd,
     B, H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)  # visual query tile in the candidate's order
     bh = tl.program_id(1)
@@ -71,14 +71,14 @@ def _block_mass_kernel(
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     rows, original, valid = _rows(n_text_tiles + tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
-    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=valid[:, None], other=0.0)
+    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     lse = tl.load(Lse + bh.to(tl.int64) * N + (original - vis_base), mask=valid, other=float("inf"))
     out = ((o.to(tl.int64) * B + b) * H + h) * nb * nb + tile * nb
     for j in range(0, nb):
         k_rows, _, k_valid = _rows(n_text_tiles + j, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
-        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=k_valid[:, None], other=0.0)
+        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(k_valid, d, DIM, HEAD_DIM), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * score_scale
@@ -101,7 +101,7 @@ def raw_block_statistics(q: torch.Tensor, k: torch.Tensor, perms: torch.Tensor, 
     mass = torch.empty(orders, bsz, heads, nb, nb, device=q.device, dtype=torch.float32)
     peak = torch.empty_like(mass)
     sq = q.stride()
-    common = dict(BLOCK=block, HEAD_DIM=dim, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+    common = dict(BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
                   **({"num_warps": 1, "num_stages": 1} if INTERPRET else {"num_warps": 4, "num_stages": 3}))
     score_scale = scale * LOG2E
     _row_lse_kernel[(nb, bsz * heads)](

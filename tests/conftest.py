@@ -1,12 +1,13 @@
-"""Shared fixtures. Triton kernels run under the interpreter on CPU: the flag must be set before
-any kernel module is imported."""
+"""Shared fixtures. Without a GPU, Triton kernels run under the interpreter: the flag must be
+set before any kernel module is imported."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

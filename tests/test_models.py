@@ -118,8 +118,8 @@ def test_backend_selection():
         select_backend("triton", cpu, torch.bfloat16, 64, 64, "bf16", "bf16")
     with pytest.raises(BackendError, match="needs a bf16/fp16 model"):
         select_backend("triton", cuda, torch.float32, 64, 64, "int8", "fp8")
-    with pytest.raises(BackendError, match="head dim 80"):
-        select_backend("triton", cuda, torch.bfloat16, 80, 64, "int8", "fp8")
+    with pytest.raises(BackendError, match="head dim 160"):
+        select_backend("triton", cuda, torch.bfloat16, 160, 64, "int8", "fp8")
     with pytest.raises(BackendError, match="no QK fp32"):
         select_backend("triton", cuda, torch.bfloat16, 64, 64, "fp32", "fp8")
     with pytest.raises(BackendError, match="'flash' is not available"):

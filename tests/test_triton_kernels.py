@@ -9,7 +9,9 @@ from conftest import rel_l2, structured_qkv
 from kernels.layout import SequenceLayout, kept_block_lists, num_blocks
 from kernels.orders import candidate_orders, head_permutations
 from kernels.reference import paro_attention_reference
-from kernels.triton_attention import paro_attention_triton
+from kernels.triton_attention import INTERPRET, paro_attention_triton
+
+interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 
 # (QK, PV) -> bound on relative L2 error vs the exact float64 masked attention
 BOUNDS = {("native", "native"): 1e-2, ("int8", "native"): 2e-2, ("int8", "fp8"): 4e-2, ("fp8", "fp8"): 5e-2,
@@ -40,6 +42,7 @@ def exact(c):
     return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"])
 
 
+@interpreted
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
 def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
@@ -53,21 +56,26 @@ def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
         assert rel_l2(out, same) <= 1e-2
 
 
-def test_interpreted_fp16_is_tight():
-    c = case((2, 4, 6), 3, True, heads=2, dim=16, block=16, dtype=torch.float16)
+@interpreted
+@pytest.mark.parametrize("dim", [16, 24])  # 24: channels padded to 32 and masked
+def test_interpreted_fp16_is_tight(dim):
+    c = case((2, 4, 6), 3, True, heads=2, dim=dim, block=16, dtype=torch.float16)
     out, _, _ = run_kernel(c, "native", "native")
     assert rel_l2(out, exact(c)) <= 1e-3
+    out, _, _ = run_kernel(c, "int8", "fp8")
+    assert rel_l2(out, exact(c)) <= 4e-2
 
 
-def test_custom_op_and_shape_checks():
+@pytest.mark.parametrize("device", ["cpu" if INTERPRET else "cuda"])
+def test_custom_op_and_shape_checks(device):
     import kernels.ops  # noqa: F401
 
-    c = case((2, 4, 4), 0, True, heads=2, dim=16, block=16)
+    c = case((2, 4, 4), 0, True, heads=2, dim=16, block=16, device=device)
     index, count = kept_block_lists(c["kept"])
     out = torch.ops.paro.attention(c["q"], c["k"], c["v"], c["perm"], index, count, 16, 0, True, "int8", "fp8", 0.25)
     assert rel_l2(out, exact(c)) <= 4e-2
-    with pytest.raises(ValueError, match="head dim 80"):
-        q = torch.zeros(1, 32, 2, 80, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim 160"):
+        q = torch.zeros(1, 32, 2, 160, dtype=torch.bfloat16, device=device)
         paro_attention_triton(q, q, q, perm=c["perm"], kv_index=index, kv_count=count, block=16)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         paro_attention_triton(c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -18,7 +19,7 @@ from ..output import Output
 from ..plan import load_plan
 from ..runner import sample, token_grid
 
-app = typer.Typer(help="Benchmarks: end-to-end speed and output difference, dense vs plan.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed and output difference.", no_args_is_help=True)
 
 
 def _timed_sample(loaded, recipe, prompt, seed, label, bar):
@@ -109,4 +110,53 @@ def e2e(
              f"{result['speedup']:.2f}x", result["psnr_db"] if result["psnr_db"] is not None else "n/a", f"{rel_l2:.4f}"],
         ],
     )
+    ui.json(result)
+
+
+@app.command("kernel")
+def kernel(
+    shape: Annotated[Optional[list[str]], typer.Option(help="Preset (cogvideox-5b, wan2.1-1.3b, flux-1024) or B,H,F,Hgrid,Wgrid,D[,T]; repeatable. Default: all presets.")] = None,
+    density: Annotated[Optional[list[float]], typer.Option(help="Densities to time; repeatable. Default: 1.0 0.5 0.3 0.2.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
+    block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens.")] = 64,
+    statistics: Annotated[bool, typer.Option(help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time paro's attention kernel per density and precision against SDPA flash, SDPA cuDNN and
+    FlexAttention with the same block mask, in one run on this GPU (medians of do_bench)."""
+    from ..bench import kernel as kb
+
+    if not torch.cuda.is_available():
+        raise ParoError("bench kernel needs a CUDA GPU", "run it on the GPU machine")
+    shapes = [kb.parse_shape(s) for s in (shape or list(kb.SHAPES))]
+    pairs = []
+    for spec in precision or ["bf16/bf16", "int8/fp8"]:
+        qk, _, pv = spec.partition("/")
+        if qk not in ("bf16", "fp16", "int8", "fp8", "int4") or pv not in ("bf16", "fp16", "fp8", "int8"):
+            raise ParoError(f"bad --precision {spec!r}", "use QK/PV, QK in bf16|fp16|int8|fp8|int4, PV in bf16|fp16|fp8|int8")
+        pairs.append((qk, pv))
+    densities = density or [1.0, 0.5, 0.3, 0.2]
+    if any(not 0 < d <= 1 for d in densities):
+        raise ParoError(f"densities must lie in (0, 1], got {densities}", "e.g. --density 0.2")
+    ui = Output(as_json)
+    result = kb.run(shapes, densities, pairs, block_size, statistics, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+
+    def fmt(x, spec):
+        return "skipped" if x is None else format(x, spec)
+
+    for s in shapes:
+        rows = [r for r in result["rows"] if r["shape"] == s.name]
+        ui.table(
+            f"{s.label()} on {result['device']}",
+            ["kernel", "density", "QK/PV", "ms", "eff. TFLOPs", "vs cuDNN", "vs Flex same mask"],
+            [[r["kernel"], r["density"], f"{r['qk']}/{r['pv']}", fmt(r["ms"], ".3f"), fmt(r.get("tflops_effective"), ".0f"),
+              fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else ""),
+              fmt(r.get("vs_flex_same_mask"), ".2f") + ("x" if r.get("vs_flex_same_mask") else "") if r["kernel"] != "SDPA flash" and r["kernel"] != "SDPA cuDNN" else "-"]
+             for r in rows],
+        )
+    if result["statistics"]:
+        st = result["statistics"]
+        ui.print(f"calibration statistics, {st['shape']}, {st['orders']} orders: {st['ms']:.1f} ms")
+    for why in result["skipped"]:
+        ui.print(f"[yellow]skipped[/] {why}")
     ui.json(result)

@@ -1,0 +1,1 @@
+"""Measurements behind `paro bench`: kernel speed against real baselines, end to end."""

@@ -1,0 +1,212 @@
+"""Kernel benchmark: paro's Triton attention against SDPA (flash, cuDNN) and FlexAttention with
+the same block mask, at real models' attention shapes, all timed in one run on one device.
+
+Times are medians of `triton.testing.do_bench`. "Effective TFLOPs" counts dense FLOPs
+(4 B H S^2 D), so for a sparse kernel it is a speed figure, comparable across rows. Baselines
+run on the same tensors with no reordering at all (they pay no permutation), and Flex gets the
+same kept tiles as paro. A baseline that cannot run here is reported as skipped with the
+reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels.layout import SequenceLayout, kept_block_lists, num_blocks
+from kernels.orders import candidate_orders, head_permutations
+
+from ..errors import ParoError
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    name: str
+    batch: int
+    heads: int
+    grid: tuple[int, int, int]
+    head_dim: int
+    text_len: int = 0
+    text_first: bool = True
+
+    @property
+    def seq(self) -> int:
+        return math.prod(self.grid) + self.text_len
+
+    def label(self) -> str:
+        text = f" + {self.text_len} text" if self.text_len else ""
+        return f"{self.name} (B{self.batch} H{self.heads} {'x'.join(map(str, self.grid))}{text} D{self.head_dim})"
+
+
+# Real models' self-attention calls (batch 2 = classifier-free guidance); see h100 baselines.
+SHAPES = {
+    "cogvideox-5b": AttentionShape("cogvideox-5b", 2, 48, (13, 30, 45), 64, 226),
+    "wan2.1-1.3b": AttentionShape("wan2.1-1.3b", 2, 12, (21, 30, 52), 128),
+    "flux-1024": AttentionShape("flux-1024", 2, 24, (1, 64, 64), 128, 512),
+}
+
+
+def parse_shape(spec: str) -> AttentionShape:
+    """A preset name, or "B,H,F,Hgrid,Wgrid,D[,T]"."""
+    if spec in SHAPES:
+        return SHAPES[spec]
+    try:
+        values = [int(x) for x in spec.split(",")]
+        b, h, f, gh, gw, d, *rest = values
+        if rest[1:] or min(values) < 0:
+            raise ValueError
+    except ValueError:
+        raise ParoError(f"bad --shape {spec!r}", "use a preset (" + ", ".join(SHAPES) + ") or B,H,F,Hgrid,Wgrid,D[,T]") from None
+    return AttentionShape(spec, b, h, (f, gh, gw), d, rest[0] if rest else 0)
+
+
+def dense_flops(shape: AttentionShape) -> float:
+    return 4.0 * shape.batch * shape.heads * shape.seq**2 * shape.head_dim
+
+
+def random_kept(heads: int, nb: int, density: float, seed: int = 0) -> torch.Tensor:
+    """Block masks with round(density * nb) kept tiles in every row, the diagonal among them:
+    the work a calibrated mask of that density gives, evenly spread over query tiles."""
+    g = torch.Generator().manual_seed(seed)
+    keep = max(1, round(density * nb))
+    scores = torch.rand(heads, nb, nb, generator=g)
+    scores[:, torch.arange(nb), torch.arange(nb)] = 2.0
+    top = scores.topk(keep, dim=-1).indices
+    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, top, True)
+
+
+class Problem:
+    """Inputs for one shape: random q, k, v in diffusers' layout and one order per head."""
+
+    def __init__(self, shape: AttentionShape, block: int, device: torch.device, dtype=torch.bfloat16, seed: int = 0):
+        self.shape, self.block = shape, block
+        g = torch.Generator(device=device).manual_seed(seed)
+        size = (shape.batch, shape.seq, shape.heads, shape.head_dim)
+        self.q, self.k, self.v = (torch.randn(size, device=device, dtype=dtype, generator=g) for _ in range(3))
+        self.layout = SequenceLayout(shape.text_len, shape.text_first)
+        orders = candidate_orders(shape.grid)
+        self.perm = head_permutations([orders[h % len(orders)] for h in range(shape.heads)], shape.grid).to(device)
+        self.identity = torch.arange(math.prod(shape.grid), device=device).expand(shape.heads, -1).contiguous()
+        self.nb = num_blocks(math.prod(shape.grid), block)
+
+    def lists(self, density: float):
+        kept = random_kept(self.shape.heads, self.nb, density).to(self.q.device)
+        return (kept, *kept_block_lists(kept))
+
+    def heads_first(self):
+        """(B, H, S, D) views for SDPA and Flex."""
+        return [x.transpose(1, 2) for x in (self.q, self.k, self.v)]
+
+
+def flex_block_mask(problem: Problem, kept: torch.Tensor):
+    """The same kept tiles as a FlexAttention BlockMask over the paro-order sequence (text tiles
+    dense), built from kv-block lists: no N x N mask ever exists."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b = problem.block
+    s = problem.shape.seq
+    total = num_blocks(s, b)
+    text_tiles = num_blocks(problem.shape.text_len, b)
+    full = torch.ones(problem.shape.heads, total, total, dtype=torch.bool, device=kept.device)
+    vis = total - text_tiles
+    full[:, text_tiles:, text_tiles:] = kept[:, :vis, :vis]
+    index, count = kept_block_lists(full)
+    zeros = torch.zeros_like(count)
+    return BlockMask.from_kv_blocks(zeros[None], index[None], count[None], index[None], BLOCK_SIZE=b, seq_lengths=(s, s))
+
+
+def _timer():
+    from triton.testing import do_bench
+
+    return lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _try(label: str, fn, timer) -> tuple[float | None, str | None]:
+    try:
+        fn()
+        return timer(fn), None
+    except Exception as exc:  # a baseline missing here is reported, not fatal
+        return None, f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+
+
+def run(shapes: list[AttentionShape], densities: list[float], precisions: list[tuple[str, str]], block: int,
+        with_statistics: bool = True, progress=None) -> dict:
+    """Time every variant; returns {"rows": [...], "skipped": [...], "statistics": ...}."""
+    import kernels.ops  # noqa: F401
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    device = torch.device("cuda")
+    timer = _timer()
+    flex = torch.compile(flex_attention, dynamic=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows, skipped = [], []
+
+    def paro_call(p, perm, index, count, qk, pv):
+        t = p.layout
+        return lambda: torch.ops.paro.attention(p.q, p.k, p.v, perm, index, count, block, t.text_len, t.text_first, qk, pv,
+                                                p.shape.head_dim ** -0.5)
+
+    for shape in shapes:
+        p = Problem(shape, block, device)
+        qh, kh, vh = p.heads_first()
+        flops = dense_flops(shape)
+        base = {}
+        for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            def call(backend=backend):
+                with sdpa_kernel([backend]):
+                    return sdpa(qh, kh, vh)
+            ms, why = _try(name, call, timer)
+            base[name] = ms
+            if why:
+                skipped.append(f"{shape.name}: {why}")
+            rows.append(dict(shape=shape.name, kernel=name, density=1.0, qk="bf16", pv="bf16", ms=ms))
+        reference = sdpa(qh, kh, vh).transpose(1, 2) if base["SDPA flash"] else None
+        for density in densities:
+            kept, index, count = p.lists(density)
+            flex_ms, why = _try(f"Flex d={density}", lambda: flex(qh, kh, vh, block_mask=flex_block_mask(p, kept)), timer)
+            if why:
+                skipped.append(f"{shape.name}: {why}")
+            rows.append(dict(shape=shape.name, kernel="FlexAttention", density=density, qk="bf16", pv="bf16", ms=flex_ms))
+            for qk, pv in precisions:
+                fn = paro_call(p, p.perm, index, count, qk, pv)
+                out = fn()
+                error = None
+                if density == 1.0 and reference is not None:
+                    error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+                ms = timer(fn)
+                rows.append(dict(shape=shape.name, kernel="paro", density=density, qk=qk, pv=pv, ms=ms, flex_ms=flex_ms,
+                                 rel_l2_vs_sdpa=error))
+                if progress:
+                    progress(f"{shape.name} d={density} {qk}/{pv}: {ms:.3f} ms")
+            qk, pv = precisions[-1]
+            ident_ms = timer(paro_call(p, p.identity, index, count, qk, pv))
+            rows.append(dict(shape=shape.name, kernel="paro, identity order", density=density, qk=qk, pv=pv, ms=ident_ms,
+                             flex_ms=flex_ms))
+        for row in rows:
+            if row["shape"] == shape.name and row["ms"]:
+                row["tflops_effective"] = flops / (row["ms"] * 1e-3) / 1e12
+                row["vs_cudnn"] = base["SDPA cuDNN"] / row["ms"] if base["SDPA cuDNN"] else None
+                row["vs_flex_same_mask"] = row["flex_ms"] / row["ms"] if row.get("flex_ms") else None
+        del p, qh, kh, vh, reference
+        torch.cuda.empty_cache()
+
+    statistics = None
+    if with_statistics:
+        statistics = time_statistics(SHAPES["cogvideox-5b"], block, timer)
+    return {"rows": rows, "skipped": skipped, "statistics": statistics,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "block": block}
+
+
+def time_statistics(shape: AttentionShape, block: int, timer) -> dict:
+    """One layer's calibration statistics: all heads, every candidate order, one timestep, batch 1."""
+    from kernels.stats import block_statistics
+
+    p = Problem(AttentionShape(shape.name, 1, shape.heads, shape.grid, shape.head_dim, shape.text_len), block, torch.device("cuda"))
+    grid = shape.grid
+    perms = torch.stack([head_permutations([o] * shape.heads, grid) for o in candidate_orders(grid)]).cuda()
+    fn = lambda: block_statistics(p.q, p.k, perms=perms, block=block, layout=p.layout, use_triton=True)  # noqa: E731
+    ms = timer(fn)
+    return {"shape": shape.label().replace(f"B{shape.batch}", "B1"), "orders": len(perms), "ms": ms}
