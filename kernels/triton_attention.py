@@ -54,9 +54,11 @@ def _rint(x):
 def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Load/store mask of a tile: its valid rows, and the real channels when the head dim was
     padded to a power of two (nothing to mask, hence nothing computed, when it was not)."""
-    if DIM == HEAD_DIM:
-        return valid[:, None]
-    return valid[:, None] & (d[None, :] < DIM)
+    if DIM == HEAD_DIM:  # broadcast only: the mask stays constant along channels, loads stay wide
+        mask = tl.broadcast_to(valid[:, None], (valid.shape[0], HEAD_DIM))
+    else:
+        mask = valid[:, None] & (d[None, :] < DIM)
+    return mask
 
 
 @triton.jit
