@@ -10,10 +10,11 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
 - The head's order is fused into memory access: rows are fetched through `perm` (a gather
   in the loads) and the output is written back through `perm` (the inverse, in the store).
   No separate permute pass exists.
-- Float modes (Q/K/V in the model's bf16/fp16) read the caller's (B, S, H, D) tensors
-  directly. 8-bit modes first run `_prep_kernel`, ONE fused pass that gathers each tile in
-  paro order, removes K's and V's means, quantises Q and K with one scale per tile and V with
-  one scale per channel, and writes contiguous paro-order buffers the attention kernel streams.
+- Q is always read from the caller's (B, S, H, D) tensor through the order, and quantised in
+  registers when QK is 8-bit (one scale per query tile). K and V are read the same way in the
+  float modes; otherwise `_prep_kernel` first makes ONE fused pass that gathers each tile in
+  paro order, removes K's and V's means, quantises K per tile and V per channel, and writes
+  tile-aligned paro-order buffers that the attention kernel streams with async copies.
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
   fp32 accumulator acc. P = exp2(s - m_i) lies in [0, 1]: FP8 e4m3 holds 448 p (a static
   scale that keeps small probabilities out of e4m3's subnormals), INT8 holds round(127 p).
@@ -65,41 +66,58 @@ def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
 def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl.constexpr, GATHER: tl.constexpr):
     """Row indices of one tile of the paro-order sequence.
 
-    Returns (rows to read in the source tensor, rows of the original sequence, valid mask).
-    Text tiles cover [0, T), visual tiles cover the head's order of [0, N); tiles of a segment
-    start at the segment's first token, so the last tile of each may be ragged.
+    Returns (rows to read in the source tensor, rows of the original sequence, valid mask,
+    whether the tile is ragged). Text tiles cover [0, T), visual tiles the head's order of
+    [0, N); tiles of a segment start at the segment's first token, so the last tile of each
+    may be ragged.
     """
     is_text = tile < n_text_tiles
-    pos = tl.where(is_text, tile, tile - n_text_tiles) * BLOCK + offs
-    valid = pos < tl.where(is_text, T, N)
+    start = tl.where(is_text, tile, tile - n_text_tiles) * BLOCK
+    length = tl.where(is_text, T, N)
+    pos = start + offs
+    valid = pos < length
     token = tl.load(perm_h + tl.where(valid & (tile >= n_text_tiles), pos, 0))  # N >= 1: index 0 exists
     original = tl.where(is_text, text_base + pos, vis_base + token)
     if GATHER:
         source = original
-    else:  # prepped buffers hold text first, then visual tokens in paro order
-        source = tl.where(is_text, pos, T + pos)
-    return source, original, valid
+    else:  # prepped buffers hold whole tiles, text tiles first: row = tile * BLOCK + offset,
+        source = tile * BLOCK + offs  # so every tile starts 16-byte aligned (cp.async-able)
+    return source, original, valid, start + BLOCK > length
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, d,
+def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
-                 QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One online-softmax step over a key tile: the body shared by text and visual key tiles."""
-    mask = _row_mask(valid, d, DIM, HEAD_DIM)
-    k = tl.load(k_ptr + rows[:, None] * stride_ks + d[None, :] * stride_kd, mask=mask, other=0.0)
+                 QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 GATHER: tl.constexpr):
+    """One online-softmax step over a key tile: the body shared by text and visual key tiles.
+
+    Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
+    varies along V^T's contiguous axis would stop the loads from being vectorised and
+    pipelined."""
+    k_ptrs = k_ptr + rows[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
+    v_ptrs = v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd
+    if GATHER:
+        mask = _row_mask(valid, d, DIM, HEAD_DIM)
+        k = tl.load(k_ptrs, mask=mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
     if QK == 1:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * score_scale
     else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(valid[None, :], s * score_scale, float("-inf"))
+        s = tl.dot(q, tl.trans(k)) * score_scale
+    if ragged:  # only the last tile of a segment has keys to exclude
+        s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + rows[:, None] * stride_vs + d[None, :] * stride_vd, mask=mask, other=0.0)
+    if GATHER:
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     if PV == 2:  # P * 448 uses e4m3's whole range: small probabilities stay normal numbers
         pv = tl.dot((p * 448.0).to(tl.float8e4nv), v) * (1.0 / 448.0)
     elif PV == 3:
@@ -114,14 +132,16 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, d,
 
 @triton.jit
 def _paro_attention_kernel(
-    Q, K, V, Out, Perm, KvIndex, KvCount, QScale, KScale, VScale, VMean,
+    Q, K, V, Out, Perm, KvIndex, KvCount, KScale, VScale, VMean,
     stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
-    QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr,
+    QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
 ):
+    """Out has Q's layout and strides. Q is always read from the caller's tensor through the
+    head's order; K and V too when GATHER, else from the prep pass's paro-order buffers."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -132,20 +152,27 @@ def _paro_attention_kernel(
     perm_h = Perm + h.to(tl.int64) * N
     text_base = (1 - text_first) * N  # original position of the first text / visual token
     vis_base = text_first * T
-    src_text = text_base if GATHER else 0
-    src_vis = vis_base if GATHER else T
 
     # int64 offsets: B*S*H*D exceeds 2**31 at real sizes.
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_ptr = K + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
-    rows, original, valid = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
-    q = tl.load(q_ptr + rows[:, None] * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
-    if UPCAST and QK == 0:
-        q = q.to(tl.float32)
-    if QK != 0:
-        q_scale = tl.load(QScale + bh.to(tl.int64) * n_tiles + tile)
+    q_source, original, valid, q_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
+    q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
+    q = tl.load(q_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    if QK == 0:
+        if UPCAST:
+            q = q.to(tl.float32)
+        else:
+            q = q.to(K.dtype.element_ty)
+    else:  # quantise the query tile here: it is loaded once per program, so this costs nothing
+        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0), MIN_AMAX_) / QK_QMAX
+        qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
+        if QK == 1:
+            q = _rint(qf).to(tl.int8)
+        else:
+            q = qf.to(tl.float8e4nv)
         score_scale = score_scale * q_scale
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -153,12 +180,12 @@ def _paro_attention_kernel(
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
 
     for t in range(0, n_text_tiles):
-        k_rows, _, k_valid = _rows(t, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
+        k_rows, k_original, k_valid, ragged = _rows(t, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
         scale = score_scale
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, d,
-                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
@@ -166,21 +193,20 @@ def _paro_attention_kernel(
     n_kv = tl.where(is_text, nb, tl.load(KvCount + h.to(tl.int64) * nb + vis_tile))
     for j in range(0, n_kv):
         kt = tl.where(is_text, j, tl.load(list_ptr + j))
-        k_rows, _, k_valid = _rows(n_text_tiles + kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
+        k_rows, k_original, k_valid, ragged = _rows(n_text_tiles + kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
         scale = score_scale
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, d,
-                                     stride_qs, stride_qd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
         v_scale = tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
         v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
         out = out * v_scale[None, :] + v_mean[None, :]
-    o_ptr = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_ptr + original[:, None].to(tl.int64) * stride_os + d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=_row_mask(valid, d, DIM, HEAD_DIM))
+    o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    tl.store(o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -189,27 +215,25 @@ def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.cons
     if FMT == 0:
         return x, 1.0
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), MIN_AMAX_) / QMAX_
-    y = x / scale
+    y = tl.minimum(tl.maximum(x / scale, -QMAX_), QMAX_)
     if FMT == 1:
-        y = tl.minimum(tl.maximum(_rint(y), -QMAX_), QMAX_)
-    else:
-        y = tl.minimum(tl.maximum(y, -QMAX_), QMAX_)
+        y = _rint(y)
     return y, scale
 
 
 @triton.jit
 def _prep_kernel(
-    Q, K, V, Perm, KMean, VMean, VScale, Qp, Kp, Vp, QScale, KScale,
-    stride_qb, stride_qs, stride_qh, stride_qd,
+    K, V, Perm, KMean, VMean, VScale, Kp, Vp, KScale,
+    stride_kb, stride_ks, stride_kh, stride_kd,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_vpb, stride_vph, stride_vps, stride_vpd,
     H, T, N, n_text_tiles, nb, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, PV_QMAX: tl.constexpr, MIN_AMAX_: tl.constexpr,
 ):
-    """One fused pass: gather a tile in paro order, remove K's and V's means, quantise Q/K per
-    tile and V per channel, write contiguous paro-order buffers (V transposed when 8-bit, as FP8/INT8 tensor
-    core products want their second operand K-major)."""
+    """One fused pass over K and V: gather a tile in paro order, remove K's and V's means,
+    quantise K per tile and V per channel, write contiguous paro-order buffers (V transposed
+    when 8-bit, as FP8/INT8 tensor-core products want their second operand K-major)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -217,35 +241,29 @@ def _prep_kernel(
     offs = tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     perm_h = Perm + h.to(tl.int64) * N
-    rows, original, valid = _rows(tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True)
-    buf_rows, _, _ = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
-    src = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd
+    source, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True)
+    buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
+    src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + original[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
     vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + buf_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
-    mask = _row_mask(valid, d, DIM, HEAD_DIM)
-    n_tiles = n_text_tiles + nb
-
-    q = tl.load(Q + src, mask=mask, other=0.0).to(tl.float32)
-    q, q_scale = _quantise_tile(q, QK, QK_QMAX, MIN_AMAX_)
-    tl.store(Qp + dst, q.to(Qp.dtype.element_ty), mask=mask)
+    mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
     k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
     if QK != 0:  # softmax ignores a shift shared by all keys; the quantiser does not
         k = tl.where(mask, k - tl.load(KMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_)
-    tl.store(Kp + dst, k.to(Kp.dtype.element_ty), mask=mask)
+    tl.store(Kp + dst, k.to(Kp.dtype.element_ty))
     if QK != 0:
-        tl.store(QScale + bh.to(tl.int64) * n_tiles + tile, q_scale)
-        tl.store(KScale + bh.to(tl.int64) * n_tiles + tile, k_scale)
+        tl.store(KScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, k_scale)
 
     v = tl.load(V + src, mask=mask, other=0.0).to(tl.float32)
     if PV != 0:
         v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :]
         v = (v - v_mean) / tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=1.0)[None, :]
-        v = tl.minimum(tl.maximum(v, -PV_QMAX), PV_QMAX)
+        v = tl.where(mask, tl.minimum(tl.maximum(v, -PV_QMAX), PV_QMAX), 0.0)
         if PV == 3:
             v = _rint(v)
-    tl.store(Vp + vdst, v.to(Vp.dtype.element_ty), mask=mask)
+    tl.store(Vp + vdst, v.to(Vp.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,22 +271,23 @@ def _prep_kernel(
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
 MAX_HEAD_DIM = 128
-BLOCKS = (16, 32, 64, 128)
+BLOCKS = (32, 64, 128)  # 8-bit tensor-core products reduce over >= 32 tokens
 
 
 def padded_head_dim(dim: int) -> int:
-    """Tiles span a power of two >= 16 channels (tl.arange and tensor-core shapes need it)."""
-    return max(16, triton.next_power_of_2(dim))
+    """Tiles span a power of two >= 32 channels: tl.arange needs a power of two, and 8-bit
+    tensor-core products reduce over at least 32."""
+    return max(32, triton.next_power_of_2(dim))
 
 
 def launch_config(block: int, head_dim: int) -> dict:
-    """Warps and pipeline depth per tile shape on sm_90 (see BENCHMARKS.md for the sweep):
-    a 64-row tile is one warpgroup's wgmma; deeper pipelines help the narrower head dim."""
-    warps = 8 if block >= 128 else 4
-    stages = 3 if head_dim <= 64 else 2
+    """Warps and pipeline depth per tile shape on sm_90 (BENCHMARKS.md has the sweep): a
+    64-row tile is one warpgroup's wgmma, a 128-row tile two."""
     if INTERPRET:
         return {"num_warps": 1, "num_stages": 1}
-    return {"num_warps": warps, "num_stages": stages}
+    if block >= 128:
+        return {"num_warps": 8, "num_stages": 2}
+    return {"num_warps": 4, "num_stages": 3}
 
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
@@ -307,11 +326,14 @@ def paro_attention_triton(
     pv: str = "bf16",
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Reordered block-sparse attention; q, k, v (B, S, H, D) bf16/fp16 as diffusers passes them.
 
     perm (H, N) int32/int64: each head's visual order. kv_index (H, nb, nb) int32 / kv_count (H, nb)
     int32: per visual query tile, the kept visual key tiles first (see layout.kept_block_lists).
+    out: an optional (B, S, H, D) tensor to write into. config: launch options overriding
+    `launch_config` (for tuning sweeps).
     """
     _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv)
     bsz, seq, heads, dim = q.shape
@@ -319,73 +341,68 @@ def paro_attention_triton(
     n = seq - t
     nb = num_blocks(n, block)
     n_text_tiles = num_blocks(t, block)
-    n_tiles = n_text_tiles + nb
     native = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
     gather = qk == native and pv == native
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
     score_scale = (dim**-0.5 if scale is None else scale) * LOG2E
-    upcast = INTERPRET
     out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}")
-    config = launch_config(block, dim)
-    grid = (n_tiles, bsz * heads)
-    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
+    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     if gather:
-        sq = q.stride()
-        qs, ks, vs = q, k, v
-        q_scale = k_scale = v_scale = v_mean = dummy
-        sqb, sqh, sqs, sqd = sq[0], sq[2], sq[1], sq[3]
-        svb, svh, svs, svd = sqb, sqh, sqs, sqd
+        ks, vs = k, v
+        k_scale = v_scale = v_mean = dummy
+        sk = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
+        sv = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
     else:
-        qs, ks, vs, q_scale, k_scale, v_scale, v_mean = prepare(q, k, v, perm, block, layout, qk, pv, n_tiles, n_text_tiles, nb)
-        sqb, sqh, sqs, sqd = qs.stride()
-        if pv_code:  # 8-bit V is stored transposed: (B, H, D, S)
-            svb, svh, svd, svs = vs.stride()
-        else:
-            svb, svh, svs, svd = vs.stride()
-    so = out.stride()
-    _paro_attention_kernel[grid](
-        qs, ks, vs, out, perm, kv_index, kv_count, q_scale, k_scale, v_scale, v_mean,
-        sqb, sqh, sqs, sqd, svb, svh, svs, svd, so[0], so[2], so[1], so[3],
+        ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb)
+        sk = ks.stride()
+        sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
+    sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
+    _paro_attention_kernel[(n_text_tiles + nb, bsz * heads)](
+        q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
+        *sq, *sk, *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, PV=pv_code, UPCAST=upcast, **config,
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, **(config or launch_config(block, dim)),
     )
     return out
 
 
-def prepare(q, k, v, perm, block, layout, qk, pv, n_tiles, n_text_tiles, nb):
-    """The fused prep pass: paro-order Q/K/V buffers in the compute formats, and their scales."""
-    bsz, seq, heads, dim = q.shape
+def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
+    """The fused prep pass: paro-order K and V in the compute formats, and their scales.
+
+    Per-channel statistics come from three reductions over the 16-bit inputs (no fp32 copies):
+    K's mean, V's mean, V's min and max; max |V - mean| = max(max - mean, mean - min).
+    """
+    bsz, seq, heads, dim = k.shape
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
-    qk_storage = STORAGE[qk] if qk in STORAGE else q.dtype
-    qp = torch.empty(bsz, heads, seq, dim, device=q.device, dtype=qk_storage)
-    kp = torch.empty_like(qp)
+    rows = (n_text_tiles + nb) * block  # whole tiles, text tiles first, channels padded
+    width = padded_head_dim(dim)
+    kp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[qk])
     if pv_code:
-        vp = torch.empty(bsz, heads, dim, seq, device=q.device, dtype=STORAGE[pv])
-        svpb, svph, svpd, svps = vp.stride()
+        vp = torch.empty(bsz, heads, width, rows, device=k.device, dtype=STORAGE[pv])
+        svp = (vp.stride(0), vp.stride(1), vp.stride(3), vp.stride(2))
     else:
-        vp = torch.empty(bsz, heads, seq, dim, device=q.device, dtype=STORAGE.get(pv, q.dtype))
-        svpb, svph, svps, svpd = vp.stride()
-    q_scale = torch.empty(bsz, heads, n_tiles, device=q.device, dtype=torch.float32)
-    k_scale = torch.empty_like(q_scale)
-    k_mean = k.float().mean(dim=1).contiguous() if is_scaled(qk) else q_scale  # (B, H, D)
+        vp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[pv])
+        svp = vp.stride()
+    k_scale = torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32)
+    k_mean = k.mean(dim=1, dtype=torch.float32) if qk_code else k_scale  # (B, H, D)
     pv_qmax = QMAX["int8" if pv == "int8" else "fp8"]
     if pv_code:
-        v_mean = v.float().mean(dim=1, keepdim=True)
-        v_scale = ((v - v_mean).abs().amax(dim=1).float().clamp_min(MIN_AMAX) / pv_qmax).contiguous()
-        v_mean = v_mean[:, 0].contiguous()
+        v_mean = v.mean(dim=1, dtype=torch.float32)
+        v_min, v_max = torch.aminmax(v, dim=1)
+        v_scale = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float()).clamp_min(MIN_AMAX) / pv_qmax
     else:
-        v_mean = v_scale = q_scale
-    sq = q.stride()
-    _prep_kernel[(n_tiles, bsz * heads)](
-        q, k, v, perm, k_mean, v_mean, v_scale, qp, kp, vp, q_scale, k_scale,
-        sq[0], sq[1], sq[2], sq[3], *qp.stride(), svpb, svph, svps, svpd,
+        v_mean = v_scale = k_scale
+    _prep_kernel[(n_text_tiles + nb, bsz * heads)](
+        k, v, perm, k_mean, v_mean, v_scale, kp, vp, k_scale,
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code, PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX,
-        **launch_config(block, dim),
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
+        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, **launch_config(block, dim),
     )
-    return qp, kp, vp, q_scale, k_scale, v_scale, v_mean
+    return kp, vp, k_scale, v_scale, v_mean

@@ -54,7 +54,7 @@ class AttentionBackend:
         if self.dtypes is not None and dtype not in self.dtypes:
             raise BackendError(f"backend {self.name!r} needs a bf16/fp16 model, this one runs in {dtype}", "set sampling.dtype: bfloat16")
         if self.block_sizes is not None and block not in self.block_sizes:
-            raise BackendError(f"backend {self.name!r} does not support block size {block}", "recalibrate with block_size 64")
+            raise BackendError(f"backend {self.name!r} does not support block size {block}", "recalibrate with block_size " + "/".join(map(str, self.block_sizes)))
         if qk not in self.qk_formats or pv not in self.pv_formats:
             raise BackendError(f"backend {self.name!r} has no QK {qk} / PV {pv} mode", "choose another precision or backend")
         if self.head_dims is not None and head_dim not in self.head_dims:
@@ -81,7 +81,7 @@ BACKENDS = {
         pv_formats=("bf16", "fp16", "fp8", "int8"),
         head_dims=tuple(range(8, 129)),
         dtypes=(torch.bfloat16, torch.float16),
-        block_sizes=(16, 32, 64, 128),
+        block_sizes=(32, 64, 128),
         note="Triton kernels: reordering fused into loads/stores, kept blocks only; int4 is simulated (no INT4 tensor cores on Hopper)",
     ),
 }

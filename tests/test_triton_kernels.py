@@ -46,7 +46,7 @@ def exact(c):
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
 def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
-    c = case((3, 5, 7), text_len, text_first, heads=2, dim=32, block=16, seed=text_len)
+    c = case((3, 5, 9), text_len, text_first, heads=2, dim=32, block=32, seed=text_len)
     out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()  # every element written over the NaN poison
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
@@ -59,7 +59,7 @@ def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
 @interpreted
 @pytest.mark.parametrize("dim", [16, 24])  # 24: channels padded to 32 and masked
 def test_interpreted_fp16_is_tight(dim):
-    c = case((2, 4, 6), 3, True, heads=2, dim=dim, block=16, dtype=torch.float16)
+    c = case((2, 4, 6), 3, True, heads=2, dim=dim, block=32, dtype=torch.float16)
     out, _, _ = run_kernel(c, "native", "native")
     assert rel_l2(out, exact(c)) <= 1e-3
     out, _, _ = run_kernel(c, "int8", "fp8")
@@ -70,17 +70,17 @@ def test_interpreted_fp16_is_tight(dim):
 def test_custom_op_and_shape_checks(device):
     import kernels.ops  # noqa: F401
 
-    c = case((2, 4, 4), 0, True, heads=2, dim=16, block=16, device=device)
+    c = case((2, 4, 8), 0, True, heads=2, dim=16, block=32, device=device)
     index, count = kept_block_lists(c["kept"])
-    out = torch.ops.paro.attention(c["q"], c["k"], c["v"], c["perm"], index, count, 16, 0, True, "int8", "fp8", 0.25)
+    out = torch.ops.paro.attention(c["q"], c["k"], c["v"], c["perm"], index, count, 32, 0, True, "int8", "fp8", 0.25)
     assert rel_l2(out, exact(c)) <= 4e-2
     with pytest.raises(ValueError, match="head dim 160"):
         q = torch.zeros(1, 32, 2, 160, dtype=torch.bfloat16, device=device)
-        paro_attention_triton(q, q, q, perm=c["perm"], kv_index=index, kv_count=count, block=16)
+        paro_attention_triton(q, q, q, perm=c["perm"], kv_index=index, kv_count=count, block=32)
     with pytest.raises(ValueError, match="bf16 or fp16"):
-        paro_attention_triton(c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=16)
+        paro_attention_triton(c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=32)
     with pytest.raises(ValueError, match="do not fit"):
-        paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=32)
+        paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=64)
 
 
 # ---------------------------------------------------------------------------------------------
