@@ -52,6 +52,18 @@ def _rint(x):
 
 
 @triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """exp2 in fp32, or (FAST) two at a time in fp16 with `ex2.approx.f16x2`: half the work for
+    the special-function unit, which bounds attention at head dim 64. Only used where P is then
+    rounded to 8 bits anyway, so fp16's 11-bit precision costs nothing."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
+        ).to(tl.float32)
+    return tl.math.exp2(x)
+
+
+@triton.jit
 def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Load/store mask of a tile: its valid rows, and the real channels when the head dim was
     padded to a power of two (nothing to mask, hence nothing computed, when it was not)."""
@@ -89,7 +101,7 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
                  QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 GATHER: tl.constexpr):
+                 GATHER: tl.constexpr, FAST_EXP: tl.constexpr):
     """One online-softmax step over a key tile: the body shared by text and visual key tiles.
 
     Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
@@ -111,7 +123,7 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragge
     if ragged:  # only the last tile of a segment has keys to exclude
         s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    p = _exp2(s - m_new[:, None], FAST_EXP)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if GATHER:
@@ -139,6 +151,7 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is always read from the caller's tensor through the
     head's order; K and V too when GATHER, else from the prep pass's paro-order buffers."""
@@ -185,7 +198,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, FAST_EXP)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
@@ -198,7 +211,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, FAST_EXP)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
@@ -207,6 +220,33 @@ def _paro_attention_kernel(
         out = out * v_scale[None, :] + v_mean[None, :]
     o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     tl.store(o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, out.to(Out.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _channel_stats_kernel(
+    K, V, Out, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, S,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
+):
+    """Partial per-channel statistics of one chunk of ROWS tokens: sum of K, sum of V, min and
+    max of V, written as Out[b*H + h, chunk, 0:4, :]. One read of K and V, no fp32 copies."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = chunk * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    mask = (rows < S)[:, None] & (d < DIM)[None, :]
+    r = rows[:, None].to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + r * stride_ks + d[None, :], mask=mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + r * stride_vs + d[None, :], mask=mask, other=0.0)
+    k = k.to(tl.float32)
+    v = v.to(tl.float32)
+    out = Out + (bh.to(tl.int64) * tl.num_programs(1) + chunk) * 4 * DIM
+    dm = d < DIM
+    tl.store(out + d, tl.sum(k, 0), mask=dm)
+    tl.store(out + DIM + d, tl.sum(v, 0), mask=dm)
+    tl.store(out + 2 * DIM + d, tl.min(tl.where(mask, v, float("inf")), 0), mask=dm)
+    tl.store(out + 3 * DIM + d, tl.max(tl.where(mask, v, float("-inf")), 0), mask=dm)
 
 
 @triton.jit
@@ -281,13 +321,14 @@ def padded_head_dim(dim: int) -> int:
 
 
 def launch_config(block: int, head_dim: int) -> dict:
-    """Warps and pipeline depth per tile shape on sm_90 (BENCHMARKS.md has the sweep): a
-    64-row tile is one warpgroup's wgmma, a 128-row tile two."""
+    """Warps and pipeline depth per tile shape, from the H100 sweep in BENCHMARKS.md: one
+    warpgroup (4 warps) wins everywhere but on 128x128 tiles with 128 channels, whose
+    accumulator and scores need two warpgroups' registers."""
     if INTERPRET:
         return {"num_warps": 1, "num_stages": 1}
-    if block >= 128:
-        return {"num_warps": 8, "num_stages": 2}
-    return {"num_warps": 4, "num_stages": 3}
+    if block >= 128 and head_dim > 64:
+        return {"num_warps": 8, "num_stages": 3}
+    return {"num_warps": 4, "num_stages": 4 if block >= 128 else 3}
 
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
@@ -366,17 +407,33 @@ def paro_attention_triton(
         *sq, *sk, *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, **(config or launch_config(block, dim)),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, FAST_EXP=pv_code != 0 and not INTERPRET,
+        **(config or launch_config(block, dim)),
     )
     return out
 
 
+def channel_statistics(k: torch.Tensor, v: torch.Tensor, rows: int = 256):
+    """(K mean, V mean, V min, V max) over tokens, each (B, H, D) float32, in one pass."""
+    bsz, seq, heads, dim = k.shape
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("k and v need contiguous channels")
+    chunks = triton.cdiv(seq, rows)
+    partial = torch.empty(bsz * heads, chunks, 4, dim, device=k.device, dtype=torch.float32)
+    _channel_stats_kernel[(bsz * heads, chunks)](
+        k, v, partial, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), heads, seq,
+        ROWS=rows, HEAD_DIM=padded_head_dim(dim), DIM=dim, **({"num_warps": 1} if INTERPRET else {"num_warps": 4}),
+    )
+    partial = partial.view(bsz, heads, chunks, 4, dim)
+    sums = partial[:, :, :, :2].sum(dim=2) / seq
+    return (sums[:, :, 0].contiguous(), sums[:, :, 1].contiguous(),
+            partial[:, :, :, 2].amin(dim=2), partial[:, :, :, 3].amax(dim=2))
+
+
 def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
     """The fused prep pass: paro-order K and V in the compute formats, and their scales.
-
-    Per-channel statistics come from three reductions over the 16-bit inputs (no fp32 copies):
-    K's mean, V's mean, V's min and max; max |V - mean| = max(max - mean, mean - min).
-    """
+    V's per-channel scale needs max |V - mean| = max(max - mean, mean - min): one statistics
+    pass gives it with the means."""
     bsz, seq, heads, dim = k.shape
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
@@ -390,14 +447,9 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
         vp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[pv])
         svp = vp.stride()
     k_scale = torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32)
-    k_mean = k.mean(dim=1, dtype=torch.float32) if qk_code else k_scale  # (B, H, D)
     pv_qmax = QMAX["int8" if pv == "int8" else "fp8"]
-    if pv_code:
-        v_mean = v.mean(dim=1, dtype=torch.float32)
-        v_min, v_max = torch.aminmax(v, dim=1)
-        v_scale = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float()).clamp_min(MIN_AMAX) / pv_qmax
-    else:
-        v_mean = v_scale = k_scale
+    k_mean, v_mean, v_min, v_max = channel_statistics(k, v)
+    v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(MIN_AMAX) / pv_qmax).contiguous()
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k, v, perm, k_mean, v_mean, v_scale, kp, vp, k_scale,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,

@@ -118,7 +118,7 @@ def kernel(
     shape: Annotated[Optional[list[str]], typer.Option(help="Preset (cogvideox-5b, wan2.1-1.3b, flux-1024) or B,H,F,Hgrid,Wgrid,D[,T]; repeatable. Default: all presets.")] = None,
     density: Annotated[Optional[list[float]], typer.Option(help="Densities to time; repeatable. Default: 1.0 0.5 0.3 0.2.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens.")] = 64,
+    block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens (128 matches FlexAttention's default tiles).")] = 128,
     statistics: Annotated[bool, typer.Option(help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
