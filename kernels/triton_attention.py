@@ -52,18 +52,6 @@ def _rint(x):
 
 
 @triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """exp2 in fp32, or (FAST) two at a time in fp16 with `ex2.approx.f16x2`: half the work for
-    the special-function unit, which bounds attention at head dim 64. Only used where P is then
-    rounded to 8 bits anyway, so fp16's 11-bit precision costs nothing."""
-    if FAST:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-        ).to(tl.float32)
-    return tl.math.exp2(x)
-
-
-@triton.jit
 def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Load/store mask of a tile: its valid rows, and the real channels when the head dim was
     padded to a power of two (nothing to mask, hence nothing computed, when it was not)."""
@@ -101,7 +89,7 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
                  QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 GATHER: tl.constexpr, FAST_EXP: tl.constexpr):
+                 GATHER: tl.constexpr):
     """One online-softmax step over a key tile: the body shared by text and visual key tiles.
 
     Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
@@ -123,7 +111,7 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragge
     if ragged:  # only the last tile of a segment has keys to exclude
         s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = _exp2(s - m_new[:, None], FAST_EXP)
+    p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if GATHER:
@@ -151,7 +139,6 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is always read from the caller's tensor through the
     head's order; K and V too when GATHER, else from the prep pass's paro-order buffers."""
@@ -198,7 +185,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, FAST_EXP)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
@@ -211,7 +198,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, FAST_EXP)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
@@ -407,8 +394,7 @@ def paro_attention_triton(
         *sq, *sk, *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, FAST_EXP=pv_code != 0 and not INTERPRET,
-        **(config or launch_config(block, dim)),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, **(config or launch_config(block, dim)),
     )
     return out
 
