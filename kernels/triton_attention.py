@@ -86,6 +86,16 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 
 
 @triton.jit
+def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base, stride_s, stride_d,
+                 BLOCK: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Load one tile of X (already offset to its batch and head) through the head's order.
+    Returns (tile, original rows, valid rows)."""
+    rows, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
+    return x, original, valid
+
+
+@triton.jit
 def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
                  QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -158,9 +168,9 @@ def _paro_attention_kernel(
     k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
-    q_source, original, valid, q_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
+    q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
     q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
-    q = tl.load(q_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=q_mask, other=0.0)
     if QK == 0:
         if UPCAST:
             q = q.to(tl.float32)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .layout import SequenceLayout, num_blocks
-from .triton_attention import INTERPRET, LOG2E, _row_mask, _rows, padded_head_dim
+from .triton_attention import INTERPRET, LOG2E, _gather_tile, padded_head_dim
 
 
 @triton.jit
@@ -33,15 +33,15 @@ def _row_lse_kernel(
     text_base = (1 - text_first) * N
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    rows, original, valid, ragged = _rows(n_text_tiles + tile, n_text_tiles, T, N, Ident, offs, text_base, vis_base, BLOCK, True)
-    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
+    q, original, valid = _gather_tile(Q + base, n_text_tiles + tile, n_text_tiles, T, N, Ident, offs, d, text_base, vis_base,
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     for t in range(0, n_text_tiles + nb):
-        k_rows, k_original, k_valid, k_ragged = _rows(t, n_text_tiles, T, N, Ident, offs, text_base, vis_base, BLOCK, True)
-        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(k_valid, d, DIM, HEAD_DIM), other=0.0)
+        k, k_original, k_valid = _gather_tile(K + base, t, n_text_tiles, T, N, Ident, offs, d, text_base, vis_base,
+                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)) * score_scale, float("-inf"))
@@ -70,15 +70,15 @@ def _block_mass_kernel(
     text_base = (1 - text_first) * N
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    rows, original, valid, ragged = _rows(n_text_tiles + tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
-    q = tl.load(Q + base + rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
+    q, original, valid = _gather_tile(Q + base, n_text_tiles + tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
     lse = tl.load(Lse + bh.to(tl.int64) * N + (original - vis_base), mask=valid, other=float("inf"))
     out = ((o.to(tl.int64) * B + b) * H + h) * nb * nb + tile * nb
     for j in range(0, nb):
-        k_rows, k_original, k_valid, k_ragged = _rows(n_text_tiles + j, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
-        k = tl.load(K + base + k_rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, mask=_row_mask(k_valid, d, DIM, HEAD_DIM), other=0.0)
+        k, k_original, k_valid = _gather_tile(K + base, n_text_tiles + j, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
+                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * score_scale
