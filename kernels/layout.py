@@ -39,6 +39,12 @@ def num_blocks(n: int, block: int) -> int:
     return math.ceil(n / block)
 
 
+def chunk_rows(max_chunk_elems: int, bsz: int, heads: int, seq: int, block: int) -> int:
+    """Query rows per chunk (whole blocks) so that one chunk of scores holds about
+    `max_chunk_elems` numbers: what bounds the plain-torch paths' memory."""
+    return max(block, (max_chunk_elems // max(1, bsz * heads * seq)) // block * block)
+
+
 def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, D) with row h's tokens taken in the order perm[h] (perm is (H, N))."""
     b, h, n, d = x.shape

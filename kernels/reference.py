@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import SequenceLayout, block_mask_rows, gather_tokens, to_paro_order
+from .layout import SequenceLayout, block_mask_rows, chunk_rows, gather_tokens, to_paro_order
 from .orders import inverse_permutation
 from .quant import fake_quantize, is_scaled, quantize_probabilities
 
@@ -80,7 +80,7 @@ def paro_attention_reference(
     values = fake_quantize(values - v_mean, pv, None)
 
     text_out = _attend(qt, keys, values, None, scale, pv) + v_mean
-    rows = max(block, (max_chunk_elems // max(1, bsz * heads * seq)) // block * block)
+    rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
     visual_out = []
     for start in range(0, n, rows):
         stop = min(n, start + rows)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import SequenceLayout, num_blocks, to_paro_order
+from .layout import SequenceLayout, chunk_rows, num_blocks, to_paro_order
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _torch_raw(q, k, perm, block, layout, scale, max_chunk_elems):
     keys = torch.cat([kt, kv], dim=2)
     mass = torch.zeros(bsz, heads, nb, nb, device=q.device)
     peak = torch.zeros(bsz, heads, nb, nb, device=q.device)
-    rows = max(block, (max_chunk_elems // max(1, bsz * heads * seq)) // block * block)
+    rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         p = torch.softmax((qv[:, :, start:stop] @ keys.transpose(-1, -2)) * scale, dim=-1)[..., layout.text_len :]

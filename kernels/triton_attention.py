@@ -307,6 +307,8 @@ def _prep_kernel(
 # Host side
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
+QK_FORMATS = ("bf16", "fp16", "int8", "fp8", "int4")
+PV_FORMATS = ("bf16", "fp16", "fp8", "int8")
 MAX_HEAD_DIM = 128
 BLOCKS = (32, 64, 128)  # 8-bit tensor-core products reduce over >= 32 tokens
 
@@ -337,7 +339,7 @@ def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
         raise ValueError(f"head dim {q.shape[-1]} unsupported (supported: 8 to {MAX_HEAD_DIM})")
     if block not in BLOCKS:
         raise ValueError(f"block {block} unsupported (supported: {BLOCKS})")
-    if qk not in ("bf16", "fp16", "int8", "int4", "fp8") or pv not in ("bf16", "fp16", "int8", "fp8"):
+    if qk not in QK_FORMATS or pv not in PV_FORMATS:
         raise ValueError(f"unsupported precision QK {qk} / PV {pv}")
     n = layout.visual_len(q.shape[1])
     nb = num_blocks(n, block)

@@ -16,10 +16,11 @@ import torch
 from kernels.layout import SequenceLayout, kept_block_lists
 from kernels.orders import head_permutations
 from kernels.quant import PV_FORMATS, QK_FORMATS
+from kernels import triton_attention
 from kernels.reference import paro_attention_reference
 
 from . import __version__
-from .errors import BackendError, PlanError
+from .errors import BackendError
 from .intercept import AttentionInterceptor, DenseFn
 from .plan import Plan
 
@@ -46,7 +47,6 @@ class AttentionBackend:
     head_dims: tuple[int, ...] | None  # None: any
     dtypes: tuple[torch.dtype, ...] | None  # model dtypes served; None: any
     block_sizes: tuple[int, ...] | None
-    note: str
 
     def check(self, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> None:
         if device.type not in self.devices:
@@ -71,18 +71,18 @@ BACKENDS = {
         head_dims=None,
         dtypes=None,
         block_sizes=None,
-        note="plain-torch reference (chunked, exact semantics, slow): the CPU path",
-    ),
+    ),  # the reference itself, chunked: exact semantics, slow; the CPU path
+    # Reordering fused into loads and stores, kept tiles only; INT4 is simulated (Hopper has no
+    # INT4 tensor cores), so it is never faster.
     "triton": AttentionBackend(
         name="triton",
         fn=_triton_attention,
         devices=("cuda",),
-        qk_formats=("bf16", "fp16", "int8", "fp8", "int4"),
-        pv_formats=("bf16", "fp16", "fp8", "int8"),
-        head_dims=tuple(range(8, 129)),
+        qk_formats=triton_attention.QK_FORMATS,
+        pv_formats=triton_attention.PV_FORMATS,
+        head_dims=tuple(range(8, triton_attention.MAX_HEAD_DIM + 1)),
         dtypes=(torch.bfloat16, torch.float16),
-        block_sizes=(32, 64, 128),
-        note="Triton kernels: reordering fused into loads/stores, kept blocks only; int4 is simulated (no INT4 tensor cores on Hopper)",
+        block_sizes=triton_attention.BLOCKS,
     ),
 }
 
@@ -139,11 +139,7 @@ class PlanAttention:
         return {name: n for name, n in (("paro", self.paro_calls), ("dense", self.dense_calls)) if n}
 
     def on_forward(self, grid: tuple[int, int, int], t: float) -> None:
-        if tuple(grid) != tuple(self.plan.grid):
-            raise PlanError(
-                f"plan is for a token grid of {'x'.join(map(str, self.plan.grid))}, the model got {'x'.join(map(str, grid))}",
-                "use the plan's geometry or calibrate for this one",
-            )
+        self.plan.check_grid(grid)
         slot = self.plan.slot_of(t)
         if slot != self.slot:
             self.slot = slot
@@ -171,7 +167,7 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     Checks the plan against the model and geometry and the backend against the device first.
     qk / pv override the plan's precision.
     """
-    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, block_size=None)
+    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, layout=loaded.adapter.sequence_layout())
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handler = PlanAttention(plan, "transformer", chosen, loaded.adapter.sequence_layout(), loaded.device, qk, pv)

@@ -25,7 +25,7 @@ from . import runner
 from .errors import ParoError
 from .intercept import AttentionInterceptor, DenseFn
 from .models.loading import LoadedModel
-from .plan import ComponentPlan, Plan, pack_bits
+from .plan import ComponentPlan, Plan, pack_bits, text_position
 from .recipe import Recipe
 
 RECALL_TOLERANCE = 0.005  # orders this close to the best recall are tied; incoherence decides
@@ -103,6 +103,11 @@ def select_blocks(mass: torch.Tensor, density: float, n: int, block: int) -> tor
     return kept
 
 
+def _same_grid(expected: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
+    if tuple(grid) != tuple(expected):
+        raise ParoError(f"token grid changed during calibration ({expected} -> {tuple(grid)})", "calibrate one geometry at a time")
+
+
 class _StepTracker:
     """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe)."""
 
@@ -113,8 +118,7 @@ class _StepTracker:
     def see(self, grid: tuple[int, int, int], t: float) -> int:
         if self.grid is None:
             self.grid = tuple(grid)
-        elif tuple(grid) != self.grid:
-            raise ParoError(f"token grid changed during calibration ({self.grid} -> {grid})", "calibrate one geometry at a time")
+        _same_grid(self.grid, grid)
         if not self.timesteps or abs(self.timesteps[-1] - t) > 1e-9:
             self.timesteps.append(t)
         return len(self.timesteps) - 1
@@ -174,8 +178,7 @@ class MassCollector:
         self.slot: int | None = None
 
     def on_forward(self, grid, t):
-        if tuple(grid) != self.grid:
-            raise ParoError(f"token grid changed during calibration ({self.grid} -> {grid})", "calibrate one geometry at a time")
+        _same_grid(self.grid, grid)
         step = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
         slot = self.slots[step]
         if self.slot is not None and slot != self.slot:
@@ -257,7 +260,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
         family=loaded.family,
         grid=grid,
         text_tokens=layout.text_len,
-        text_position="none" if layout.text_len == 0 else ("prefix" if layout.text_first else "suffix"),
+        text_position=text_position(layout),
         block_size=sp.block_size,
         density=sp.density,
         slot_policy=sp.slots,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ParoError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_output_file
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 
@@ -20,9 +20,7 @@ def check_video_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ParoError(f"cannot write {path.name}: unknown extension {path.suffix or '(none)'}", "use " + ", ".join(VIDEO_SUFFIXES))
-    if not path.parent.is_dir():
-        raise ParoError(f"output folder {path.parent} does not exist", "create it or choose another --out")
-    return path
+    return check_output_file(path)
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:

@@ -34,3 +34,8 @@ def build_recipe(recipe: str | None, **flags) -> Recipe:
         "block_size": "sparsity.block_size", "qk": "precision.qk", "pv": "precision.pv", "backend": "backend",
     }
     return load_recipe(recipe, {fields[k]: v for k, v in flags.items()})
+
+
+def prompt_and_seed(recipe: Recipe, prompt: str | None, seed: int | None) -> tuple[str, int]:
+    """The --prompt/--seed given, else the recipe's first calibration prompt and seed."""
+    return (recipe.calibration.prompts[0] if prompt is None else prompt, recipe.calibration.seeds[0] if seed is None else seed)

@@ -16,7 +16,7 @@ from rich.table import Table
 class Output:
     def __init__(self, as_json: bool = False):
         self.as_json = as_json
-        self.console = Console(stderr=as_json)
+        self.console = Console()
         self.errors = Console(stderr=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -35,7 +35,7 @@ class Output:
 
     def json(self, data: Any) -> None:
         if self.as_json:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+            sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @contextlib.contextmanager
     def progress(self) -> Iterator["StepProgress"]:

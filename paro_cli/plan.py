@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,17 @@ class Plan:
             data["components"][name]["mean_density"] = round(float(comp.achieved_density.mean()), 4)
         return data
 
+    def layer_table(self, name: str) -> tuple[list[str], list[list]]:
+        """(columns, rows) summarising one component per layer, for people."""
+        comp = self.components[name]
+        rows = []
+        for layer, orders in enumerate(comp.orders):
+            d = comp.achieved_density[:, layer]
+            rows.append([layer, "dense" if layer in self.dense_layers else "",
+                         " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
+                         f"{d.mean():.3f}", f"{d.min():.3f}", f"{d.max():.3f}"])
+        return ["layer", "", "orders (heads)", "mean density", "min", "max"], rows
+
     def save(self, path: str | Path) -> None:
         tensors = {}
         for name, c in self.components.items():
@@ -152,8 +164,8 @@ class Plan:
 
     # --- checks against a run -------------------------------------------------------------
 
-    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int] | None, block_size: int | None) -> None:
-        """Refuse a plan made for another model, geometry or block size."""
+    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int], layout) -> None:
+        """Refuse a plan made for another model, geometry or text layout."""
         if family != self.family:
             raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
         for name, fp in fingerprints.items():
@@ -164,13 +176,30 @@ class Plan:
                     f"plan was calibrated for another {name} config (fingerprint {self.components[name].config_fingerprint}, this model {fp})",
                     "calibrate a plan for this model",
                 )
-        if grid is not None and tuple(grid) != tuple(self.grid):
+        self.check_grid(grid)
+        if (layout.text_len, text_position(layout)) != (self.text_tokens, self.text_position):
+            raise PlanError(
+                f"plan has {self.text_tokens} text tokens ({self.text_position}) in self-attention, this run has {layout.text_len}",
+                "calibrate with this model's text length",
+            )
+
+    def check_grid(self, grid: tuple[int, int, int]) -> None:
+        if tuple(grid) != tuple(self.grid):
             raise PlanError(
                 f"plan is for a token grid of {'x'.join(map(str, self.grid))}, this run has {'x'.join(map(str, grid))}",
                 "use the plan's geometry or calibrate for this one",
             )
-        if block_size is not None and block_size != self.block_size:
-            raise PlanError(f"plan uses block size {self.block_size}, the recipe asks for {block_size}", "drop the override or recalibrate")
+
+
+def text_position(layout) -> str:
+    """How a plan names a sequence layout's text: none, prefix or suffix."""
+    if layout.text_len == 0:
+        return "none"
+    return "prefix" if layout.text_first else "suffix"
+
+
+def _damaged(path: Path, what: str) -> PlanError:
+    return PlanError(f"{path} is damaged: {what}", "re-run `paro calibrate`")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -185,19 +214,37 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(f"{path} is not a readable plan file ({type(exc).__name__})", "re-run `paro calibrate`") from None
     if "paro" not in meta:
         raise PlanError(f"{path} is a safetensors file but not a paro plan", "pass a file written by `paro calibrate`")
-    header = json.loads(meta["paro"])
-    if header.get("format_version") != FORMAT_VERSION:
-        raise PlanError(
-            f"{path} has plan format {header.get('format_version')}, this paro reads {FORMAT_VERSION}", "recalibrate with this version"
-        )
-    grid = tuple(header["grid"])
-    nb = num_blocks(math.prod(grid), header["block_size"])
-    components = {}
     try:
+        header = json.loads(meta["paro"])
+        version = header.get("format_version")
+    except (json.JSONDecodeError, AttributeError):
+        raise _damaged(path, "its header is not JSON") from None
+    if version != FORMAT_VERSION:
+        raise PlanError(f"{path} has plan format {version}, this paro reads {FORMAT_VERSION}", "recalibrate with this version")
+    try:
+        grid = tuple(int(x) for x in header["grid"])
+        nb = num_blocks(math.prod(grid), int(header["block_size"]))
+        slots = len(header["slot_bounds"]) + 1
+        candidates = len(candidate_orders(grid))
+        components = {}
         for name, info in header["components"].items():
+            orders = info["orders"]
+            layers, heads = len(orders), len(orders[0])
+            expected = {
+                f"{name}.masks": (slots, layers, heads, math.ceil(nb * nb / 8)),
+                f"{name}.target_density": (slots, layers, heads),
+                f"{name}.achieved_density": (slots, layers, heads),
+                f"{name}.recall": (layers, heads, candidates),
+                f"{name}.incoherence": (layers, heads, candidates),
+            }
+            for key, shape in expected.items():
+                if key not in tensors:
+                    raise _damaged(path, f"tensor {key} is missing")
+                if tuple(tensors[key].shape) != shape:
+                    raise _damaged(path, f"tensor {key} has shape {tuple(tensors[key].shape)}, its header implies {shape}")
             components[name] = ComponentPlan(
                 config_fingerprint=info["config_fingerprint"],
-                orders=info["orders"],
+                orders=orders,
                 packed_masks=tensors[f"{name}.masks"],
                 num_blocks=nb,
                 target_density=tensors[f"{name}.target_density"],
@@ -205,7 +252,9 @@ def load_plan(path: str | Path) -> Plan:
                 recall=tensors[f"{name}.recall"],
                 incoherence=tensors[f"{name}.incoherence"],
             )
-    except KeyError as exc:
-        raise PlanError(f"{path} lacks {exc.args[0]!r}: the file is damaged", "re-run `paro calibrate`") from None
-    fields = {k: v for k, v in header.items() if k not in ("components", "candidate_orders", "grid")}
-    return Plan(grid=grid, components=components, **fields)
+        fields = {k: v for k, v in header.items() if k not in ("components", "candidate_orders", "grid")}
+        return Plan(grid=grid, components=components, **fields)
+    except PlanError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise _damaged(path, f"its header is incomplete ({type(exc).__name__}: {exc})") from None

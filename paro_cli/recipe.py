@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kernels.quant import PV_FORMATS, QK_FORMATS
+from kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
 
 from .errors import RecipeError
 
@@ -83,7 +83,7 @@ class Recipe:
 
     @property
     def quantised(self) -> bool:
-        return self.precision.qk not in ("fp32", "bf16", "fp16") or self.precision.pv not in ("fp32", "bf16", "fp16")
+        return is_scaled(self.precision.qk) or is_scaled(self.precision.pv)
 
 
 # Value rules beyond the type: (check, what is allowed).
@@ -181,13 +181,19 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise RecipeError(f"recipe {path} is not valid YAML: {first}", "fix the file's syntax") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of fields, got {type(raw).__name__}", "see `paro recipes tiny`")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise RecipeError(f"recipe {path}: {key} must be a mapping, got {node!r}", "see `paro recipes tiny`")
         node[leaf] = value
     try:
         recipe = _build(Recipe, raw, "")

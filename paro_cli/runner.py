@@ -101,9 +101,13 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
     return pixels_to_video(x) if decode else x
 
 
+def decodable(loaded: LoadedModel) -> bool:
+    """A pipeline decodes with its VAE; a bare transformer only when it works in RGB pixels."""
+    return loaded.pipeline is not None or loaded.transformer.config.in_channels == 3
+
+
 def check_decodable(loaded: LoadedModel) -> None:
-    """A bare transformer's output is a video only when it works in RGB pixel space."""
-    if loaded.pipeline is None and loaded.transformer.config.in_channels != 3:
+    if not decodable(loaded):
         raise ModelError(
             f"{loaded.model_id} is a bare transformer with {loaded.transformer.config.in_channels} latent channels and no VAE",
             "generate with a full diffusers pipeline folder or hub id",

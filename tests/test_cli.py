@@ -1,6 +1,7 @@
 """The `paro` command end to end, in-process: outputs, JSON, exit codes, nothing half-written."""
 
 import json
+import os
 
 import imageio.v3 as iio
 import pytest
@@ -150,3 +151,48 @@ def test_help_for_every_command(capsys):
                  ["recipes", "--help"]):
         code, stdout, _ = paro(capsys, *args)
         assert code == 0 and "Usage" in stdout
+
+
+def test_dense_layers_dense_steps_single_slot(capsys, tmp_path):
+    """Recipe options that route calls to stock attention reach the plan and the generation."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sparsity: {density: 0.3, slots: single, dense_first_steps: 1, dense_layers: [1]}\n"
+                      "calibration: {order_steps: 2}\nsampling: {steps: 3}\n")
+    plan = tmp_path / "p.safetensors"
+    code, stdout, err = paro(capsys, "calibrate", "--recipe", recipe, "--out", plan, "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["slot_bounds"] == [] and data["dense_layers"] == [1] and data["dense_above_t"] < 1.0
+    layers = data["components"]["transformer"]["per_layer"]
+    assert layers[1]["dense"] and all(d == 1.0 for h in layers[1]["heads"] for d in h["density"])
+    assert all(abs(d - 0.3) < 0.05 for h in layers[0]["heads"] for d in h["density"])
+    code, stdout, err = paro(capsys, "generate", "--recipe", recipe, "--plan", plan, "--out", tmp_path / "v.gif", "--json")
+    assert code == 0, err
+    # step 1: both layers dense; steps 2-3: layer 1 dense, layer 0 through the plan
+    assert json.loads(stdout)["attention_calls"] == {"paro": 2, "dense": 4}
+
+
+@pytest.mark.parametrize("text", ["geometry: 5\n", "- a list\n"])
+def test_overrides_into_malformed_recipes_exit_2(capsys, tmp_path, text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    code, _, err = paro(capsys, "calibrate", "--recipe", recipe, "--frames", "4", "--out", tmp_path / "p.safetensors")
+    assert code == 2 and "must be a mapping" in err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_output_that_is_a_folder_exits_2_before_work(capsys, tmp_path):
+    (tmp_path / "v.mp4").mkdir()
+    code, _, err = paro(capsys, "generate", "--out", tmp_path / "v.mp4")
+    assert code == 2 and "is a folder" in err
+    (tmp_path / "p.safetensors").mkdir()
+    code, _, err = paro(capsys, "calibrate", "--out", tmp_path / "p.safetensors")
+    assert code == 2 and "is a folder" in err
+
+
+def test_outputs_honour_the_umask(capsys, tmp_path, plan_file):
+    code, _, _ = paro(capsys, "generate", "--plan", plan_file, *FAST, "--out", tmp_path / "v.gif")
+    assert code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "v.gif").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -183,3 +183,40 @@ def test_our_kernels_package_does_not_confuse_diffusers():
             _check_kernels_package()
     finally:
         sys.modules["kernels"] = saved
+
+
+def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
+    """Sparse random masks, different per slot and layer: every call must equal the reference
+    computed with that layer's orders and that timestep slot's mask."""
+    from kernels.reference import paro_attention_reference
+
+    model = tiny_wan()
+    grid = (3, 4, 5)
+    plan = full_plan(model, grid, [["HWF", "WFH"], ["FWH", "WHF"]])
+    nb = plan.num_blocks
+    g = torch.Generator().manual_seed(5)
+    kept = (torch.rand(2, 2, 2, nb, nb, generator=g) < 0.5) | torch.eye(nb, dtype=torch.bool)
+    plan.components["transformer"].packed_masks = pack_bits(kept)
+    backend = select_backend("torch", torch.device("cpu"), torch.float32, 12, 16, "fp32", "fp32")
+
+    class Recording(PlanAttention):
+        def attention(self, layer, q, k, v, dense):
+            out = super().attention(layer, q, k, v, dense)
+            self.seen.append((self.slot, layer, q, k, v, out))
+            return out
+
+    handler = Recording(plan, "transformer", backend, model_adapter(model).sequence_layout(), torch.device("cpu"), "fp32", "fp32")
+    handler.seen = []
+    x = torch.randn(2, 4, 3, 8, 10)
+    with AttentionInterceptor(model, model_adapter(model), handler), torch.no_grad():
+        for t in (900.0, 100.0):  # slot 0 (t > 0.5), slot 1
+            model(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=torch.zeros(2, 5, 16), return_dict=False)
+    assert [(slot, layer) for slot, layer, *_ in handler.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    orders = plan.components["transformer"].orders
+    from kernels.orders import head_permutations
+
+    for slot, layer, q, k, v, out in handler.seen:
+        expect = paro_attention_reference(q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[slot, layer], block=16)
+        assert rel_l2(out, expect) <= 1e-5
+        other = paro_attention_reference(q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[1 - slot, 1 - layer], block=16)
+        assert rel_l2(out, other) > 1e-3  # the masks differ enough for a wiring mistake to show

@@ -51,17 +51,57 @@ def test_header_is_self_describing(demo_calibration, tmp_path):
 
 
 def test_refuses_mismatched_runs(demo_calibration):
+    from kernels.layout import SequenceLayout
+
     _, plan = demo_calibration
     fp = plan.components["transformer"].config_fingerprint
-    plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=plan.grid, block_size=64)
+    video = SequenceLayout(0)
+    plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=plan.grid, layout=video)
     with pytest.raises(PlanError, match="flux model"):
-        plan.check_run(family="flux", fingerprints={"transformer": fp}, grid=None, block_size=None)
+        plan.check_run(family="flux", fingerprints={"transformer": fp}, grid=plan.grid, layout=video)
     with pytest.raises(PlanError, match="another transformer config"):
-        plan.check_run(family="wan", fingerprints={"transformer": "0" * 16}, grid=None, block_size=None)
+        plan.check_run(family="wan", fingerprints={"transformer": "0" * 16}, grid=plan.grid, layout=video)
     with pytest.raises(PlanError, match="token grid of 8x16x16, this run has 4x16x16"):
-        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=(4, 16, 16), block_size=None)
-    with pytest.raises(PlanError, match="block size 64"):
-        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=None, block_size=128)
+        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=(4, 16, 16), layout=video)
+    with pytest.raises(PlanError, match="0 text tokens"):
+        plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=plan.grid, layout=SequenceLayout(226, True))
+
+
+def _resave(plan_path, out, header=None, drop=None, reshape=None):
+    """A copy of a plan file with its header or one tensor changed."""
+    from safetensors import safe_open
+
+    with safe_open(str(plan_path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header is not None:
+        meta = {"paro": header(json.loads(meta["paro"])) if callable(header) else header}
+        if not isinstance(meta["paro"], str):
+            meta["paro"] = json.dumps(meta["paro"])
+    if drop:
+        tensors.pop(drop)
+    if reshape:
+        tensors[reshape] = tensors[reshape][:1].contiguous()
+    save_file(tensors, str(out), metadata=meta)
+
+
+def test_damaged_plans_are_refused_cleanly(demo_calibration, tmp_path):
+    _, plan = demo_calibration
+    good = tmp_path / "good.safetensors"
+    plan.save(good)
+    cases = {
+        "not json": dict(header="{not json"),
+        "no grid": dict(header=lambda h: {k: v for k, v in h.items() if k != "grid"}),
+        "no density": dict(header=lambda h: {k: v for k, v in h.items() if k != "density"}),
+        "missing tensor": dict(drop="transformer.recall"),
+        "short masks": dict(reshape="transformer.masks"),
+        "other block size": dict(header=lambda h: {**h, "block_size": 32}),
+    }
+    for name, change in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        _resave(good, bad, **change)
+        with pytest.raises(PlanError, match="is damaged"):
+            load_plan(bad)
 
 
 def test_bad_files(tmp_path):

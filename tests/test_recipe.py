@@ -40,6 +40,12 @@ def test_bad_recipes_name_the_field(tmp_path, text, message):
         load_recipe(str(path))
 
 
+def test_override_fills_an_empty_section(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("geometry:\n")
+    assert load_recipe(str(path), {"geometry.frames": 4}).geometry.frames == 4
+
+
 def test_bad_override_and_missing_recipe(tmp_path):
     with pytest.raises(RecipeError, match="sparsity.density is 0.0"):
         load_recipe("tiny", {"sparsity.density": 0.0})

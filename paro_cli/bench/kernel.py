@@ -55,10 +55,10 @@ def parse_shape(spec: str) -> AttentionShape:
     try:
         values = [int(x) for x in spec.split(",")]
         b, h, f, gh, gw, d, *rest = values
-        if rest[1:] or min(values) < 0:
+        if rest[1:] or min(values[:6]) < 1 or (rest and rest[0] < 0) or not 8 <= d <= 128:
             raise ValueError
     except ValueError:
-        raise ParoError(f"bad --shape {spec!r}", "use a preset (" + ", ".join(SHAPES) + ") or B,H,F,Hgrid,Wgrid,D[,T]") from None
+        raise ParoError(f"bad --shape {spec!r}", "use a preset (" + ", ".join(SHAPES) + ") or B,H,F,Hgrid,Wgrid,D[,T], sizes >= 1, D in 8..128") from None
     return AttentionShape(spec, b, h, (f, gh, gw), d, rest[0] if rest else 0)
 
 
@@ -101,8 +101,11 @@ class Problem:
 
 
 def flex_block_mask(problem: Problem, kept: torch.Tensor):
-    """The same kept tiles as a FlexAttention BlockMask over the paro-order sequence (text tiles
-    dense), built from kv-block lists: no N x N mask ever exists."""
+    """The kept tiles as a FlexAttention BlockMask over the sequence (text tiles dense), built
+    from kv-block lists: no N x N mask ever exists. Flex tiles the whole sequence from token 0,
+    paro tiles the visual part from its first token, so when the text length is not a multiple
+    of the block the two grids are offset and Flex's last visual tile row/column (a partial
+    one) follows the text rule: the same work per row to within one tile, not the same tiles."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b = problem.block

@@ -10,14 +10,14 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from ..backend import use_plan
+from ..backend import BACKENDS, use_plan
 from ..errors import ParoError
 from ..models.loading import load_model
 from ..options import (BackendOpt, FramesOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt, RecipeOpt,
-                       SeedOpt, StepsOpt, WidthOpt, build_recipe)
+                       SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
-from ..runner import sample, token_grid
+from ..runner import decodable, sample, token_grid
 
 app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed and output difference.", no_args_is_help=True)
 
@@ -35,15 +35,19 @@ def _timed_sample(loaded, recipe, prompt, seed, label, bar):
     bar.start(label, recipe.sampling.steps)
     sync()
     start = time.perf_counter()
-    decode = loaded.pipeline is not None or loaded.transformer.config.in_channels == 3
-    out = sample(loaded, recipe, [prompt], [seed], on_step=on_step, decode=decode)
+    out = sample(loaded, recipe, [prompt], [seed], on_step=on_step, decode=decodable(loaded))
     steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
     return out, steps
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR in dB of 8-bit videos; None when they are identical (infinite)."""
     mse = (a.double() - b.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 @app.command("e2e")
@@ -72,8 +76,7 @@ def e2e(
     ui = Output(as_json)
     loaded = load_model(r.model, r.sampling.dtype)
     grid = token_grid(loaded, r)
-    text = prompt if prompt is not None else r.calibration.prompts[0]
-    seed_ = seed if seed is not None else r.calibration.seeds[0]
+    text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
         dense_out, dense_steps = _timed_sample(loaded, r, text, seed_, "dense", bar)
         with use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) as handler:
@@ -98,7 +101,7 @@ def e2e(
         "paro_ms_per_step": round(paro_ms, 3),
         "speedup": round(dense_ms / paro_ms, 4),
         "output_rel_l2": round(rel_l2, 6),
-        "psnr_db": round(psnr(paro_out, dense_out), 3) if dense_out.dtype == torch.uint8 else None,
+        "psnr_db": _round(psnr(paro_out, dense_out)) if dense_out.dtype == torch.uint8 else None,
         "attention_calls": dict(handler.calls),
     }
     ui.table(
@@ -107,7 +110,8 @@ def e2e(
         [
             ["dense (stock)", f"{dense_ms:.1f}", "1.00x", "-", "-"],
             [f"paro {handler.backend.name} d={loaded_plan.density} {handler.qk}/{handler.pv}", f"{paro_ms:.1f}",
-             f"{result['speedup']:.2f}x", result["psnr_db"] if result["psnr_db"] is not None else "n/a", f"{rel_l2:.4f}"],
+             f"{result['speedup']:.2f}x", result["psnr_db"] if result["psnr_db"] is not None else "identical" if rel_l2 == 0 else "n/a",
+             f"{rel_l2:.4f}"],
         ],
     )
     ui.json(result)
@@ -119,7 +123,7 @@ def kernel(
     density: Annotated[Optional[list[float]], typer.Option(help="Densities to time; repeatable. Default: 1.0 0.5 0.3 0.2.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens (128 matches FlexAttention's default tiles).")] = 128,
-    statistics: Annotated[bool, typer.Option(help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
+    with_statistics: Annotated[bool, typer.Option("--statistics/--no-statistics", help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Time paro's attention kernel per density and precision against SDPA flash, SDPA cuDNN and
@@ -130,16 +134,20 @@ def kernel(
         raise ParoError("bench kernel needs a CUDA GPU", "run it on the GPU machine")
     shapes = [kb.parse_shape(s) for s in (shape or list(kb.SHAPES))]
     pairs = []
+    triton = BACKENDS["triton"]
     for spec in precision or ["bf16/bf16", "int8/fp8"]:
         qk, _, pv = spec.partition("/")
-        if qk not in ("bf16", "fp16", "int8", "fp8", "int4") or pv not in ("bf16", "fp16", "fp8", "int8"):
-            raise ParoError(f"bad --precision {spec!r}", "use QK/PV, QK in bf16|fp16|int8|fp8|int4, PV in bf16|fp16|fp8|int8")
+        if qk not in triton.qk_formats or pv not in triton.pv_formats:
+            raise ParoError(f"bad --precision {spec!r}",
+                            f"use QK/PV, QK in {'|'.join(triton.qk_formats)}, PV in {'|'.join(triton.pv_formats)}")
         pairs.append((qk, pv))
+    if block_size not in triton.block_sizes:
+        raise ParoError(f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes)))
     densities = density or [1.0, 0.5, 0.3, 0.2]
     if any(not 0 < d <= 1 for d in densities):
         raise ParoError(f"densities must lie in (0, 1], got {densities}", "e.g. --density 0.2")
     ui = Output(as_json)
-    result = kb.run(shapes, densities, pairs, block_size, statistics, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    result = kb.run(shapes, densities, pairs, block_size, with_statistics, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
 
     def fmt(x, spec):
         return "skipped" if x is None else format(x, spec)
@@ -151,7 +159,7 @@ def kernel(
             ["kernel", "density", "QK/PV", "ms", "eff. TFLOPs", "vs cuDNN", "vs Flex same mask"],
             [[r["kernel"], r["density"], f"{r['qk']}/{r['pv']}", fmt(r["ms"], ".3f"), fmt(r.get("tflops_effective"), ".0f"),
               fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else ""),
-              fmt(r.get("vs_flex_same_mask"), ".2f") + ("x" if r.get("vs_flex_same_mask") else "") if r["kernel"] != "SDPA flash" and r["kernel"] != "SDPA cuDNN" else "-"]
+              fmt(r.get("vs_flex_same_mask"), ".2f") + "x" if r.get("vs_flex_same_mask") else "-"]
              for r in rows],
         )
     if result["statistics"]:

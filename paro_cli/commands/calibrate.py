@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 
 from ..calibration import CalibrationProgress, calibrate
 from ..errors import ParoError
+from ..fileio import check_output_file
 from ..models.loading import load_model
 from ..options import (BlockOpt, DensityOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
                        RecipeOpt, StepsOpt, WidthOpt, build_recipe)
@@ -38,8 +38,7 @@ def command(
                      density=density, block_size=block_size, qk=qk, pv=pv)
     if out.suffix != ".safetensors":
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
-    if not out.parent.is_dir():
-        raise ParoError(f"output folder {out.parent} does not exist", "create it or choose another --out")
+    check_output_file(out)
     ui = Output(as_json)
     loaded = load_model(r.model, r.sampling.dtype)
     start = time.perf_counter()
@@ -48,14 +47,8 @@ def command(
     seconds = time.perf_counter() - start
     plan.save(out)
 
-    comp = plan.components["transformer"]
-    rows = []
-    for layer, orders in enumerate(comp.orders):
-        counts = Counter(orders)
-        density_ = comp.achieved_density[:, layer]
-        rows.append([layer, " ".join(f"{o}x{n}" for o, n in counts.most_common()), f"{density_.mean():.3f}",
-                     f"{density_.min():.3f}-{density_.max():.3f}"])
-    ui.table(f"plan for {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} slots",
-             ["layer", "orders", "mean density", "head range"], rows)
+    for name in plan.components:
+        ui.table(f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots",
+                 *plan.layer_table(name))
     ui.print(f"wrote [bold]{out}[/] in {seconds:.1f} s")
     ui.json({"path": str(out), "seconds": round(seconds, 3), **plan.summary()})

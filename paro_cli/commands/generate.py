@@ -13,7 +13,7 @@ from ..backend import use_plan
 from ..media import check_video_path, write_video
 from ..models.loading import load_model
 from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
-                       QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe)
+                       QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
 from ..runner import check_decodable, sample, token_grid
@@ -45,8 +45,7 @@ def command(
     loaded = load_model(r.model, r.sampling.dtype)
     check_decodable(loaded)
     grid = token_grid(loaded, r)
-    text = prompt if prompt is not None else r.calibration.prompts[0]
-    seed_ = seed if seed is not None else r.calibration.seeds[0]
+    text, seed_ = prompt_and_seed(r, prompt, seed)
     attention = use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) if loaded_plan else contextlib.nullcontext()
     start = time.perf_counter()
     with attention as handler, ui.progress() as bar:

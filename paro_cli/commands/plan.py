@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -24,11 +23,6 @@ def show(path: Annotated[Path, typer.Argument(help="Plan file.")], as_json: Json
     meta = [[k, v] for k, v in header.items() if k not in ("components", "calibration_timesteps", "candidate_orders")]
     ui.table(f"plan {path}", ["field", "value"], meta)
     for name, comp in plan.components.items():
-        rows = []
-        for layer, orders in enumerate(comp.orders):
-            d = comp.achieved_density[:, layer]
-            rows.append([layer, "dense" if layer in plan.dense_layers else "", " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
-                         f"{d.mean():.3f}", f"{d.min():.3f}", f"{d.max():.3f}"])
         ui.table(f"{name}: {comp.num_layers} layers x {comp.num_heads} heads, {plan.num_slots} timestep slots",
-                 ["layer", "", "orders", "mean density", "min", "max"], rows)
+                 *plan.layer_table(name))
     ui.json(plan.summary())

@@ -140,6 +140,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
     adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
     cast_transformer(transformer, device, dtype)
     encoder = None if pipeline is not None else HashPromptEncoder(transformer.config.text_dim)
     return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder)

@@ -11,6 +11,8 @@ import torch
 
 from kernels.layout import SequenceLayout
 
+from ..errors import RecipeError
+
 
 class WanAdapter:
     family = "wan"
@@ -51,10 +53,16 @@ class WanAdapter:
         return SequenceLayout(text_len=0)
 
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
-        """Latent (B, C, F, H, W) a Wan pipeline samples for a pixel geometry."""
+        """Latent (B, C, F, H, W) a Wan pipeline samples for a pixel geometry, with its rules:
+        height and width multiples of 16 (else it refuses), frames rounded down to 4k + 1."""
         t, s = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
+        for name in ("height", "width"):
+            size = getattr(geometry, name)
+            if size % 16:
+                raise RecipeError(f"geometry.{name} = {size}: Wan pipelines need multiples of 16", f"use {size // 16 * 16 or 16}")
+        frames = geometry.frames if geometry.frames % t == 1 else geometry.frames // t * t + 1
         channels = pipeline.transformer.config.in_channels
-        return (1, channels, (geometry.frames - 1) // t + 1, geometry.height // s, geometry.width // s)
+        return (1, channels, (frames - 1) // t + 1, geometry.height // s, geometry.width // s)
 
     def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """What the input's (F, H, W) must be multiples of."""
