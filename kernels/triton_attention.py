@@ -18,11 +18,13 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
   fp32 accumulator acc. P = exp2(s - m_i) lies in [0, 1]: FP8 e4m3 holds 448 p (a static
   scale that keeps small probabilities out of e4m3's subnormals), INT8 holds round(127 p).
-  l_i sums P before rounding, as the reference does.
+  l_i sums P before rounding, as the reference does; the static scale rides in both acc and
+  l_i and cancels.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -99,7 +101,7 @@ def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_ba
 def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
                  stride_ks, stride_kd, stride_vs, stride_vd,
                  QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 GATHER: tl.constexpr):
+                 GATHER: tl.constexpr, P_SHIFT: tl.constexpr):
     """One online-softmax step over a key tile: the body shared by text and visual key tiles.
 
     Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
@@ -114,24 +116,27 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragge
         k = tl.load(k_ptrs)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
+    # Scores stay unscaled; the scale is folded into exp2's argument (one FMA per score), as is
+    # the static scale of 8-bit P (log2 448 or log2 127 added to the exponent): P and l_i then
+    # carry the same factor, which cancels in acc / l_i.
     if QK == 1:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * score_scale
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     else:
-        s = tl.dot(q, tl.trans(k)) * score_scale
+        s = tl.dot(q, tl.trans(k))
     if ragged:  # only the last tile of a segment has keys to exclude
         s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)
+    p = tl.math.exp2(s * score_scale - (m_new - P_SHIFT)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if GATHER:
         v = tl.load(v_ptrs, mask=mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    if PV == 2:  # P * 448 uses e4m3's whole range: small probabilities stay normal numbers
-        pv = tl.dot((p * 448.0).to(tl.float8e4nv), v) * (1.0 / 448.0)
+    if PV == 2:  # 448 p uses e4m3's whole range: small probabilities stay normal numbers
+        pv = tl.dot(p.to(tl.float8e4nv), v)
     elif PV == 3:
-        pv = tl.dot(_rint(p * 127.0).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32) * (1.0 / 127.0)
+        pv = tl.dot(_rint(p).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
     elif UPCAST:  # round P to V's 16-bit type as the GPU path does, then multiply in fp32
         pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
     else:
@@ -149,6 +154,7 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
+    P_SHIFT: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is always read from the caller's tensor through the
     head's order; K and V too when GATHER, else from the prep pass's paro-order buffers."""
@@ -195,7 +201,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
@@ -208,7 +214,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER)
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
@@ -308,6 +314,7 @@ def _prep_kernel(
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
 QK_FORMATS = ("bf16", "fp16", "int8", "fp8", "int4")
+P_SCALE = {"fp8": QMAX["fp8"], "int8": QMAX["int8"]}  # static scale of 8-bit P (P <= 1)
 PV_FORMATS = ("bf16", "fp16", "fp8", "int8")
 MAX_HEAD_DIM = 128
 BLOCKS = (32, 64, 128)  # 8-bit tensor-core products reduce over >= 32 tokens
@@ -406,7 +413,8 @@ def paro_attention_triton(
         *sq, *sk, *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, **(config or launch_config(block, dim)),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=math.log2(P_SCALE.get(pv, 1.0)),
+        **(config or launch_config(block, dim)),
     )
     return out
 
