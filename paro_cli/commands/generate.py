@@ -36,7 +36,10 @@ def command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")] = Path("video.mp4"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate a video with the plan's reordered, block-sparse attention (dense without --plan)."""
+    """Generate a video with the plan's reordered, block-sparse attention (dense without --plan).
+
+    The plan fixes orders, masks, density and precision (--qk/--pv override the precision); the
+    recipe gives model, geometry, sampling and backend."""
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance,
                      qk=qk, pv=pv, backend=backend)
     check_video_path(out)
