@@ -133,15 +133,15 @@ def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragge
         v = tl.load(v_ptrs, mask=mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    if PV == 2:  # 448 p uses e4m3's whole range: small probabilities stay normal numbers
-        pv = tl.dot(p.to(tl.float8e4nv), v)
-    elif PV == 3:
-        pv = tl.dot(_rint(p).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
+    acc = acc * alpha[:, None]
+    if PV == 2:  # 448 p uses e4m3's whole range; the product accumulates into acc (fp32)
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+    elif PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
+        acc += tl.dot(_rint(p).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
     elif UPCAST:  # round P to V's 16-bit type as the GPU path does, then multiply in fp32
-        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
