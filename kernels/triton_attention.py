@@ -89,11 +89,14 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 
 @triton.jit
 def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base, stride_s, stride_d,
-                 BLOCK: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Load one tile of X (already offset to its batch and head) through the head's order.
-    Returns (tile, original rows, valid rows)."""
+                 BLOCK: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Load one tile of X (already offset to its batch and head) through the head's order, in
+    fp32 when UPCAST (the CPU interpreter's 16-bit dots are wrong). Returns (tile, original
+    rows, valid rows)."""
     rows, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
     return x, original, valid
 
 
@@ -175,7 +178,7 @@ def _paro_attention_kernel(
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
     q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
-                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
     q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
     if QK == 0:
         if UPCAST:

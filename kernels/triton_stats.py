@@ -34,16 +34,12 @@ def _row_lse_kernel(
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q, original, valid = _gather_tile(Q + base, n_text_tiles + tile, n_text_tiles, T, N, Ident, offs, d, text_base, vis_base,
-                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
-    if UPCAST:
-        q = q.to(tl.float32)
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     for t in range(0, n_text_tiles + nb):
         k, k_original, k_valid = _gather_tile(K + base, t, n_text_tiles, T, N, Ident, offs, d, text_base, vis_base,
-                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
-        if UPCAST:
-            k = k.to(tl.float32)
+                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, UPCAST)
         s = tl.where(k_valid[None, :], tl.dot(q, tl.trans(k)) * score_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -71,16 +67,12 @@ def _block_mass_kernel(
     vis_base = text_first * T
     base = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q, original, valid = _gather_tile(Q + base, n_text_tiles + tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
-                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
-    if UPCAST:
-        q = q.to(tl.float32)
+                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, UPCAST)
     lse = tl.load(Lse + bh.to(tl.int64) * N + (original - vis_base), mask=valid, other=float("inf"))
     out = ((o.to(tl.int64) * B + b) * H + h) * nb * nb + tile * nb
     for j in range(0, nb):
         k, k_original, k_valid = _gather_tile(K + base, n_text_tiles + j, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
-                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM)
-        if UPCAST:
-            k = k.to(tl.float32)
+                                              stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, UPCAST)
         s = tl.dot(q, tl.trans(k)) * score_scale
         p = tl.where(valid[:, None] & k_valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         tl.store(Mass + out + j, tl.sum(tl.sum(p, 1), 0))
