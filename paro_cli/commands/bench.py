@@ -2,52 +2,22 @@
 
 from __future__ import annotations
 
-import math
-import statistics
-import time
 from typing import Annotated, Optional
 
 import torch
 import typer
 
-from ..backend import BACKENDS, use_plan
+from ..backend import BACKENDS
+from ..bench import e2e as e2e_bench
 from ..errors import ParoError
 from ..models.loading import load_model
 from ..options import (BackendOpt, FramesOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt, RecipeOpt,
                        SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
-from ..runner import decodable, sample, token_grid
+from ..runner import token_grid
 
 app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed and output difference.", no_args_is_help=True)
-
-
-def _timed_sample(loaded, recipe, prompt, seed, label, bar):
-    """Run sampling, returning (output, per-step seconds); CUDA work is synchronised per step."""
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
-    marks = []
-
-    def on_step(i):
-        sync()
-        marks.append(time.perf_counter())
-        bar.step(i)
-
-    bar.start(label, recipe.sampling.steps)
-    sync()
-    start = time.perf_counter()
-    out = sample(loaded, recipe, [prompt], [seed], on_step=on_step, decode=decodable(loaded))
-    steps = [b - a for a, b in zip([start] + marks[:-1], marks)]
-    return out, steps
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR in dB of 8-bit videos; None when they are identical (infinite)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 @app.command("e2e")
@@ -66,9 +36,8 @@ def e2e(
     backend: BackendOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Time a full sampling run with dense attention and with the plan, on this device; report the
-    per-step latency (median, first step excluded as warm-up when there are several), the speed-up
-    and how far the plan's output is from dense."""
+    """Time a full sampling run with dense attention and with the plan, on this device: per-step
+    latency (median, first step excluded as warm-up), speed-up, and the output's distance from dense."""
     if plan is None:
         raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`")
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
@@ -78,40 +47,15 @@ def e2e(
     grid = token_grid(loaded, r)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
-        dense_out, dense_steps = _timed_sample(loaded, r, text, seed_, "dense", bar)
-        with use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) as handler:
-            paro_out, paro_steps = _timed_sample(loaded, r, text, seed_, "paro", bar)
-
-    def median_ms(times):
-        return 1000 * statistics.median(times[1:] if len(times) > 1 else times)
-
-    dense_ms, paro_ms = median_ms(dense_steps), median_ms(paro_steps)
-    rel_l2 = ((paro_out.double() - dense_out.double()).norm() / dense_out.double().norm().clamp_min(1e-12)).item()
-    result = {
-        "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
-        "model": loaded.model_id,
-        "plan": plan,
-        "grid": list(grid),
-        "steps": r.sampling.steps,
-        "backend": handler.backend.name,
-        "qk": handler.qk,
-        "pv": handler.pv,
-        "plan_density": loaded_plan.density,
-        "dense_ms_per_step": round(dense_ms, 3),
-        "paro_ms_per_step": round(paro_ms, 3),
-        "speedup": round(dense_ms / paro_ms, 4),
-        "output_rel_l2": round(rel_l2, 6),
-        "psnr_db": _round(psnr(paro_out, dense_out)) if dense_out.dtype == torch.uint8 else None,
-        "attention_calls": dict(handler.calls),
-    }
+        result = e2e_bench.run(loaded, r, loaded_plan, plan, grid, text, seed_, qk, pv, bar)
+    ms, psnr_db = result["paro_ms_per_step"], result["psnr_db"]
     ui.table(
         f"end to end on {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, {r.sampling.steps} steps",
         ["attention", "ms / step", "speed-up", "PSNR vs dense (dB)", "rel. L2 vs dense"],
         [
-            ["dense (stock)", f"{dense_ms:.1f}", "1.00x", "-", "-"],
-            [f"paro {handler.backend.name} d={loaded_plan.density} {handler.qk}/{handler.pv}", f"{paro_ms:.1f}",
-             f"{result['speedup']:.2f}x", result["psnr_db"] if result["psnr_db"] is not None else "identical" if rel_l2 == 0 else "n/a",
-             f"{rel_l2:.4f}"],
+            ["dense (stock)", f"{result['dense_ms_per_step']:.1f}", "1.00x", "-", "-"],
+            [f"paro {result['backend']} d={loaded_plan.density} {result['qk']}/{result['pv']}", f"{ms:.1f}", f"{result['speedup']:.2f}x",
+             psnr_db if psnr_db is not None else "identical" if result["output_rel_l2"] == 0 else "n/a", f"{result['output_rel_l2']:.4f}"],
         ],
     )
     ui.json(result)
