@@ -65,12 +65,11 @@ def _row_mask(valid, d, DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _rows(tile, n_text_tiles, T, N, perm_h, offs, end, text_base, vis_base, BLOCK: tl.constexpr, GATHER: tl.constexpr):
-    """Row indices of part of one tile of the paro-order sequence: the rows at `offs` within
-    the tile (`end` = their last offset + 1).
+def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl.constexpr, GATHER: tl.constexpr):
+    """Row indices of one tile of the paro-order sequence.
 
     Returns (rows to read in the source tensor, rows of the original sequence, valid mask,
-    whether that part is ragged). Text tiles cover [0, T), visual tiles the head's order of
+    whether the tile is ragged). Text tiles cover [0, T), visual tiles the head's order of
     [0, N); tiles of a segment start at the segment's first token, so the last tile of each
     may be ragged.
     """
@@ -85,7 +84,7 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, end, text_base, vis_base, BLOC
         source = original
     else:  # prepped buffers hold whole tiles, text tiles first: row = tile * BLOCK + offset,
         source = tile * BLOCK + offs  # so every tile starts 16-byte aligned (cp.async-able)
-    return source, original, valid, start + end > length
+    return source, original, valid, start + BLOCK > length
 
 
 @triton.jit
@@ -94,7 +93,7 @@ def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_ba
     """Load one tile of X (already offset to its batch and head) through the head's order, in
     fp32 when UPCAST (the CPU interpreter's 16-bit dots are wrong). Returns (tile, original
     rows, valid rows)."""
-    rows, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, BLOCK, text_base, vis_base, BLOCK, True)
+    rows, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
     x = tl.load(X + rows[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
@@ -156,7 +155,7 @@ def _paro_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
     P_SHIFT: tl.constexpr,
 ):
@@ -199,33 +198,26 @@ def _paro_attention_kernel(
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
 
-    # Each kept tile is visited in BLOCK_N-key steps: fewer live scores per step than a whole
-    # BLOCK x BLOCK tile, for more programs per multiprocessor.
-    offs_n = tl.arange(0, BLOCK_N)
     for t in range(0, n_text_tiles):
+        k_rows, k_original, k_valid, ragged = _rows(t, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
         scale = score_scale
         if QK != 0:
             scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            k_rows, k_original, k_valid, ragged = _rows(t, n_text_tiles, T, N, perm_h, sub * BLOCK_N + offs_n, (sub + 1) * BLOCK_N,
-                                                        text_base, vis_base, BLOCK, GATHER)
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                         stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
 
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
     list_ptr = KvIndex + (h.to(tl.int64) * nb + vis_tile) * nb
     n_kv = tl.where(is_text, nb, tl.load(KvCount + h.to(tl.int64) * nb + vis_tile))
     for j in range(0, n_kv):
-        kt = n_text_tiles + tl.where(is_text, j, tl.load(list_ptr + j))
+        kt = tl.where(is_text, j, tl.load(list_ptr + j))
+        k_rows, k_original, k_valid, ragged = _rows(n_text_tiles + kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
         scale = score_scale
         if QK != 0:
-            scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + kt)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            k_rows, k_original, k_valid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, sub * BLOCK_N + offs_n, (sub + 1) * BLOCK_N,
-                                                        text_base, vis_base, BLOCK, GATHER)
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                         stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
+            scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
+                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
@@ -295,8 +287,8 @@ def _prep_kernel(
     offs = tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     perm_h = Perm + h.to(tl.int64) * N
-    source, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, BLOCK, (1 - text_first) * N, text_first * T, BLOCK, True)
-    buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, BLOCK, 0, 0, BLOCK, False)
+    source, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True)
+    buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
     src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + original[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
     vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + buf_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
@@ -338,14 +330,14 @@ def padded_head_dim(dim: int) -> int:
 
 
 def launch_config(block: int, head_dim: int) -> dict:
-    """Keys per step, warps and pipeline depth per tile shape, from the H100 sweep in
-    BENCHMARKS.md: one warpgroup (4 warps) wins everywhere but on 128x128 tiles with 128
-    channels, whose accumulator and scores need two warpgroups' registers."""
+    """Warps and pipeline depth per tile shape, from the H100 sweep in BENCHMARKS.md: one
+    warpgroup (4 warps) wins everywhere but on 128x128 tiles with 128 channels, whose
+    accumulator and scores need two warpgroups' registers."""
     if INTERPRET:
-        return {"block_n": block, "num_warps": 1, "num_stages": 1}
+        return {"num_warps": 1, "num_stages": 1}
     if block >= 128 and head_dim > 64:
-        return {"block_n": block, "num_warps": 8, "num_stages": 3}
-    return {"block_n": block, "num_warps": 4, "num_stages": 4 if block >= 128 else 3}
+        return {"num_warps": 8, "num_stages": 3}
+    return {"num_warps": 4, "num_stages": 4 if block >= 128 else 3}
 
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
@@ -391,7 +383,7 @@ def paro_attention_triton(
     perm (H, N) int32/int64: each head's visual order. kv_index (H, nb, nb) int32 / kv_count (H, nb)
     int32: per visual query tile, the kept visual key tiles first (see layout.kept_block_lists).
     out: an optional (B, S, H, D) tensor to write into. config: launch options overriding
-    `launch_config` (block_n, num_warps, num_stages; for tuning sweeps).
+    `launch_config` (for tuning sweeps).
     """
     _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv)
     bsz, seq, heads, dim = q.shape
@@ -404,9 +396,6 @@ def paro_attention_triton(
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
     score_scale = (dim**-0.5 if scale is None else scale) * LOG2E
-    config = {**launch_config(block, dim), **(config or {})}
-    if block % config["block_n"] or config["block_n"] < 32:
-        raise ValueError(f"block_n {config['block_n']} must divide the block {block} and be at least 32")
     out = torch.empty_like(q) if out is None else out
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
@@ -428,7 +417,7 @@ def paro_attention_triton(
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
         PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=math.log2(P_SCALE.get(pv, 1.0)),
-        BLOCK_N=config["block_n"], num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **(config or launch_config(block, dim)),
     )
     return out
 
@@ -475,7 +464,6 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
-        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, num_warps=launch_config(block, dim)["num_warps"],
-        num_stages=launch_config(block, dim)["num_stages"],
+        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, **launch_config(block, dim),
     )
     return kp, vp, k_scale, v_scale, v_mean

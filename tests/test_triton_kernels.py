@@ -122,15 +122,3 @@ def test_gpu_statistics_kernel_matches_torch():
     torch.testing.assert_close(fast.mass, slow.mass, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fast.incoherence, slow.incoherence, atol=1e-3, rtol=1e-3)
     assert torch.equal(mass_recall(fast.mass, 0.3).argmax(0), mass_recall(slow.mass, 0.3).argmax(0))
-
-
-@interpreted
-def test_interpreted_subtiled_steps_match():
-    """Visiting each 64-token tile in two 32-key steps computes the same attention."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=64, seed=4)
-    index, count = kept_block_lists(c["kept"])
-    for qk, pv, bound in (("bf16", "bf16", 1e-2), ("int8", "fp8", 4e-2)):
-        whole, halves = (paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=64,
-                                               layout=c["layout"], qk=qk, pv=pv, config={"block_n": n}) for n in (64, 32))
-        assert rel_l2(halves, exact(c)) <= bound
-        assert rel_l2(halves, whole) <= bound / 2
