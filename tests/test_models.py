@@ -129,7 +129,7 @@ def test_backend_selection():
 def test_transformer_folder_loads_strictly(tmp_path):
     model = tiny_wan()
     model.save_pretrained(tmp_path / "wan")
-    loaded = load_model(str(tmp_path / "wan"))
+    loaded = load_model(str(tmp_path / "wan"), "float32", torch.device("cpu"))  # compare like with like
     assert loaded.pipeline is None and loaded.prompt_encoder.dim == 16
     assert config_fingerprint(loaded.transformer) == config_fingerprint(model)
     for (name, a), b in zip(model.state_dict().items(), loaded.transformer.state_dict().values()):
@@ -141,7 +141,7 @@ def test_transformer_folder_loads_strictly(tmp_path):
     state.pop(next(iter(state)))
     save_file(state, str(weights))
     with pytest.raises(ModelError, match="do not fit its config"):
-        load_model(str(tmp_path / "wan"))
+        load_model(str(tmp_path / "wan"), "float32", torch.device("cpu"))
 
 
 def test_loading_errors(tmp_path):
