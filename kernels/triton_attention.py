@@ -101,51 +101,79 @@ def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_ba
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, score_scale, k_ptr, v_ptr, rows, valid, ragged, d,
-                 stride_ks, stride_kd, stride_vs, stride_vd,
-                 QK: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 GATHER: tl.constexpr, P_SHIFT: tl.constexpr):
-    """One online-softmax step over a key tile: the body shared by text and visual key tiles.
+def _key_tile(j, n_text_tiles, list_ptr, is_text):
+    """The paro-order tile of the j-th key tile a query tile visits: every text tile, then every
+    visual tile (text queries) or the visual tiles of its kept list."""
+    listed = j >= n_text_tiles
+    entry = tl.load(list_ptr + tl.where(listed, j - n_text_tiles, 0), mask=listed & ~is_text, other=0)
+    return tl.where(listed & ~is_text, n_text_tiles + entry, j)
+
+
+@triton.jit
+def _scores(q, k_ptr, rows, valid, d, stride_ks, stride_kd,
+            QK: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr):
+    """Unscaled scores of the query tile against one key tile (keys past a segment's end are
+    masked in the softmax step).
 
     Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
     varies along V^T's contiguous axis would stop the loads from being vectorised and
     pipelined."""
     k_ptrs = k_ptr + rows[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
-    v_ptrs = v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd
     if GATHER:
-        mask = _row_mask(valid, d, DIM, HEAD_DIM)
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
+        k = tl.load(k_ptrs, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     else:
         k = tl.load(k_ptrs)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
-    # Scores stay unscaled; the scale is folded into exp2's argument (one FMA per score), as is
-    # the static scale of 8-bit P (log2 448 or log2 127 added to the exponent): P and l_i then
-    # carry the same factor, which cancels in acc / l_i.
     if QK == 1:
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     else:
         s = tl.dot(q, tl.trans(k))
-    if ragged:  # only the last tile of a segment has keys to exclude
+    return s
+
+
+@triton.jit
+def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
+    """Online softmax over one tile of scores: (P, the rescale factor of what came before, new
+    row maxima, new row sums). The score scale is folded into exp2's argument (one FMA per
+    score), as is the static scale of 8-bit P (P_SHIFT = log2 448 or log2 127 added to the
+    exponent): P and l_i then carry the same factor, which cancels in acc / l_i."""
+    if ragged:  # only the last tile of a segment has keys past its end
         s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)
-    p = tl.math.exp2(s * score_scale - (m_new - P_SHIFT)[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+    p = tl.math.exp2(s * scale - (m_new - P_SHIFT)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate(acc, p, v_ptr, rows, valid, d, stride_vs, stride_vd,
+                PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr):
+    """acc + P V for one key tile, P already in V's format (or fp32 P rounded to it on the CPU
+    interpreter)."""
+    v_ptrs = v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd
     if GATHER:
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptrs, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None]
-    if PV == 2:  # 448 p uses e4m3's whole range; the product accumulates into acc (fp32)
-        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-    elif PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
-        acc += tl.dot(_rint(p).to(tl.int8), v, out_dtype=tl.int32).to(tl.float32)
-    elif UPCAST:  # round P to V's 16-bit type as the GPU path does, then multiply in fp32
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
+        acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
+    elif UPCAST:
+        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+    else:  # FP8 (448 p uses e4m3's whole range) or 16-bit: the product accumulates into acc
+        acc = tl.dot(p, v, acc)
+    return acc
+
+
+@triton.jit
+def _p_format(p, v_dtype, PV: tl.constexpr):
+    """P in the format of the PV product: FP8 e4m3, INT8 round(127 p), or V's 16-bit type."""
+    if PV == 2:
+        return p.to(tl.float8e4nv)
+    elif PV == 3:
+        return _rint(p).to(tl.int8)
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+        return p.to(v_dtype)
 
 
 @triton.jit
@@ -176,6 +204,7 @@ def _paro_attention_kernel(
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_scales = KScale + bh.to(tl.int64) * n_tiles
 
     q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
                                       stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
@@ -194,30 +223,25 @@ def _paro_attention_kernel(
             q = qf.to(tl.float8e4nv)
         score_scale = score_scale * q_scale
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-
-    for t in range(0, n_text_tiles):
-        k_rows, k_original, k_valid, ragged = _rows(t, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
-        scale = score_scale
-        if QK != 0:
-            scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + t)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
-
     is_text = tile < n_text_tiles
     vis_tile = tl.where(is_text, 0, tile - n_text_tiles)
     list_ptr = KvIndex + (h.to(tl.int64) * nb + vis_tile) * nb
-    n_kv = tl.where(is_text, nb, tl.load(KvCount + h.to(tl.int64) * nb + vis_tile))
-    for j in range(0, n_kv):
-        kt = tl.where(is_text, j, tl.load(list_ptr + j))
-        k_rows, k_original, k_valid, ragged = _rows(n_text_tiles + kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
+    n_keys = n_text_tiles + tl.where(is_text, nb, tl.load(KvCount + h.to(tl.int64) * nb + vis_tile))
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    v_dtype = V.dtype.element_ty
+    for j in range(0, n_keys):
+        kt = _key_tile(j, n_text_tiles, list_ptr, is_text)
+        rows, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
         scale = score_scale
         if QK != 0:
-            scale = scale * tl.load(KScale + bh.to(tl.int64) * n_tiles + n_text_tiles + kt)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, scale, k_ptr, v_ptr, k_rows, k_valid, ragged, d,
-                                     stride_ks, stride_kd, stride_vs, stride_vd, QK, PV, UPCAST, DIM, HEAD_DIM, GATHER, P_SHIFT)
+            scale = scale * tl.load(k_scales + kt)
+        s = _scores(q, k_ptr, rows, kvalid, d, stride_ks, stride_kd, QK, UPCAST, DIM, HEAD_DIM, GATHER)
+        p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
+        acc = acc * alpha[:, None]
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, kvalid, d, stride_vs, stride_vd, PV, UPCAST, DIM, HEAD_DIM, GATHER)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
