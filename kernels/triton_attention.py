@@ -188,12 +188,21 @@ def _paro_attention_kernel(
     P_SHIFT: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is always read from the caller's tensor through the
-    head's order; K and V too when GATHER, else from the prep pass's paro-order buffers."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    head's order; K and V too when GATHER, else from the prep pass's paro-order buffers.
+
+    Programs run in launch order (axis 0 fastest), and a text query tile visits every key
+    tile, several times a sparse visual tile's work: so the text tiles of all heads are
+    scheduled first, then each head's visual tiles together (they share its K and V in L2).
+    Launched last, a head's text tiles would run alone at the end of the grid."""
+    n_tiles = n_text_tiles + nb
+    pid = tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles
+    n_text_programs = n_text_tiles * tl.num_programs(1)
+    heavy = pid < n_text_programs
+    rest = pid - n_text_programs
+    tile = tl.where(heavy, pid % tl.maximum(n_text_tiles, 1), n_text_tiles + rest % nb).to(tl.int32)
+    bh = tl.where(heavy, pid // tl.maximum(n_text_tiles, 1), rest // nb).to(tl.int32)
     b = bh // H
     h = bh % H
-    n_tiles = n_text_tiles + nb
     offs = tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     perm_h = Perm + h.to(tl.int64) * N
