@@ -10,11 +10,13 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
 - The head's order is fused into memory access: rows are fetched through `perm` (a gather
   in the loads) and the output is written back through `perm` (the inverse, in the store).
   No separate permute pass exists.
-- Q is always read from the caller's (B, S, H, D) tensor through the order, and quantised in
-  registers when QK is 8-bit (one scale per query tile). K and V are read the same way in the
-  float modes; otherwise `_prep_kernel` first makes ONE fused pass that gathers each tile in
-  paro order, removes K's and V's means, quantises K per tile and V per channel, and writes
-  tile-aligned paro-order buffers that the attention kernel streams with async copies.
+- Q is read from the caller's (B, S, H, D) tensor through the order, and quantised in
+  registers when QK is 8-bit (one scale per query tile). K and V, read by every query tile
+  that keeps them, first go through `_prep_kernel`: ONE fused pass that gathers each tile in
+  paro order (and, in the 8-bit modes, removes K's and V's means, quantises K per tile and V
+  per channel) into whole, zero-padded, tile-aligned buffers. The attention kernel streams
+  those with unmasked async copies, which on the H100 beat gathering K and V in its own loads
+  even in bf16 (Wan2.1 dense: 27.7 vs 32.3 ms, with the pass included).
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
   fp32 accumulator acc. P = exp2(s - m_i) lies in [0, 1]: FP8 e4m3 holds 448 p (a static
   scale that keeps small probabilities out of e4m3's subnormals), INT8 holds round(127 p).
@@ -110,19 +112,14 @@ def _key_tile(j, n_text_tiles, list_ptr, is_text):
 
 
 @triton.jit
-def _scores(q, k_ptr, rows, valid, d, stride_ks, stride_kd,
-            QK: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr):
+def _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK: tl.constexpr, UPCAST: tl.constexpr):
     """Unscaled scores of the query tile against one key tile (keys past a segment's end are
     masked in the softmax step).
 
     Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
     varies along V^T's contiguous axis would stop the loads from being vectorised and
     pipelined."""
-    k_ptrs = k_ptr + rows[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
-    if GATHER:
-        k = tl.load(k_ptrs, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    k = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
     if QK == 1:
@@ -147,15 +144,10 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, p, v_ptr, rows, valid, d, stride_vs, stride_vd,
-                PV: tl.constexpr, UPCAST: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, GATHER: tl.constexpr):
-    """acc + P V for one key tile, P already in V's format (or fp32 P rounded to it on the CPU
+def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + P V for one key tile, P already in V's format (upcast to fp32 on the CPU
     interpreter)."""
-    v_ptrs = v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd
-    if GATHER:
-        v = tl.load(v_ptrs, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
     elif UPCAST:
@@ -183,12 +175,12 @@ def _paro_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
     P_SHIFT: tl.constexpr,
 ):
-    """Out has Q's layout and strides. Q is always read from the caller's tensor through the
-    head's order; K and V too when GATHER, else from the prep pass's paro-order buffers.
+    """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
+    order, K and V from the prep pass's paro-order buffers.
 
     Programs run in launch order (axis 0 fastest), and a text query tile visits every key
     tile, several times a sparse visual tile's work: so the text tiles of all heads are
@@ -243,14 +235,14 @@ def _paro_attention_kernel(
     v_dtype = V.dtype.element_ty
     for j in range(0, n_keys):
         kt = _key_tile(j, n_text_tiles, list_ptr, is_text)
-        rows, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, GATHER)
+        rows, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, False)
         scale = score_scale
         if QK != 0:
             scale = scale * tl.load(k_scales + kt)
-        s = _scores(q, k_ptr, rows, kvalid, d, stride_ks, stride_kd, QK, UPCAST, DIM, HEAD_DIM, GATHER)
+        s = _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, kvalid, d, stride_vs, stride_vd, PV, UPCAST, DIM, HEAD_DIM, GATHER)
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
@@ -363,14 +355,13 @@ def padded_head_dim(dim: int) -> int:
 
 
 def launch_config(block: int, head_dim: int) -> dict:
-    """Warps and pipeline depth per tile shape, from the H100 sweep in BENCHMARKS.md: one
+    """Warps and pipeline depth per tile shape, from the H100 sweeps in BENCHMARKS.md: one
     warpgroup (4 warps) wins everywhere but on 128x128 tiles with 128 channels, whose
-    accumulator and scores need two warpgroups' registers."""
+    accumulator and scores need two warpgroups' registers; three stages everywhere (a fourth
+    buys nothing in the 8-bit modes and, with 16-bit tiles, costs a resident program per SM)."""
     if INTERPRET:
         return {"num_warps": 1, "num_stages": 1}
-    if block >= 128 and head_dim > 64:
-        return {"num_warps": 8, "num_stages": 3}
-    return {"num_warps": 4, "num_stages": 4 if block >= 128 else 3}
+    return {"num_warps": 8 if block >= 128 and head_dim > 64 else 4, "num_stages": 3}
 
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
@@ -424,8 +415,6 @@ def paro_attention_triton(
     n = seq - t
     nb = num_blocks(n, block)
     n_text_tiles = num_blocks(t, block)
-    native = {torch.bfloat16: "bf16", torch.float16: "fp16"}[q.dtype]
-    gather = qk == native and pv == native
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
     score_scale = (dim**-0.5 if scale is None else scale) * LOG2E
@@ -433,22 +422,14 @@ def paro_attention_triton(
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
-    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
-    if gather:
-        ks, vs = k, v
-        k_scale = v_scale = v_mean = dummy
-        sk = (k.stride(0), k.stride(2), k.stride(1), k.stride(3))
-        sv = (v.stride(0), v.stride(2), v.stride(1), v.stride(3))
-    else:
-        ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb)
-        sk = ks.stride()
-        sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
+    ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb)
+    sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
     _paro_attention_kernel[(n_text_tiles + nb, bsz * heads)](
         q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
-        *sq, *sk, *sv,
+        *sq, *ks.stride(), *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, GATHER=gather, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
         PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=math.log2(P_SCALE.get(pv, 1.0)),
         **(config or launch_config(block, dim)),
     )
@@ -475,7 +456,7 @@ def channel_statistics(k: torch.Tensor, v: torch.Tensor, rows: int = 256):
 def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
     """The fused prep pass: paro-order K and V in the compute formats, and their scales.
     V's per-channel scale needs max |V - mean| = max(max - mean, mean - min): one statistics
-    pass gives it with the means."""
+    pass gives it with the means (the 16-bit modes need neither)."""
     bsz, seq, heads, dim = k.shape
     qk_code = format_code(qk)
     pv_code = PV_INT8 if pv == "int8" else format_code(pv)
@@ -490,8 +471,11 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
         svp = vp.stride()
     k_scale = torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32)
     pv_qmax = QMAX["int8" if pv == "int8" else "fp8"]
-    k_mean, v_mean, v_min, v_max = channel_statistics(k, v)
-    v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(MIN_AMAX) / pv_qmax).contiguous()
+    if qk_code or pv_code:
+        k_mean, v_mean, v_min, v_max = channel_statistics(k, v)
+        v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(MIN_AMAX) / pv_qmax).contiguous()
+    else:
+        k_mean = v_mean = v_scale = torch.empty(1, device=k.device, dtype=torch.float32)  # not read
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k, v, perm, k_mean, v_mean, v_scale, kp, vp, k_scale,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
