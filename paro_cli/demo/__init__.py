@@ -1,0 +1,1 @@
+"""The embedded demo model's world: procedural videos with captions, training, and a fidelity checker."""
