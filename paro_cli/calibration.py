@@ -22,7 +22,7 @@ from kernels.orders import candidate_orders, head_permutations, order_permutatio
 from kernels.stats import block_statistics, mass_recall
 
 from . import runner
-from .errors import ParoError
+from .errors import ParoError, RecipeError
 from .intercept import AttentionInterceptor, DenseFn
 from .models.loading import LoadedModel
 from .plan import ComponentPlan, Plan, pack_bits, text_position
@@ -75,6 +75,16 @@ def choose_orders(recall: torch.Tensor, incoherence: torch.Tensor, density: floa
         return incoherence.argmin(dim=-1)
     tied = recall >= recall.amax(dim=-1, keepdim=True) - RECALL_TOLERANCE
     return incoherence.masked_fill(~tied, float("inf")).argmin(dim=-1)
+
+
+def allowed_orders(requested: tuple[str, ...] | None, names: list[str]) -> list[int]:
+    """Indices into `names` (the grid's candidate orders) that calibration.orders allows."""
+    if requested is None:
+        return list(range(len(names)))
+    unknown = [o for o in requested if o not in names]
+    if unknown:
+        raise RecipeError(f"calibration.orders has {unknown[0]!r}, not an order of this grid's axes", "use some of " + ", ".join(names))
+    return [names.index(o) for o in dict.fromkeys(requested)]
 
 
 def forced_blocks(nb: int, n: int, block: int, device=None) -> torch.Tensor:
@@ -223,6 +233,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     if bad:
         raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {layers} (0..{layers - 1})", "fix the recipe")
     grid = runner.token_grid(loaded, recipe)
+    names = candidate_orders(grid)
+    allowed = allowed_orders(cal.orders, names)
     layout = adapter.sequence_layout()
     steps = recipe.sampling.steps
 
@@ -231,9 +243,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     with AttentionInterceptor(transformer, adapter, profiler):
         runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
     recall, incoherence = profiler.scores()
-    names = candidate_orders(grid)
-    chosen = choose_orders(recall, incoherence, sp.density, recipe.quantised)
-    orders = [[names[i] for i in row] for row in chosen.tolist()]
+    chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
+    orders = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
 
     timesteps = profiler.tracker.timesteps
     slots = slot_of_steps(len(timesteps), sp.slots)

@@ -1,6 +1,7 @@
 """The `paro` command: wires the command modules and maps errors to exit codes.
 
-Exit codes: 0 success, 2 bad input (a ParoError or a usage error), 1 internal error.
+Exit codes: 0 success, 2 bad input (a ParoError or a usage error), 3 a quality gate failed
+(`bench quality --min-psnr/--max-drop`), 1 internal error.
 PARO_DEBUG=1 shows the traceback of internal errors.
 """
 
@@ -12,7 +13,7 @@ import sys
 import typer
 
 from .commands import bench, calibrate, generate, plan, recipes
-from .errors import ParoError
+from .errors import GateFailed, ParoError
 
 app = typer.Typer(
     name="paro",
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     except ParoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except GateFailed as exc:
+        print(f"gate failed: {exc}", file=sys.stderr)
+        sys.exit(3)
     except Exception as exc:  # anything else is our bug
         if os.environ.get("PARO_DEBUG"):
             raise

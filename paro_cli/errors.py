@@ -1,7 +1,8 @@
 """One error path: every problem the user can fix is a ParoError with a one-line message.
 
 The CLI prints `error: <problem> (<fix>)` to stderr and exits 2; anything else is an internal
-error (exit 1), whose traceback PARO_DEBUG=1 shows.
+error (exit 1), whose traceback PARO_DEBUG=1 shows. A quality gate that fails (GateFailed) exits
+3, after the measurements are printed.
 """
 
 from __future__ import annotations
@@ -33,3 +34,7 @@ class ModelError(ParoError):
 
 class BackendError(ParoError):
     """The requested attention backend cannot run here."""
+
+
+class GateFailed(Exception):
+    """A measurement fell outside a gate the user set (e.g. --min-psnr): not bad input, a verdict."""

@@ -21,7 +21,8 @@ from kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
 from .errors import RecipeError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL = "embedded"  # the trained demo model shipped in paro_cli/demo/weights
+PLANTED_MODEL = "planted"  # random weights with planted attention: calibration's known answers
 
 Backend = Literal["auto", "triton", "torch"]
 SlotPolicy = Literal["half", "single"]
@@ -53,6 +54,8 @@ class Calibration:
     seeds: tuple[int, ...] = (0,)
     # Steps profiled for the order choice, spread over the schedule; None profiles every step.
     order_steps: int | None = None
+    # Orders the choice may pick from (e.g. [FHW]: no reordering); None: every order of the axes.
+    orders: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),
     "calibration.seeds": (lambda v: len(v) >= 1, "a non-empty list of integers"),
     "calibration.order_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "calibration.orders": (lambda v: v is None or (len(v) >= 1 and all(sorted(o) in (sorted("FHW"), sorted("HW")) for o in v)),
+                           "null or a non-empty list of orders such as FHW or HWF (HW, WH for images)"),
     "sparsity.density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "sparsity.block_size": (lambda v: v in (16, 32, 64, 128), "one of 16, 32, 64, 128"),
     "sparsity.dense_first_steps": (lambda v: v >= 0, "an integer >= 0"),

@@ -63,14 +63,14 @@ def structured_qkv(b, s, h, d, seed=0, dtype=torch.float32, logit_std=2.5):
 def demo_model():
     from paro_cli.models.loading import load_model
 
-    return load_model("embedded")
+    return load_model("planted")
 
 
 @pytest.fixture(scope="session")
 def demo_calibration(demo_model):
-    """(recipe, plan) of the embedded model at the tiny recipe, on a short schedule."""
+    """(recipe, plan) of the planted model at the planted recipe, on a short schedule."""
     from paro_cli.calibration import calibrate
     from paro_cli.recipe import load_recipe
 
-    recipe = load_recipe("tiny", {"sampling.steps": 4})
+    recipe = load_recipe("planted", {"sampling.steps": 4})
     return recipe, calibrate(demo_model, recipe)

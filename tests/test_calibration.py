@@ -8,7 +8,7 @@ import torch
 from kernels.orders import candidate_orders
 from paro_cli.calibration import (choose_orders, dense_above, forced_blocks, profiled_steps, select_blocks, slot_bounds,
                                   slot_of_steps)
-from paro_cli.models.demo import PLANTED_ORDERS
+from paro_cli.models.planted import PLANTED_ORDERS
 
 
 def test_planted_orders_are_found(demo_calibration):

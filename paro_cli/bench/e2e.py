@@ -4,7 +4,6 @@ warm-up when there are several); CUDA work is synchronised at every step boundar
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
@@ -12,6 +11,7 @@ import torch
 
 from ..backend import use_plan
 from ..runner import decodable, sample
+from .metrics import psnr
 
 
 def _timed_sample(loaded, recipe, prompt, seed, label, progress):
@@ -29,12 +29,6 @@ def _timed_sample(loaded, recipe, prompt, seed, label, progress):
     start = time.perf_counter()
     out = sample(loaded, recipe, [prompt], [seed], on_step=on_step, decode=decodable(loaded))
     return out, [b - a for a, b in zip([start] + marks[:-1], marks)]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR in dB of 8-bit videos; None when they are identical (infinite)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def _median_ms(times: list[float]) -> float:

@@ -1,7 +1,9 @@
-"""`paro bench ...`: measurements. `e2e` times a full sampling run dense vs with a plan."""
+"""`paro bench ...`: measurements. `kernel` times the attention kernel against the baselines on
+a GPU, `e2e` a full sampling run dense vs with a plan, `quality` what recipes cost in output."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
@@ -9,15 +11,32 @@ import typer
 
 from ..backend import BACKENDS
 from ..bench import e2e as e2e_bench
-from ..errors import ParoError
+from ..errors import GateFailed, ParoError
 from ..models.loading import load_model
-from ..options import (BackendOpt, FramesOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt, RecipeOpt,
-                       SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
+from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
+                       RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
 from ..runner import token_grid
 
-app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed and output difference.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed; output quality against dense.", no_args_is_help=True)
+
+
+def parse_precisions(specs: list[str], qk_formats, pv_formats) -> list[tuple[str, str]]:
+    """QK/PV pairs from --precision values like int8/fp8."""
+    pairs = []
+    for spec in specs:
+        qk, _, pv = spec.partition("/")
+        if qk not in qk_formats or pv not in pv_formats:
+            raise ParoError(f"bad --precision {spec!r}", f"use QK/PV, QK in {'|'.join(qk_formats)}, PV in {'|'.join(pv_formats)}")
+        pairs.append((qk, pv))
+    return pairs
+
+
+def check_densities(densities: list[float]) -> list[float]:
+    if any(not 0 < d <= 1 for d in densities):
+        raise ParoError(f"densities must lie in (0, 1], got {densities}", "e.g. --density 0.3")
+    return densities
 
 
 @app.command("e2e")
@@ -77,19 +96,11 @@ def kernel(
     if not torch.cuda.is_available():
         raise ParoError("bench kernel needs a CUDA GPU", "run it on the GPU machine")
     shapes = [kb.parse_shape(s) for s in (shape or list(kb.SHAPES))]
-    pairs = []
     triton = BACKENDS["triton"]
-    for spec in precision or ["bf16/bf16", "int8/fp8"]:
-        qk, _, pv = spec.partition("/")
-        if qk not in triton.qk_formats or pv not in triton.pv_formats:
-            raise ParoError(f"bad --precision {spec!r}",
-                            f"use QK/PV, QK in {'|'.join(triton.qk_formats)}, PV in {'|'.join(triton.pv_formats)}")
-        pairs.append((qk, pv))
+    pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], triton.qk_formats, triton.pv_formats)
     if block_size not in triton.block_sizes:
         raise ParoError(f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes)))
-    densities = density or [1.0, 0.5, 0.3, 0.2]
-    if any(not 0 < d <= 1 for d in densities):
-        raise ParoError(f"densities must lie in (0, 1], got {densities}", "e.g. --density 0.2")
+    densities = check_densities(density or [1.0, 0.5, 0.3, 0.2])
     ui = Output(as_json)
     result = kb.run(shapes, densities, pairs, block_size, with_statistics, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
 
@@ -112,3 +123,76 @@ def kernel(
     for why in result["skipped"]:
         ui.print(f"[yellow]skipped[/] {why}")
     ui.json(result)
+
+
+@app.command("quality")
+def quality(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    backend: BackendOpt = None,
+    density: Annotated[Optional[list[float]], typer.Option(help="Densities to measure; repeatable. Default: the recipe's.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. fp32/fp32 or int8/fp8; repeatable. Default: the recipe's.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them).")] = None,
+    prompts: Annotated[int, typer.Option(help="Size of the demo world's fixed prompt set.")] = 8,
+    seed: Annotated[int, typer.Option(help="Noise seed of the first prompt; prompt i uses seed + i.")] = 0,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also run no reordering and a static local window at each density.")] = True,
+    video: Annotated[Optional[Path], typer.Option(help="Write the first prompt's video as dense | first paro variant, side by side (.mp4/.gif/.png).")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for PNG heat maps of one head's attention before/after reordering.")] = None,
+    layer: Annotated[int, typer.Option(help="Layer of the heat maps.")] = 0,
+    head: Annotated[int, typer.Option(help="Head of the heat maps.")] = 0,
+    min_psnr: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant's PSNR vs dense is below this (dB).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant loses more prompt fidelity than this (points of 100).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dense output against each recipe variant on a fixed prompt set: PSNR, SSIM and cosine
+    similarity vs dense, prompt fidelity, and two baselines at equal density (no reordering, a
+    static local window). Gates make it a CI check."""
+    from ..bench import quality as qb
+    from ..bench.heatmap import write_heatmaps
+    from ..media import check_video_path, write_video
+
+    r = build_recipe(recipe, model=model, steps=steps, guidance=guidance, backend=backend)
+    torch_backend = BACKENDS["torch"]
+    pairs = parse_precisions(precision or [f"{r.precision.qk}/{r.precision.pv}"], torch_backend.qk_formats, torch_backend.pv_formats)
+    densities = check_densities(density or [r.sparsity.density])
+    if video is not None:
+        check_video_path(video)
+    if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
+        raise ParoError(f"--heatmaps {heatmaps} is a file", "give a folder")
+    texts = prompt or qb.demo_prompts(prompts, 0, r)
+    if max_drop is not None and not all(qb.is_caption(t) for t in texts):
+        raise ParoError("--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop")
+    seeds = [seed + i for i in range(len(texts))]
+    ui = Output(as_json)
+    loaded = load_model(r.model, r.sampling.dtype)
+    with ui.progress() as bar:
+        result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar)
+        first = next(k for k in outputs["plans"])
+        if heatmaps is not None:
+            bar.start("heat maps", r.sampling.steps)
+            result["heatmaps"] = write_heatmaps(loaded, r, outputs["plans"][first], texts[0], seeds[0], layer, head, heatmaps)
+    if video is not None:
+        pair = torch.cat([outputs["dense"][0], torch.full_like(outputs["dense"][0][:, :, :2], 255), outputs[first][0]], dim=2)
+        write_video(pair.numpy(), video, r.sampling.fps)
+        result["video"] = {"path": str(video), "left": "dense", "right": first}
+    ui.table(
+        f"quality vs dense on {result['device']}: {result['model']}, grid {'x'.join(map(str, result['grid']))}, "
+        f"{result['steps']} steps, {len(texts)} prompts",
+        ["variant", "density", "QK/PV", "PSNR (dB)", "SSIM", "cosine", "fidelity", "fidelity drop"],
+        [[row["variant"], row["density"], f"{row['qk']}/{row['pv']}", "-" if row["variant"] == "dense" else f"{row['psnr_db']:.2f}",
+          f"{row['ssim']:.4f}", f"{row['cosine']:.5f}", "-" if row["fidelity"] is None else f"{100 * row['fidelity']:.1f}%",
+          "-" if row["fidelity_drop"] is None or row["variant"] == "dense" else f"{100 * row['fidelity_drop']:+.1f}"]
+         for row in result["rows"]],
+    )
+    if "heatmaps" in result:
+        hm = result["heatmaps"]
+        ui.print(f"heat maps (layer {hm['layer']}, head {hm['head']}, order {hm['order']}, kept blocks hold "
+                 f"{100 * hm['kept_mass']:.1f}% of the mass): {hm['before']}, {hm['after']}")
+    if video is not None:
+        ui.print(f"side by side (dense | {first}): {video}")
+    result["gates"] = failures = qb.gate_failures(result["rows"], min_psnr, max_drop)
+    ui.json(result)
+    if failures:
+        raise GateFailed("; ".join(failures))

@@ -1,6 +1,7 @@
 """Loading a model named by a recipe: the embedded demo, a local folder, or a hub id.
 
-- "embedded": the demo transformer (models/demo.py) with the offline prompt encoder.
+- "embedded": the trained demo model (paro_cli/demo/weights, a transformer folder as below).
+- "planted": the planted-attention model (models/planted.py), built from config.
 - a folder with config.json (a transformer saved alone by `save_pretrained`): built from its
   config, weights loaded strictly from its safetensors; sampled by paro's own loop with the
   offline prompt encoder sized to the model's text_dim.
@@ -19,10 +20,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..recipe import EMBEDDED_MODEL
+from ..recipe import EMBEDDED_MODEL, PLANTED_MODEL
 from . import ADAPTERS, adapter_for, config_fingerprint
 from .prompt_encoder import HashPromptEncoder
 
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "demo" / "weights"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,11 +123,12 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
 def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None = None) -> LoadedModel:
     device = device or resolve_device()
     dtype = resolve_dtype(dtype_name, device)
-    if spec == EMBEDDED_MODEL:
-        from .demo import build_demo_transformer
+    if spec == PLANTED_MODEL:
+        from .planted import build_planted_transformer
 
-        transformer = build_demo_transformer()
-        pipeline = None
+        transformer, pipeline = build_planted_transformer(), None
+    elif spec == EMBEDDED_MODEL:
+        transformer, pipeline = _load_transformer_folder(EMBEDDED_WEIGHTS), None
     else:
         path = Path(spec)
         if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
@@ -136,7 +139,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         elif path.is_dir():
             raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
         else:
-            raise ModelError(f"model {spec!r} not found", "give 'embedded', a local diffusers folder or a hub id like org/name")
+            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', a local diffusers folder or a hub id like org/name")
     adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)

@@ -1,4 +1,5 @@
-"""The embedded default model: a small WanTransformer3DModel built from config, in pixel space.
+"""The planted model ("planted"): a small WanTransformer3DModel built from config, in pixel
+space, whose attention has known answers for calibration to find.
 
 Its weights are random except for planted attention: in every self-attention layer the query
 and key projections are zeroed and their biases carry energy in the RoPE dimensions of chosen
@@ -17,7 +18,7 @@ import torch
 
 from kernels.orders import VIDEO_AXES
 
-DEMO_CONFIG = dict(
+PLANTED_CONFIG = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
     attention_head_dim=24,
@@ -66,12 +67,12 @@ def plant_orders(transformer: torch.nn.Module, orders: tuple[tuple[str, ...], ..
                 norm.weight.fill_(SHARPNESS)
 
 
-def build_demo_transformer(seed: int = 0):
-    """The embedded model, identical on every machine for a given seed."""
+def build_planted_transformer(seed: int = 0):
+    """The planted model, identical on every machine for a given seed."""
     from diffusers import WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**DEMO_CONFIG)
+        transformer = WanTransformer3DModel(**PLANTED_CONFIG)
     plant_orders(transformer, PLANTED_ORDERS)
     return transformer.eval()

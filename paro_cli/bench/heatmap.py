@@ -1,0 +1,102 @@
+"""PNG heat maps of one head's attention before and after reordering, kept blocks outlined.
+
+The map is softmax(Q K^T / sqrt(d)) of the chosen layer and head at one denoising step (the
+conditional branch of the first prompt), captured from a dense run. "Before" shows it in
+arrival order; "after" in the head's order from the plan, with the plan's kept blocks for that
+step drawn over it: reordering should gather the mass into the outlined blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels.layout import block_mask_rows
+from kernels.orders import order_permutation
+
+from ..fileio import atomic_path, check_output_file
+from ..intercept import AttentionInterceptor, DenseFn
+from ..plan import Plan
+from ..runner import sample
+
+# anchors of a dark-to-bright colour map (black, purple, orange, pale yellow)
+_ANCHORS = np.array([[0, 0, 0], [90, 20, 120], [230, 110, 30], [255, 250, 200]], dtype=np.float64)
+OUTLINE = (80, 220, 255)
+
+
+class _QKCapture:
+    """Handler that records (q, k) of one layer at one denoising step, attention untouched."""
+
+    def __init__(self, layer: int, step: int):
+        self.layer, self.step = layer, step
+        self.seen: list[float] = []
+        self.t: float | None = None
+        self.captured_t: float | None = None
+        self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_forward(self, grid, t):
+        if not self.seen or self.seen[-1] != t:
+            self.seen.append(t)
+        self.t = t
+
+    def attention(self, layer: int, q, k, v, dense: DenseFn):
+        if layer == self.layer and len(self.seen) - 1 == self.step and self.qk is None:
+            self.qk = (q[-1].detach().float().cpu(), k[-1].detach().float().cpu())  # last batch row: conditional branch
+            self.captured_t = self.t
+        return dense()
+
+
+def _colour(values: np.ndarray) -> np.ndarray:
+    x = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
+    i = np.minimum(x.astype(int), len(_ANCHORS) - 2)
+    f = (x - i)[..., None]
+    return (_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f).astype(np.uint8)
+
+
+def _image(attn: torch.Tensor, kept: torch.Tensor | None, block: int, size: int = 512) -> np.ndarray:
+    """(N, N) probabilities -> RGB, log scale over 4 decades, pooled to <= size pixels."""
+    n = attn.shape[0]
+    factor = max(1, -(-n // size))
+    pooled = torch.nn.functional.avg_pool2d(attn[None, None], factor, ceil_mode=True)[0, 0]
+    logv = torch.log10(pooled.clamp_min(1e-12))
+    top = float(logv.max())
+    img = _colour(((logv - (top - 4)) / 4).numpy())
+    if kept is not None:  # outline each kept block
+        step = block / factor
+        for i, j in kept.nonzero().tolist():
+            r0, c0 = int(i * step), int(j * step)
+            r1, c1 = min(int((i + 1) * step), img.shape[0]) - 1, min(int((j + 1) * step), img.shape[1]) - 1
+            img[r0, c0 : c1 + 1] = img[r1, c0 : c1 + 1] = OUTLINE
+            img[r0 : r1 + 1, c0] = img[r0 : r1 + 1, c1] = OUTLINE
+    return img
+
+
+def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: int, head: int, out_dir: Path) -> dict:
+    """Capture the attention at the middle step and write before.png / after.png into out_dir."""
+    import imageio.v3 as iio
+
+    comp = plan.components["transformer"]
+    if not 0 <= layer < comp.num_layers or not 0 <= head < comp.num_heads:
+        raise ValueError(f"layer {layer} / head {head} outside the plan's {comp.num_layers} layers x {comp.num_heads} heads")
+    step = recipe.sampling.steps // 2
+    capture = _QKCapture(layer, step)
+    with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
+        sample(loaded, recipe, [prompt], [seed], decode=False)
+    q, k = capture.qk
+    text = loaded.adapter.sequence_layout().text_len
+    if text:  # visual tokens only: the plan orders those
+        q, k = (x[text:] if loaded.adapter.sequence_layout().text_first else x[:-text] for x in (q, k))
+    attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)
+    order = comp.orders[layer][head]
+    perm = order_permutation(order, plan.grid)
+    kept = comp.slot_masks(plan.slot_of(capture.captured_t))[layer, head]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before, after = out_dir / f"attention_l{layer}_h{head}_before.png", out_dir / f"attention_l{layer}_h{head}_after.png"
+    reordered, n = attn[perm][:, perm], attn.shape[0]
+    for path, img in ((before, _image(attn, None, plan.block_size)), (after, _image(reordered, kept, plan.block_size))):
+        with atomic_path(check_output_file(path)) as tmp:
+            iio.imwrite(tmp, img, extension=".png")
+    return {"layer": layer, "head": head, "step": step, "order": order, "before": str(before), "after": str(after),
+            "kept_mass": float((reordered * block_mask_rows(kept[None], plan.block_size, n, 0, n)[0]).sum() / n)}

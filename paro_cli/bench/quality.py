@@ -1,0 +1,122 @@
+"""Quality benchmark: what a recipe costs in output, against dense attention and two baselines.
+
+For a fixed prompt set and seeds, one dense run is the reference; each variant (a density and
+a precision, calibrated on the recipe's calibration prompts) generates the same videos with
+its plan. Per variant: PSNR, SSIM and cosine similarity against dense, and prompt fidelity
+(demo/fidelity.py) where the prompts are captions of the demo world. At each density the
+baselines (baselines.py) run at the first precision: no reordering and a static local window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import torch
+
+from kernels.orders import candidate_orders
+
+from ..backend import use_plan
+from ..baselines import local_window_plan
+from ..calibration import calibrate
+from ..demo.fidelity import fidelity, parse_caption
+from ..demo.world import sample_scenes
+from ..recipe import Recipe
+from ..runner import sample, token_grid
+from .metrics import cosine, psnr, ssim
+
+PSNR_CAP = 100.0  # dB reported for identical videos (PSNR is infinite there; JSON has no inf)
+
+
+def demo_prompts(count: int, seed: int, recipe: Recipe) -> list[str]:
+    """The fixed prompt set: captions of `count` scenes of the demo world drawn from `seed`."""
+    g = recipe.geometry
+    return [s.caption for s in sample_scenes(seed, count, g.frames, g.height, g.width)]
+
+
+def _with(recipe: Recipe, density: float, qk: str, pv: str, orders: tuple[str, ...] | None = None) -> Recipe:
+    return dataclasses.replace(
+        recipe,
+        sparsity=dataclasses.replace(recipe.sparsity, density=density),
+        precision=dataclasses.replace(recipe.precision, qk=qk, pv=pv),
+        calibration=dataclasses.replace(recipe.calibration, orders=orders),
+    )
+
+
+def _scores(videos: torch.Tensor, dense: torch.Tensor, prompts: list[str]) -> dict:
+    per_video = [psnr(v, d) for v, d in zip(videos, dense)]
+    readable = all(is_caption(p) for p in prompts)
+    return {
+        "psnr_db": round(statistics.mean(PSNR_CAP if p is None else min(p, PSNR_CAP) for p in per_video), 3),
+        "ssim": round(ssim(videos, dense), 5),
+        "cosine": round(cosine(videos, dense), 6),
+        "fidelity": round(statistics.mean(fidelity(v, p) for v, p in zip(videos, prompts)), 4) if readable else None,
+    }
+
+
+def is_caption(prompt: str) -> bool:
+    try:
+        parse_caption(prompt)
+        return True
+    except ValueError:
+        return False
+
+
+def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[str, str]], prompts: list[str],
+        seeds: list[int], baselines: bool, progress) -> tuple[dict, dict]:
+    """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}})."""
+    grid = token_grid(loaded, recipe)
+    steps = recipe.sampling.steps
+
+    def generate(label: str, plan=None):
+        progress.start(label, steps)
+        if plan is None:
+            return sample(loaded, recipe, prompts, seeds, on_step=progress.step)
+        with use_plan(loaded, plan, grid, recipe.backend):
+            return sample(loaded, recipe, prompts, seeds, on_step=progress.step)
+
+    def calibrated(label: str, r: Recipe):
+        progress.start(f"calibrating {label}", steps)
+        return calibrate(loaded, r, progress)
+
+    dense = generate("dense")
+    native = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[loaded.dtype]
+    rows = [{"variant": "dense", "density": 1.0, "qk": native, "pv": native, **_scores(dense, dense, prompts)}]
+    outputs = {"dense": dense, "plans": {}}
+    for density in densities:
+        for qk, pv in precisions:
+            label = f"paro d={density} {qk}/{pv}"
+            plan = calibrated(label, _with(recipe, density, qk, pv))
+            outputs[label], outputs["plans"][label] = generate(label, plan), plan
+            rows.append({"variant": "paro", "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)})
+        if baselines:
+            qk, pv = precisions[0]
+            plain = calibrated(f"no reordering d={density}", _with(recipe, density, qk, pv, orders=(candidate_orders(grid)[0],)))
+            for name, plan in (("no reordering", plain), ("local window", local_window_plan(outputs["plans"][f"paro d={density} {qk}/{pv}"]))):
+                label = f"{name} d={density} {qk}/{pv}"
+                outputs[label] = generate(label, plan)
+                rows.append({"variant": name, "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)})
+    dense_fidelity = rows[0]["fidelity"]
+    for row in rows:
+        row["fidelity_drop"] = None if dense_fidelity is None else round(dense_fidelity - row["fidelity"], 4)
+    result = {
+        "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
+        "model": loaded.model_id, "grid": list(grid), "steps": steps, "guidance": recipe.sampling.guidance,
+        "prompts": prompts, "seeds": seeds, "calibration_prompts": list(recipe.calibration.prompts),
+        "rows": rows,
+    }
+    return result, outputs
+
+
+def gate_failures(rows: list[dict], min_psnr: float | None, max_drop: float | None) -> list[str]:
+    """One line per paro variant outside a gate (baselines are not gated)."""
+    failures = []
+    for row in rows:
+        if row["variant"] != "paro":
+            continue
+        name = f"paro d={row['density']} {row['qk']}/{row['pv']}"
+        if min_psnr is not None and row["psnr_db"] < min_psnr:
+            failures.append(f"{name}: PSNR {row['psnr_db']:.2f} dB < --min-psnr {min_psnr}")
+        if max_drop is not None and row["fidelity_drop"] is not None and 100 * row["fidelity_drop"] > max_drop:
+            failures.append(f"{name}: fidelity drop {100 * row['fidelity_drop']:.1f} points > --max-drop {max_drop}")
+    return failures
