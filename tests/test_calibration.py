@@ -94,3 +94,17 @@ def test_plan_maps_other_step_counts_by_timestep(demo_calibration):
     fine = torch.linspace(1.0, 0.0, 50).tolist()  # a 50-step schedule
     slots = [plan.slot_of(t) for t in fine]
     assert slots == sorted(slots) and slots[0] == 0 and slots[-1] == plan.num_slots - 1
+
+
+def test_restricted_orders_are_obeyed_and_checked(demo_model):
+    from paro_cli.calibration import calibrate
+    from paro_cli.errors import RecipeError
+    from paro_cli.recipe import load_recipe
+
+    recipe = load_recipe("planted", {"sampling.steps": 2, "calibration.orders": ["FHW"]})
+    plan = calibrate(demo_model, recipe)
+    assert plan.components["transformer"].orders == [["FHW", "FHW"], ["FHW", "FHW"]]
+    with pytest.raises(RecipeError, match="calibration.orders"):
+        load_recipe("planted", {"calibration.orders": ["FHX"]})
+    with pytest.raises(RecipeError, match="not an order of this grid"):
+        calibrate(demo_model, load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}))

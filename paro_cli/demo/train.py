@@ -101,6 +101,13 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
     generator = torch.Generator(device).manual_seed(seed)
     start = time.time()
     spent = state["seconds"]
+    pending: list[torch.Tensor] = []  # losses still on the device: reading each one would stall the queue
+
+    def flush():
+        if pending:
+            state["losses"].extend(torch.stack(pending).tolist())
+            pending.clear()
+
     while state["step"] < steps and time.time() - start < max_minutes * 60:
         step = state["step"]
         generator.manual_seed(seed * 1_000_003 + step)
@@ -113,12 +120,13 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - EMA_DECAY)
-        state["losses"].append(float(loss.detach()))  # one sync per step: negligible against the step
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - EMA_DECAY)
+        pending.append(loss.detach())
         state["step"] = step + 1
         if state["step"] % 500 == 0:
+            flush()
             log(f"step {state['step']}: loss {np.mean(state['losses'][-500:]):.4f} ({(time.time() - start) / 60:.1f} min this run)")
+    flush()
     state["seconds"] = spent + time.time() - start
     state.update(batch=batch_size, lr=lr, seed=seed)
     tmp = path.with_suffix(".tmp")

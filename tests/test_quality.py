@@ -1,0 +1,70 @@
+"""Quality benchmark pieces: the baselines' masks and plans, gates, and `paro bench quality`
+end to end on the planted model (whose planted heads make reordering matter)."""
+
+import json
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from paro_cli.baselines import local_window_mask, local_window_plan
+from paro_cli.bench.quality import gate_failures
+from test_cli import paro
+
+
+def test_local_window_keeps_the_nearest_blocks():
+    # one frame of one row: blocks are segments of a line, the window is a band
+    mask = local_window_mask((1, 1, 64), 8, 3 / 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for i in range(8):
+        near = sorted(range(8), key=lambda j: (abs(i - j), j))[:3]
+        expected[i, near] = True
+    assert torch.equal(mask, expected)
+    video = local_window_mask((8, 16, 16), 64, 0.3)
+    assert video.diagonal().all() and (video.sum(1) == round(0.3 * 32)).all()
+
+
+def test_local_window_plan_replaces_orders_and_masks(demo_calibration):
+    _, plan = demo_calibration
+    window = local_window_plan(plan)
+    comp = window.components["transformer"]
+    assert all(o == "FHW" for row in comp.orders for o in row)
+    expected = local_window_mask(plan.grid, plan.block_size, plan.density)
+    for slot in range(window.num_slots):
+        assert (comp.slot_masks(slot) == expected).all()
+    assert plan.components["transformer"].orders != comp.orders  # the original is untouched
+
+
+def test_gates_name_the_failing_variant():
+    rows = [{"variant": "dense", "density": 1.0, "qk": "fp32", "pv": "fp32", "psnr_db": 100.0, "fidelity_drop": 0.0},
+            {"variant": "paro", "density": 0.3, "qk": "int8", "pv": "fp8", "psnr_db": 28.0, "fidelity_drop": 0.05},
+            {"variant": "local window", "density": 0.3, "qk": "fp32", "pv": "fp32", "psnr_db": 10.0, "fidelity_drop": 0.5}]
+    assert gate_failures(rows, 30, None) == ["paro d=0.3 int8/fp8: PSNR 28.00 dB < --min-psnr 30"]
+    assert gate_failures(rows, None, 3) == ["paro d=0.3 int8/fp8: fidelity drop 5.0 points > --max-drop 3"]
+    assert gate_failures(rows, 20, 10) == []
+
+
+def test_bench_quality_end_to_end(capsys, tmp_path):
+    args = ["bench", "quality", "--recipe", "planted", "--steps", "2", "--prompts", "2", "--density", "0.3",
+            "--video", tmp_path / "side.gif", "--heatmaps", tmp_path / "maps", "--layer", "1", "--head", "0", "--json"]
+    code, stdout, err = paro(capsys, *args, "--min-psnr", "500")
+    assert code == 3 and err.startswith("gate failed: paro d=0.3 fp32/fp32: PSNR") and err.count("\n") == 1
+    data = json.loads(stdout)
+    variants = [(r["variant"], r["density"]) for r in data["rows"]]
+    assert variants == [("dense", 1.0), ("paro", 0.3), ("no reordering", 0.3), ("local window", 0.3)]
+    dense, paro_row = data["rows"][0], data["rows"][1]
+    assert dense["psnr_db"] == 100.0 and dense["ssim"] == 1.0 and paro_row["psnr_db"] < 100
+    assert len(data["prompts"]) == 2 and data["gates"]
+    assert iio.imread(tmp_path / "side.gif").shape == (8, 32, 66, 3)  # dense | 2-pixel bar | paro
+    maps = data["heatmaps"]
+    assert maps["order"] == "FWH" and 0 < maps["kept_mass"] <= 1  # layer 1 head 0 is planted FWH
+    assert iio.imread(maps["after"]).shape == (512, 512, 3)
+
+
+def test_bench_quality_refuses_bad_input(capsys, tmp_path):
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--prompt", "a cat", "--max-drop", "3")
+    assert code == 2 and "--max-drop needs prompt fidelity" in err
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--precision", "int9/fp8")
+    assert code == 2 and "bad --precision" in err
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--video", tmp_path / "x.avi")
+    assert code == 2 and "unknown extension" in err
