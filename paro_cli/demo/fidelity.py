@@ -2,7 +2,8 @@
 
 The world's backgrounds are grey and its objects saturated (demo/world.py), so:
 - object pixels are the saturated ones, and their hue names their colour (mixing with grey, as
-  anti-aliased edges and blurry generations do, keeps the hue);
+  anti-aliased edges and blurry generations do, keeps the hue); an object is the largest
+  connected blob of its colour in each frame;
 - an object's motion is the drift of its colour's centroid over the frames;
 - its shape is how much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2);
 - the background is read from the grey pixels: flat (plain), varying only from row to row
@@ -24,7 +25,7 @@ from .world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES
 
 SATURATED = 80.0  # max - min channel: palette colours have >= 180, greys 0
 GREY = 30.0
-MIN_PIXELS = 8.0  # fewest pixels of an object in one 32x32 frame
+MIN_PIXELS = 16.0  # fewest pixels of an object in one 32x32 frame (the smallest, a triangle, has ~40)
 CAPTION = re.compile(
     rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})"
     rf"(?: and a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)}))?"
@@ -60,6 +61,26 @@ def _hue(rgb: torch.Tensor) -> torch.Tensor:
 
 
 PALETTE_HUES = {name: float(_hue(torch.tensor(rgb, dtype=torch.float32))) for name, rgb in COLOURS.items()}
+
+
+def _largest_blobs(mask: torch.Tensor) -> torch.Tensor:
+    """Per frame, the largest 8-connected component of `mask` (F, H, W): stray pixels of a
+    colour elsewhere in the frame do not belong to the object."""
+    frames, height, width = mask.shape
+    m = mask.float().unsqueeze(1)
+    labels = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, 1, height, width) * m
+    while True:  # every pixel takes the largest label among its neighbours, inside the mask
+        grown = torch.nn.functional.max_pool2d(labels, 3, stride=1, padding=1) * m
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    labels = labels[:, 0]
+    out = torch.zeros_like(mask)
+    for f in range(frames):
+        values, counts = labels[f][labels[f] > 0].unique(return_counts=True)
+        if len(values):
+            out[f] = labels[f] == values[counts.argmax()]
+    return out
 
 
 def _shape_of(mask: torch.Tensor) -> str | None:
@@ -128,15 +149,15 @@ def read_video(video: torch.Tensor) -> Reading:
     saturated = saturation > SATURATED
     objects = {}
     for i, name in enumerate(names):
-        mask = saturated & (nearest == i)
-        if _is_object(mask):
-            objects[name] = (_shape_of(mask), _direction_of(mask))
+        blobs = _largest_blobs(saturated & (nearest == i))
+        if _is_object(blobs):
+            objects[name] = (_shape_of(blobs), _direction_of(blobs))
     return Reading(objects, _background_of(x, saturation))
 
 
 def _is_object(mask: torch.Tensor) -> bool:
-    """A colour is an object when, in most frames, its pixels form one compact blob of an
-    object's size (scattered pixels, as in noise, fill little of their bounding box)."""
+    """A colour is an object when, in most frames, its largest blob is compact and of an
+    object's size (in noise, blobs are small or thread-like and fill little of their box)."""
     frames, height, width = mask.shape
     area = height * width / 1024  # pixels per 32x32-frame pixel
     good = 0

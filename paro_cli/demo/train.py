@@ -191,7 +191,7 @@ paro's offline hash prompt encoder ({MODEL_CONFIG['text_dim']} dims).
 
 Loss curve (log scale, 100-step moving average; grid: powers of ten, every 1,000 steps): `loss.png`.
 
-Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state['step']} --batch {state['batch']} --seed {state['seed']}`
+Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state['step']} --batch {state['batch']} --lr {state['lr']} --seed {state['seed']}`
 (repeat until it reports the last step; each run stops at `--max-minutes`), then
 `python -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights`.
 """
