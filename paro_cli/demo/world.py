@@ -100,41 +100,42 @@ def sample_scenes(seed: int, count: int, frames: int, height: int, width: int) -
     return [sample_scene(rng, frames, height, width) for _ in range(count)]
 
 
-def _coverage(shape: str, px: torch.Tensor, py: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: float) -> torch.Tensor:
-    """Anti-aliased coverage in [0, 1] of one shape at pixel centres (px, py), per frame centre
-    (cx, cy): one pixel of soft edge around an approximate signed distance."""
-    dx, dy = px - cx, py - cy
-    if shape == "circle":
-        dist = torch.sqrt(dx**2 + dy**2) - size
-    elif shape == "square":
-        dist = torch.maximum(dx.abs(), dy.abs()) - size * 0.9
-    else:  # triangle, apex up (y grows downwards): base at y = +0.8 size, apex at y = -1.2 size
-        dist = torch.maximum(dy - size * 0.8, (2 * dx.abs() - dy - size * 1.2) / math.hypot(2.0, 1.0))
+def _coverage(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased coverage in [0, 1] of each pixel by a shape whose centre is (dx, dy) away:
+    one pixel of soft edge around an approximate signed distance. `shape` indexes SHAPES; all
+    arguments broadcast."""
+    circle = torch.sqrt(dx**2 + dy**2) - size
+    square = torch.maximum(dx.abs(), dy.abs()) - size * 0.9
+    # triangle, apex up (y grows downwards): base at y = +0.8 size, apex at y = -1.2 size
+    triangle = torch.maximum(dy - size * 0.8, (2 * dx.abs() - dy - size * 1.2) / math.hypot(2.0, 1.0))
+    dist = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
     return (0.5 - dist).clamp(0.0, 1.0)
 
 
 def render(scenes: list[Scene], frames: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, 3, F, H, W) float32 in [-1, 1]: what the demo model is trained to generate."""
+    """(B, 3, F, H, W) float32 in [-1, 1]: what the demo model is trained to generate. One
+    batched pass for all scenes (object slots without an object draw nothing)."""
     device = torch.device(device)
-    ys = torch.arange(height, device=device, dtype=torch.float32).view(1, height, 1) + 0.5
-    xs = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, width) + 0.5
-    t = torch.arange(frames, device=device, dtype=torch.float32).view(frames, 1, 1)
+    f32 = dict(device=device, dtype=torch.float32)
+    b = len(scenes)
+    ys = torch.arange(height, **f32).view(1, 1, height, 1) + 0.5
+    xs = torch.arange(width, **f32).view(1, 1, 1, width) + 0.5
+    t = torch.arange(frames, **f32).view(1, frames, 1, 1)
     stripe = max(1, round(STRIPE * height / 32))
-    out = torch.empty(len(scenes), 3, frames, height, width, device=device)
-    for b, scene in enumerate(scenes):
-        rows = (ys // stripe).long() % 2
-        if scene.background == "checkered":
-            pattern = (rows + (xs // stripe).long()) % 2
-        else:
-            pattern = rows.expand(1, height, width)
-        lo, hi = scene.levels
-        grey = torch.where(pattern.bool(), float(hi), float(lo)).expand(frames, height, width)
-        video = grey.unsqueeze(0).repeat(3, 1, 1, 1)
-        for o in scene.objects:
-            dx, dy = DIRECTIONS[o.direction]
-            cx, cy = o.x + dx * o.speed * t, o.y + dy * o.speed * t
-            alpha = _coverage(o.shape, xs, ys, cx, cy, o.size)
-            colour = torch.tensor(COLOURS[o.colour], device=device, dtype=torch.float32).view(3, 1, 1, 1)
-            video = video * (1 - alpha) + colour * alpha
-        out[b] = video / 127.5 - 1.0
-    return out
+    rows = (ys // stripe) % 2
+    checkered = torch.tensor([s.background == "checkered" for s in scenes], device=device).view(b, 1, 1, 1)
+    pattern = torch.where(checkered, (rows + (xs // stripe)) % 2, rows)  # (B, 1, H, W)
+    lo, hi = (torch.tensor([s.levels[i] for s in scenes], **f32).view(b, 1, 1, 1) for i in (0, 1))
+    video = (lo + (hi - lo) * pattern).expand(b, frames, height, width).unsqueeze(1).repeat(1, 3, 1, 1, 1)
+    slots = max(len(s.objects) for s in scenes)
+    for k in range(slots):  # object k of every scene at once, drawn over what came before
+        objs = [s.objects[k] if k < len(s.objects) else None for s in scenes]
+        value = lambda fn: torch.tensor([fn(o) if o else 0.0 for o in objs], **f32).view(b, 1, 1, 1)
+        dx, dy = value(lambda o: DIRECTIONS[o.direction][0]), value(lambda o: DIRECTIONS[o.direction][1])
+        speed, size = value(lambda o: o.speed), value(lambda o: o.size)
+        cx, cy = value(lambda o: o.x) + dx * speed * t, value(lambda o: o.y) + dy * speed * t  # (B, F, 1, 1)
+        alpha = _coverage(value(lambda o: SHAPES.index(o.shape)), xs - cx, ys - cy, size)
+        alpha = alpha * value(lambda o: 1.0)  # no object: no coverage
+        colour = torch.tensor([COLOURS[o.colour] if o else (0, 0, 0) for o in objs], **f32).view(b, 3, 1, 1, 1)
+        video = video * (1 - alpha.unsqueeze(1)) + colour * alpha.unsqueeze(1)
+    return video / 127.5 - 1.0
