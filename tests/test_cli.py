@@ -97,9 +97,10 @@ def test_recipes(capsys):
     (["calibrate", "--out", "OUT/plan.bin"], "must end in .safetensors"),
     (["calibrate", "--out", "OUT/missing/plan.safetensors"], "does not exist"),
     (["generate", "--plan", "OUT/none.safetensors", "--out", "OUT/v.mp4"], "plan file OUT/none.safetensors not found"),
-    (["generate", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"], "token grid of 8x16x16, this run has 4x16x16"),
+    (["generate", "--recipe", "planted", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"], "token grid of 8x16x16, this run has 4x16x16"),
+    (["generate", "--plan", "PLAN", "--out", "OUT/v.mp4"], "plan was calibrated for another transformer config"),
     (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
-    (["generate", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
+    (["generate", "--recipe", "planted", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
     (["bench", "e2e"], "needs a plan"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
@@ -112,7 +113,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_fi
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs here")
 def test_triton_backend_refused_on_cpu(capsys, tmp_path, plan_file):
-    code, _, err = paro(capsys, "generate", "--plan", plan_file, "--backend", "triton", "--out", tmp_path / "v.mp4")
+    code, _, err = paro(capsys, "generate", "--recipe", "planted", "--plan", plan_file, "--backend", "triton", "--out", tmp_path / "v.mp4")
     assert code == 2 and err.startswith("error: backend 'triton' does not run on cpu")
     assert list(tmp_path.iterdir()) == []
 
@@ -164,7 +165,7 @@ def test_help_for_every_command(capsys):
 def test_dense_layers_dense_steps_single_slot(capsys, tmp_path):
     """Recipe options that route calls to stock attention reach the plan and the generation."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("sparsity: {density: 0.3, slots: single, dense_first_steps: 1, dense_layers: [1]}\n"
+    recipe.write_text("model: planted\nsparsity: {density: 0.3, slots: single, dense_first_steps: 1, dense_layers: [1]}\n"
                       "calibration: {order_steps: 2}\nsampling: {steps: 3}\n")
     plan = tmp_path / "p.safetensors"
     code, stdout, err = paro(capsys, "calibrate", "--recipe", recipe, "--out", plan, "--json")

@@ -65,3 +65,19 @@ def test_prompt_encoder_binds_words_to_positions():
     assert not torch.allclose(a, b)
     assert torch.equal(enc([""])[0], torch.zeros(enc.max_tokens, 16))
     assert torch.equal(enc(["a red circle"]), HashPromptEncoder(16)(["a red circle"]))
+
+
+def test_embedded_model_draws_what_its_captions_say():
+    """The trained demo model, on CPU: its videos show their own captions' facts far better than
+    another caption's (a model that ignored its prompt would score the same on both)."""
+    from paro_cli.bench.quality import demo_prompts
+    from paro_cli.models.loading import load_model
+    from paro_cli.recipe import load_recipe
+    from paro_cli.runner import sample
+
+    recipe = load_recipe("tiny")
+    prompts = demo_prompts(4, 0, recipe)
+    vids = sample(load_model("embedded"), recipe, prompts, [0, 1, 2, 3])
+    own = sum(fidelity(v, p) for v, p in zip(vids, prompts)) / 4
+    other = sum(fidelity(v, p) for v, p in zip(vids, prompts[1:] + prompts[:1])) / 4
+    assert own >= 0.5 and own >= other + 0.2, (own, other)
