@@ -118,7 +118,7 @@ def _same_grid(expected: tuple[int, int, int], grid: tuple[int, int, int]) -> No
         raise ParoError(f"token grid changed during calibration ({expected} -> {tuple(grid)})", "calibrate one geometry at a time")
 
 
-class _StepTracker:
+class StepTracker:
     """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe)."""
 
     def __init__(self):
@@ -139,7 +139,7 @@ class OrderProfiler:
 
     def __init__(self, layers: int, heads: int, block: int, density: float, layout: SequenceLayout, steps: set[int]):
         self.block, self.density, self.layout, self.steps = block, density, layout, steps
-        self.tracker = _StepTracker()
+        self.tracker = StepTracker()
         self.profile = False
         self.recall: torch.Tensor | None = None
         self.incoherence: torch.Tensor | None = None

@@ -16,6 +16,7 @@ import torch
 from kernels.layout import block_mask_rows
 from kernels.orders import order_permutation
 
+from ..calibration import StepTracker
 from ..fileio import atomic_path, check_output_file
 from ..intercept import AttentionInterceptor, DenseFn
 from ..plan import Plan
@@ -31,20 +32,16 @@ class _QKCapture:
 
     def __init__(self, layer: int, step: int):
         self.layer, self.step = layer, step
-        self.seen: list[float] = []
-        self.t: float | None = None
-        self.captured_t: float | None = None
+        self.tracker = StepTracker()
+        self.current = -1
         self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_forward(self, grid, t):
-        if not self.seen or self.seen[-1] != t:
-            self.seen.append(t)
-        self.t = t
+        self.current = self.tracker.see(grid, t)
 
     def attention(self, layer: int, q, k, v, dense: DenseFn):
-        if layer == self.layer and len(self.seen) - 1 == self.step and self.qk is None:
+        if layer == self.layer and self.current == self.step and self.qk is None:
             self.qk = (q[-1].detach().float().cpu(), k[-1].detach().float().cpu())  # last batch row: conditional branch
-            self.captured_t = self.t
         return dense()
 
 
@@ -84,14 +81,12 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     capture = _QKCapture(layer, step)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
         sample(loaded, recipe, [prompt], [seed], decode=False)
-    q, k = capture.qk
-    text = loaded.adapter.sequence_layout().text_len
-    if text:  # visual tokens only: the plan orders those
-        q, k = (x[text:] if loaded.adapter.sequence_layout().text_first else x[:-text] for x in (q, k))
+    layout = loaded.adapter.sequence_layout()
+    q, k = (layout.split(x, dim=0)[1] for x in capture.qk)  # visual tokens only: the plan orders those
     attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)
     order = comp.orders[layer][head]
     perm = order_permutation(order, plan.grid)
-    kept = comp.slot_masks(plan.slot_of(capture.captured_t))[layer, head]
+    kept = comp.slot_masks(plan.slot_of(capture.tracker.timesteps[step]))[layer, head]
     out_dir.mkdir(parents=True, exist_ok=True)
     before, after = out_dir / f"attention_l{layer}_h{head}_before.png", out_dir / f"attention_l{layer}_h{head}_after.png"
     reordered, n = attn[perm][:, perm], attn.shape[0]

@@ -83,17 +83,39 @@ def _largest_blobs(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _shape_of(mask: torch.Tensor) -> str | None:
-    """Shape from the median bounding-box fill over frames where the object is wholly inside."""
-    inside, cut = [], []
+@dataclass(frozen=True)
+class _Blob:
+    """One frame's blob of one colour."""
+
+    pixels: int
+    box: float  # bounding-box area
+    centre: tuple[float, float]  # (x, y)
+    touches: bool  # reaches the frame border
+
+    @property
+    def fill(self) -> float:
+        return self.pixels / self.box
+
+
+def _frame_blobs(mask: torch.Tensor) -> list[_Blob | None]:
+    """Per frame of `mask` (F, H, W), its pixels' summary, or None where there are none."""
     frames, height, width = mask.shape
+    blobs = []
     for f in range(frames):
         ys, xs = torch.nonzero(mask[f], as_tuple=True)
-        if len(ys) < 6:
+        if not len(ys):
+            blobs.append(None)
             continue
-        fill = len(ys) / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-        touches = ys.min() == 0 or xs.min() == 0 or ys.max() == height - 1 or xs.max() == width - 1
-        (cut if touches else inside).append(fill)
+        box = float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        touches = bool(ys.min() == 0 or xs.min() == 0 or ys.max() == height - 1 or xs.max() == width - 1)
+        blobs.append(_Blob(len(ys), box, (float(xs.float().mean()), float(ys.float().mean())), touches))
+    return blobs
+
+
+def _shape_of(blobs: list[_Blob | None]) -> str | None:
+    """Shape from the median bounding-box fill over frames where the object is wholly inside."""
+    inside = [b.fill for b in blobs if b and b.pixels >= 6 and not b.touches]
+    cut = [b.fill for b in blobs if b and b.pixels >= 6 and b.touches]
     fills = inside or cut  # frames cut by the border only when there are no others
     if not fills:
         return None
@@ -101,20 +123,16 @@ def _shape_of(mask: torch.Tensor) -> str | None:
     return "square" if fill >= 0.88 else "circle" if fill >= 0.65 else "triangle"
 
 
-def _direction_of(mask: torch.Tensor) -> str | None:
-    """Direction of the least-squares drift of the mask's centroid over the frames."""
-    t, cx, cy = [], [], []
-    for f in range(mask.shape[0]):
-        ys, xs = torch.nonzero(mask[f], as_tuple=True)
-        if len(ys) >= 4:
-            t.append(float(f))
-            cx.append(xs.float().mean())
-            cy.append(ys.float().mean())
-    if len(t) < 2:
+def _direction_of(blobs: list[_Blob | None]) -> str | None:
+    """Direction of the least-squares drift of the blob's centroid over the frames."""
+    seen = [(float(f), b.centre) for f, b in enumerate(blobs) if b and b.pixels >= 4]
+    if len(seen) < 2:
         return None
-    tt = torch.tensor(t) - sum(t) / len(t)
-    vx = float((tt * torch.stack(cx)).sum() / (tt**2).sum())
-    vy = float((tt * torch.stack(cy)).sum() / (tt**2).sum())
+    t = torch.tensor([f for f, _ in seen])
+    tt = t - t.mean()
+    cx, cy = torch.tensor([c[0] for _, c in seen]), torch.tensor([c[1] for _, c in seen])
+    vx = float((tt * cx).sum() / (tt**2).sum())
+    vy = float((tt * cy).sum() / (tt**2).sum())
     if abs(vx) >= abs(vy):
         return "right" if vx > 0 else "left"
     return "down" if vy > 0 else "up"
@@ -149,25 +167,20 @@ def read_video(video: torch.Tensor) -> Reading:
     saturated = saturation > SATURATED
     objects = {}
     for i, name in enumerate(names):
-        blobs = _largest_blobs(saturated & (nearest == i))
-        if _is_object(blobs):
+        blobs = _frame_blobs(_largest_blobs(saturated & (nearest == i)))
+        if _is_object(blobs, x.shape[1] * x.shape[2] / 1024):
             objects[name] = (_shape_of(blobs), _direction_of(blobs))
     return Reading(objects, _background_of(x, saturation))
 
 
-def _is_object(mask: torch.Tensor) -> bool:
+def _is_object(blobs: list[_Blob | None], area: float) -> bool:
     """A colour is an object when, in most frames, its largest blob is compact and of an
-    object's size (in noise, blobs are small or thread-like and fill little of their box)."""
-    frames, height, width = mask.shape
-    area = height * width / 1024  # pixels per 32x32-frame pixel
-    good = 0
-    for f in range(frames):
-        ys, xs = torch.nonzero(mask[f], as_tuple=True)
-        if not MIN_PIXELS * area <= len(ys) <= 250 * area:
-            continue
-        box = float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-        good += len(ys) / box >= 0.35 and box <= 400 * area
-    return good * 2 >= frames
+    object's size (in noise, blobs are small or thread-like and fill little of their box).
+    `area`: frame pixels per pixel of a 32x32 frame."""
+    good = sum(
+        MIN_PIXELS * area <= b.pixels <= 250 * area and b.fill >= 0.35 and b.box <= 400 * area for b in blobs if b
+    )
+    return good * 2 >= len(blobs)
 
 
 def fidelity(video: torch.Tensor, caption: str) -> float:

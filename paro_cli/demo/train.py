@@ -17,6 +17,7 @@ that classifier-free guidance works.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -50,11 +51,11 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def batch(seed: int, step: int, size: int, encoder: HashPromptEncoder, device: torch.device):
-    """(videos (B, 3, F, H, W) in [-1, 1], caption embeddings, captions) of one training step."""
+    """(videos (B, 3, F, H, W) in [-1, 1], caption embeddings) of one training step."""
     rng = random.Random(seed * 1_000_003 + step)
     scenes = [sample_scene(rng, FRAMES, HEIGHT, WIDTH) for _ in range(size)]
     captions = [s.caption if rng.random() >= CAPTION_DROPOUT else "" for s in scenes]
-    return render(scenes, FRAMES, HEIGHT, WIDTH, device), encoder(captions).to(device), captions
+    return render(scenes, FRAMES, HEIGHT, WIDTH, device), encoder(captions).to(device)
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
@@ -84,7 +85,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work.mkdir(parents=True, exist_ok=True)
     model = build_model(seed).to(device).train()
-    ema = build_model(seed).to(device).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     state = {"step": 0, "losses": [], "seconds": 0.0, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     path = work / CHECKPOINT
@@ -95,10 +96,8 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
         log(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min so far)")
-    else:
-        ema.load_state_dict(model.state_dict())
     encoder = HashPromptEncoder(MODEL_CONFIG["text_dim"])
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device)  # reseeded every step from (seed, step)
     start = time.time()
     spent = state["seconds"]
     pending: list[torch.Tensor] = []  # losses still on the device: reading each one would stall the queue
@@ -113,7 +112,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         generator.manual_seed(seed * 1_000_003 + step)
         for group in optimiser.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 500)  # warm-up, then constant (EMA does the averaging)
-        x0, context, _ = batch(seed, step, batch_size, encoder, device)
+        x0, context = batch(seed, step, batch_size, encoder, device)
         loss = flow_matching_loss(model, x0, context, generator)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -134,8 +134,8 @@ def render(scenes: list[Scene], frames: int, height: int, width: int, device: to
         dx, dy = value(lambda o: DIRECTIONS[o.direction][0]), value(lambda o: DIRECTIONS[o.direction][1])
         speed, size = value(lambda o: o.speed), value(lambda o: o.size)
         cx, cy = value(lambda o: o.x) + dx * speed * t, value(lambda o: o.y) + dy * speed * t  # (B, F, 1, 1)
-        alpha = _coverage(value(lambda o: SHAPES.index(o.shape)), xs - cx, ys - cy, size)
-        alpha = alpha * value(lambda o: 1.0)  # no object: no coverage
+        present = value(lambda o: 1.0)  # 0 where a scene has no object k: it covers nothing
+        alpha = _coverage(value(lambda o: SHAPES.index(o.shape)), xs - cx, ys - cy, size) * present
         colour = torch.tensor([COLOURS[o.colour] if o else (0, 0, 0) for o in objs], **f32).view(b, 3, 1, 1, 1)
         video = video * (1 - alpha.unsqueeze(1)) + colour * alpha.unsqueeze(1)
     return video / 127.5 - 1.0
