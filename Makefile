@@ -36,7 +36,7 @@ demo: install
 
 # Retrain the embedded demo model (needs a CUDA GPU; about 7 minutes on an H100; rerun to resume).
 train-demo: install
-	$(PY) -m paro_cli.demo.train --work runs/demo --steps 4018 --batch 32 --lr 3e-4 --seed 0 --max-minutes 9
+	$(PY) -m paro_cli.demo.train --work runs/demo --steps 12500 --batch 32 --lr 3e-4 --seed 0 --max-minutes 9
 	$(PY) -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights
 
 test: install

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from paro_cli.baselines import local_window_mask, local_window_plan
-from paro_cli.bench.quality import gate_failures
+from paro_cli.bench.quality import _with, gate_failures
+from paro_cli.recipe import load_recipe
 from test_cli import paro
 
 
@@ -68,3 +69,10 @@ def test_bench_quality_refuses_bad_input(capsys, tmp_path):
     assert code == 2 and "bad --precision" in err
     code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--video", tmp_path / "x.avi")
     assert code == 2 and "unknown extension" in err
+
+
+def test_paro_variants_keep_the_recipes_allowed_orders():
+    recipe = load_recipe("planted", {"calibration.orders": ["HWF", "FWH"]})
+    variant = _with(recipe, 0.3, "int8", "fp8")
+    assert variant.calibration.orders == ("HWF", "FWH") and variant.sparsity.density == 0.3 and variant.precision.qk == "int8"
+    assert _with(recipe, 0.3, "fp32", "fp32", orders=("FHW",)).calibration.orders == ("FHW",)

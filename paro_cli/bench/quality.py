@@ -35,11 +35,13 @@ def demo_prompts(count: int, seed: int, recipe: Recipe) -> list[str]:
 
 
 def _with(recipe: Recipe, density: float, qk: str, pv: str, orders: tuple[str, ...] | None = None) -> Recipe:
+    """The recipe at another density and precision; `orders` replaces calibration.orders if given."""
+    calibration = recipe.calibration if orders is None else dataclasses.replace(recipe.calibration, orders=orders)
     return dataclasses.replace(
         recipe,
         sparsity=dataclasses.replace(recipe.sparsity, density=density),
         precision=dataclasses.replace(recipe.precision, qk=qk, pv=pv),
-        calibration=dataclasses.replace(recipe.calibration, orders=orders),
+        calibration=calibration,
     )
 
 

@@ -33,13 +33,13 @@ from .world import render, sample_scene
 
 MODEL_CONFIG = dict(
     patch_size=(1, 2, 2),
-    num_attention_heads=6,
-    attention_head_dim=32,
+    num_attention_heads=4,
+    attention_head_dim=64,  # 32 left RoPE 10 dims per spatial axis: too coarse for local attention
     in_channels=3,
     out_channels=3,
     text_dim=64,
     freq_dim=64,
-    ffn_dim=768,
+    ffn_dim=1024,
     num_layers=6,
     rope_max_seq_len=64,
 )
@@ -96,6 +96,8 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
         log(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min so far)")
+    # Compiled on CUDA: the eager step is bound by small unfused kernels (2.2x slower on the H100).
+    step_model = torch.compile(model) if device.type == "cuda" else model
     encoder = HashPromptEncoder(MODEL_CONFIG["text_dim"])
     generator = torch.Generator(device)  # reseeded every step from (seed, step)
     start = time.time()
@@ -113,7 +115,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         for group in optimiser.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 500)  # warm-up, then constant (EMA does the averaging)
         x0, context = batch(seed, step, batch_size, encoder, device)
-        loss = flow_matching_loss(model, x0, context, generator)
+        loss = flow_matching_loss(step_model, x0, context, generator)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
