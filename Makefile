@@ -34,9 +34,10 @@ demo: install
 		--video $(OUT)/dense_vs_paro.mp4 --heatmaps $(OUT)/heatmaps
 	@echo "video: $(OUT)/demo.mp4   dense | paro: $(OUT)/dense_vs_paro.mp4   heat maps: $(OUT)/heatmaps   plan: $(OUT)/plan.safetensors"
 
-# Retrain the embedded demo model (needs a CUDA GPU; about 7 minutes on an H100; rerun to resume).
+# Retrain the embedded demo model (needs a CUDA GPU; about 13 minutes on an H100, in runs of at most 9 that resume).
 train-demo: install
-	$(PY) -m paro_cli.demo.train --work runs/demo --steps 12500 --batch 32 --lr 3e-4 --seed 0 --max-minutes 9
+	until $(PY) -m paro_cli.demo.train --work runs/demo --steps 12500 --batch 32 --lr 3e-4 --seed 0 --max-minutes 9; \
+	do test $$? -eq 75 || exit 1; done  # 75: stopped at --max-minutes, resume
 	$(PY) -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights
 
 test: install

@@ -43,7 +43,7 @@ def _torch_raw(q, k, perm, block, layout, scale, max_chunk_elems):
     n = layout.visual_len(seq)
     nb = num_blocks(n, block)
     pad = nb * block - n
-    _, qv = to_paro_order(q.float(), layout, perm)
+    _, qv = to_paro_order(q.float() * scale, layout, perm)  # scaled here: one pass less over the scores
     kt, kv = to_paro_order(k.float(), layout, perm)
     keys = torch.cat([kt, kv], dim=2)
     mass = torch.zeros(bsz, heads, nb, nb, device=q.device)
@@ -51,8 +51,10 @@ def _torch_raw(q, k, perm, block, layout, scale, max_chunk_elems):
     rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        p = torch.softmax((qv[:, :, start:stop] @ keys.transpose(-1, -2)) * scale, dim=-1)[..., layout.text_len :]
-        p = torch.nn.functional.pad(p, (0, pad, 0, -(stop - start) % block))
+        p = torch.softmax(qv[:, :, start:stop] @ keys.transpose(-1, -2), dim=-1)[..., layout.text_len :]
+        row_pad = -(stop - start) % block
+        if pad or row_pad:  # a copy of the whole chunk: only for ragged sizes
+            p = torch.nn.functional.pad(p, (0, pad, 0, row_pad))
         tiles = p.reshape(bsz, heads, p.shape[2] // block, block, nb, block)
         i0 = start // block
         mass[:, :, i0 : i0 + tiles.shape[2]] = tiles.sum(dim=(3, 5))

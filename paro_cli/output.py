@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -13,10 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+PIPED_WIDTH = 120
+
+
 class Output:
     def __init__(self, as_json: bool = False):
         self.as_json = as_json
-        self.console = Console()
+        # Piped output (CI logs) has no terminal width; Rich would assume 80 columns and cut cells.
+        piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        self.console = Console(width=PIPED_WIDTH if piped else None)
         self.errors = Console(stderr=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -28,7 +34,7 @@ class Output:
             return
         table = Table(title=title)
         for i, col in enumerate(columns):
-            table.add_column(col, no_wrap=i == 0)
+            table.add_column(col, no_wrap=i == 0, overflow="fold")  # wrap a narrow cell, never cut it
         for row in rows:
             table.add_row(*(str(x) for x in row))
         self.console.print(table)

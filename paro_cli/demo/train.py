@@ -1,6 +1,6 @@
 """Train the embedded demo model: a WanTransformer3DModel on the procedural world, by flow matching.
 
-    python -m paro_cli.demo.train --work runs/demo --steps 12000 --max-minutes 9   # resumes if --work has a checkpoint
+    python -m paro_cli.demo.train --work runs/demo --max-minutes 9   # resumes; exit 75: not finished, run again
     python -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights  # EMA weights + model card + loss curve
 
 Everything is a function of `--seed`: the model's initial weights, and the scenes of step i
@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ SHIFT = 3.0
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 CHECKPOINT = "checkpoint.pt"
+UNFINISHED = 75  # exit status of a run that stopped at --max-minutes before --steps (EX_TEMPFAIL)
 
 
 def batch(seed: int, step: int, size: int, encoder: HashPromptEncoder, device: torch.device):
@@ -202,17 +204,20 @@ Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state['step'
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
-    parser.add_argument("--steps", type=int, default=12000, help="total steps over all runs")
+    parser.add_argument("--steps", type=int, default=12500, help="total steps over all runs")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=9.0, help="stop (and checkpoint) after this long")
     parser.add_argument("--export", type=Path, help="write the EMA weights, model card and loss curve here instead of training")
     args = parser.parse_args(argv)
     if args.export:
         export(args.work, args.export)
-    else:
-        train(args.work, args.steps, args.batch, args.lr, args.seed, args.max_minutes)
+        return
+    state = train(args.work, args.steps, args.batch, args.lr, args.seed, args.max_minutes)
+    if state["step"] < args.steps:
+        print(f"stopped at step {state['step']} of {args.steps}: run the same command again to resume")
+        sys.exit(UNFINISHED)
 
 
 if __name__ == "__main__":
