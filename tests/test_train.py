@@ -1,8 +1,9 @@
 """Training the demo model: a resumed run equals an uninterrupted one; the export loads."""
 
+import pytest
 import torch
 
-from paro_cli.demo.train import CHECKPOINT, export, train
+from paro_cli.demo.train import CHECKPOINT, UNFINISHED, export, main, train
 from paro_cli.models.loading import load_model
 
 
@@ -23,3 +24,12 @@ def test_resumed_training_equals_uninterrupted_and_exports(tmp_path):
     ema = a["ema"]
     w = dict(loaded.transformer.named_parameters())
     assert all(torch.allclose(w[n].float(), ema[n].float(), rtol=1e-3, atol=1e-4) for n in w)  # fp16 storage
+
+
+def test_a_run_stopped_by_its_time_limit_asks_to_be_resumed(tmp_path, capsys):
+    args = ["--work", str(tmp_path), "--steps", "1", "--batch", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--max-minutes", "0"])
+    assert stopped.value.code == UNFINISHED and "stopped at step 0 of 1" in capsys.readouterr().out
+    main([*args, "--max-minutes", "10"])  # resumes and finishes: returns normally (exit 0)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["state"]["step"] == 1
