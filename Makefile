@@ -30,7 +30,7 @@ demo: install
 	mkdir -p $(OUT)
 	$(PY) -m paro_cli calibrate --recipe tiny --out $(OUT)/plan.safetensors
 	$(PY) -m paro_cli generate --recipe tiny --plan $(OUT)/plan.safetensors --prompt "a red circle moving left on a striped background" --seed 0 --out $(OUT)/demo.mp4
-	$(PY) -m paro_cli bench quality --recipe tiny --prompts 2 --density 0.3 \
+	$(PY) -m paro_cli bench quality --recipe tiny --prompts 2 --plan $(OUT)/plan.safetensors \
 		--video $(OUT)/dense_vs_paro.mp4 --heatmaps $(OUT)/heatmaps
 	@echo "video: $(OUT)/demo.mp4   dense | paro: $(OUT)/dense_vs_paro.mp4   heat maps: $(OUT)/heatmaps   plan: $(OUT)/plan.safetensors"
 

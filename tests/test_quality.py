@@ -76,3 +76,23 @@ def test_paro_variants_keep_the_recipes_allowed_orders():
     variant = _with(recipe, 0.3, "int8", "fp8")
     assert variant.calibration.orders == ("HWF", "FWH") and variant.sparsity.density == 0.3 and variant.precision.qk == "int8"
     assert _with(recipe, 0.3, "fp32", "fp32", orders=("FHW",)).calibration.orders == ("FHW",)
+
+
+def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_path, monkeypatch, demo_calibration):
+    _, plan = demo_calibration
+    path = tmp_path / "plan.safetensors"
+    plan.save(path)
+
+    def no_calibration(*_):
+        raise AssertionError("calibrated although --plan was given")
+
+    monkeypatch.setattr("paro_cli.bench.quality.calibrate", no_calibration)
+    code, stdout, _ = paro(capsys, "bench", "quality", "--recipe", "planted", "--steps", "2", "--prompts", "1",
+                           "--no-baselines", "--plan", path, "--json")
+    assert code == 0
+    rows = json.loads(stdout)["rows"]
+    assert [(r["variant"], r["density"], r["qk"]) for r in rows] == [("dense", 1.0, "fp32"), ("paro", plan.density, plan.qk)]
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--plan", path, "--density", "0.9")
+    assert code == 2 and f"is for density {plan.density}" in err and "--density" in err.splitlines()[-1]
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "tiny", "--plan", path)  # another model: refused up front
+    assert code == 2 and "plan" in err and err.count("\n") == 1

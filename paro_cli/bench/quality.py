@@ -21,6 +21,7 @@ from ..baselines import local_window_plan
 from ..calibration import calibrate
 from ..demo.fidelity import fidelity, parse_caption
 from ..demo.world import sample_scenes
+from ..plan import Plan
 from ..recipe import Recipe
 from ..runner import sample, token_grid
 from .metrics import cosine, psnr, ssim
@@ -65,8 +66,11 @@ def is_caption(prompt: str) -> bool:
 
 
 def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[str, str]], prompts: list[str],
-        seeds: list[int], baselines: bool, progress) -> tuple[dict, dict]:
-    """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}})."""
+        seeds: list[int], baselines: bool, progress, given: Plan | None = None) -> tuple[dict, dict]:
+    """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}}).
+
+    `given`: a ready plan, used for the paro variant of its density and precision instead of
+    calibrating one."""
     grid = token_grid(loaded, recipe)
     steps = recipe.sampling.steps
 
@@ -88,7 +92,10 @@ def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[s
     for density in densities:
         for qk, pv in precisions:
             label = f"paro d={density} {qk}/{pv}"
-            plan = calibrated(label, _with(recipe, density, qk, pv))
+            if given is not None and (given.density, given.qk, given.pv) == (density, qk, pv):
+                plan = given
+            else:
+                plan = calibrated(label, _with(recipe, density, qk, pv))
             outputs[label], outputs["plans"][label] = generate(label, plan), plan
             rows.append({"variant": "paro", "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)})
         if baselines:

@@ -144,6 +144,7 @@ def quality(
     head: Annotated[int, typer.Option(help="Head of the heat maps.")] = 0,
     min_psnr: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant's PSNR vs dense is below this (dB).")] = None,
     max_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant loses more prompt fidelity than this (points of 100).")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="A plan from `paro calibrate`, measured as the paro variant of its density and precision instead of calibrating one (the default --density / --precision).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Dense output against each recipe variant on a fixed prompt set: PSNR, SSIM and cosine
@@ -154,9 +155,15 @@ def quality(
     from ..media import check_video_path, write_video
 
     r = build_recipe(recipe, model=model, steps=steps, guidance=guidance, backend=backend)
+    given = load_plan(plan) if plan else None
+    own = given or r.sparsity
     torch_backend = BACKENDS["torch"]
-    pairs = parse_precisions(precision or [f"{r.precision.qk}/{r.precision.pv}"], torch_backend.qk_formats, torch_backend.pv_formats)
-    densities = check_densities(density or [r.sparsity.density])
+    default_pair = f"{given.qk}/{given.pv}" if given else f"{r.precision.qk}/{r.precision.pv}"
+    pairs = parse_precisions(precision or [default_pair], torch_backend.qk_formats, torch_backend.pv_formats)
+    densities = check_densities(density or [own.density])
+    if given and (given.density not in densities or (given.qk, given.pv) not in pairs):
+        raise ParoError(f"--plan {plan} is for density {given.density} {given.qk}/{given.pv}, which is not among the variants measured",
+                        f"add --density {given.density} --precision {given.qk}/{given.pv}, or leave both out")
     if video is not None:
         check_video_path(video)
     if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
@@ -167,8 +174,11 @@ def quality(
     seeds = [seed + i for i in range(len(texts))]
     ui = Output(as_json)
     loaded = load_model(r.model, r.sampling.dtype)
+    if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
+        given.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=token_grid(loaded, r),
+                        layout=loaded.adapter.sequence_layout())
     with ui.progress() as bar:
-        result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar)
+        result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar, given)
         first = next(k for k in outputs["plans"])
         if heatmaps is not None:
             bar.start("heat maps", r.sampling.steps)
