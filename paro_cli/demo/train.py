@@ -195,8 +195,11 @@ paro's offline hash prompt encoder ({MODEL_CONFIG['text_dim']} dims).
 Loss curve (log scale, 100-step moving average; grid: powers of ten, every 1,000 steps): `loss.png`.
 
 Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state['step']} --batch {state['batch']} --lr {state['lr']} --seed {state['seed']}`
-(repeat until it reports the last step; each run stops at `--max-minutes`), then
+(repeat while it exits with status 75: each run stops at `--max-minutes`), then
 `python -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights`.
+The data and the initial weights follow from the seed exactly; on CUDA the training step is
+compiled (`torch.compile`) and GPU kernels are not bitwise deterministic, so a rerun is not
+guaranteed to give these weights bit for bit.
 """
     (out / "MODEL_CARD.md").write_text(card)
 
