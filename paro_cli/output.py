@@ -26,8 +26,8 @@ class Output:
         self.errors = Console(stderr=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        if not self.as_json:
-            self.console.print(*args, **kwargs)
+        if not self.as_json:  # lines are left whole (soft wrap): logs and greps see them unbroken
+            self.console.print(*args, **{"soft_wrap": True, **kwargs})
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.as_json:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from paro_cli.cli import main
+from paro_cli.output import Output
 
 FAST = ["--recipe", "planted", "--steps", "3"]  # the planted model: small, and its plans fit it
 
@@ -205,3 +206,12 @@ def test_outputs_honour_the_umask(capsys, tmp_path, plan_file):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "v.gif").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_messages_and_tables_are_never_cut_when_piped(capsys):
+    ui = Output()
+    ui.print("word " * 60)
+    assert capsys.readouterr().out.count("\n") == 1  # one line, however long
+    ui.table("t", ["variant", "note"], [["no reordering", "x" * 300]])  # one word wider than the table
+    out = capsys.readouterr().out
+    assert "…" not in out and out.count("x") == 300 and "no reordering" in out
