@@ -37,7 +37,7 @@ demo: install
 # Retrain the embedded demo model (needs a CUDA GPU; about 13 minutes on an H100, in runs of at most 9 that resume).
 train-demo: install
 	until $(PY) -m paro_cli.demo.train --work runs/demo --steps 12500 --batch 32 --lr 3e-4 --seed 0 --max-minutes 9; \
-	do test $$? -eq 75 || exit 1; done  # 75: stopped at --max-minutes, resume
+	do s=$$?; test $$s -eq 75 || exit $$s; done  # 75: stopped at --max-minutes after some progress: resume
 	$(PY) -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights
 
 test: install

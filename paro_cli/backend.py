@@ -160,6 +160,11 @@ class PlanAttention:
         )
 
 
+def check_plan(loaded, plan: Plan, grid: tuple[int, int, int]) -> None:
+    """Refuse a plan made for another model, geometry or text layout (a PlanError)."""
+    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, layout=loaded.adapter.sequence_layout())
+
+
 @contextlib.contextmanager
 def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: str | None = None, pv: str | None = None) -> Iterator[PlanAttention]:
     """Run `loaded`'s self-attention through `plan` inside the block; stock attention after.
@@ -167,7 +172,7 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     Checks the plan against the model and geometry and the backend against the device first.
     qk / pv override the plan's precision.
     """
-    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, layout=loaded.adapter.sequence_layout())
+    check_plan(loaded, plan, grid)
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handler = PlanAttention(plan, "transformer", chosen, loaded.adapter.sequence_layout(), loaded.device, qk, pv)

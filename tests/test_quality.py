@@ -9,7 +9,7 @@ import torch
 
 from paro_cli.baselines import local_window_mask, local_window_plan
 from paro_cli.bench.quality import _with, gate_failures
-from paro_cli.recipe import load_recipe
+from paro_cli.recipe import RECIPES_DIR, load_recipe
 from test_cli import paro
 
 
@@ -90,9 +90,15 @@ def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_pat
     code, stdout, _ = paro(capsys, "bench", "quality", "--recipe", "planted", "--steps", "2", "--prompts", "1",
                            "--no-baselines", "--plan", path, "--json")
     assert code == 0
-    rows = json.loads(stdout)["rows"]
+    data = json.loads(stdout)
+    rows = data["rows"]
+    assert data["plan"]["path"] == str(path) and data["plan"]["calibration_prompts"] == list(plan.prompts)
     assert [(r["variant"], r["density"], r["qk"]) for r in rows] == [("dense", 1.0, "fp32"), ("paro", plan.density, plan.qk)]
     code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--plan", path, "--density", "0.9")
     assert code == 2 and f"is for density {plan.density}" in err and "--density" in err.splitlines()[-1]
     code, _, err = paro(capsys, "bench", "quality", "--recipe", "tiny", "--plan", path)  # another model: refused up front
-    assert code == 2 and "plan" in err and err.count("\n") == 1
+    assert code == 2 and "calibrated for another transformer" in err and err.count("\n") == 1
+    other = tmp_path / "blocks32.yaml"  # the planted recipe with another block size
+    other.write_text((RECIPES_DIR / "planted.yaml").read_text().replace("block_size: 64", "block_size: 32"))
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", other, "--plan", path)
+    assert code == 2 and "baselines would not compare" in err

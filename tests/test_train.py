@@ -27,9 +27,12 @@ def test_resumed_training_equals_uninterrupted_and_exports(tmp_path):
 
 
 def test_a_run_stopped_by_its_time_limit_asks_to_be_resumed(tmp_path, capsys):
-    args = ["--work", str(tmp_path), "--steps", "1", "--batch", "1"]
+    args = ["--work", str(tmp_path), "--steps", "2", "--batch", "1"]
     with pytest.raises(SystemExit) as stopped:
-        main([*args, "--max-minutes", "0"])
-    assert stopped.value.code == UNFINISHED and "stopped at step 0 of 1" in capsys.readouterr().out
+        main([*args, "--max-minutes", "0"])  # no step fits: an error, not "resume" (a resume loop would never end)
+    assert stopped.value.code == "no training step fits in --max-minutes 0.0: raise it"
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--max-minutes", "0.001"])  # one step (~1 s on a CPU) outlasts 60 ms: stops after it
+    assert stopped.value.code == UNFINISHED and "stopped at step 1 of 2" in capsys.readouterr().out
     main([*args, "--max-minutes", "10"])  # resumes and finishes: returns normally (exit 0)
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["state"]["step"] == 1
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["state"]["step"] == 2

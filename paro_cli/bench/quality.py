@@ -21,6 +21,7 @@ from ..baselines import local_window_plan
 from ..calibration import calibrate
 from ..demo.fidelity import fidelity, parse_caption
 from ..demo.world import sample_scenes
+from ..errors import PlanError
 from ..plan import Plan
 from ..recipe import Recipe
 from ..runner import sample, token_grid
@@ -44,6 +45,22 @@ def _with(recipe: Recipe, density: float, qk: str, pv: str, orders: tuple[str, .
         precision=dataclasses.replace(recipe.precision, qk=qk, pv=pv),
         calibration=calibration,
     )
+
+
+def plan_variant(plan: Plan) -> tuple[float, str, str]:
+    """(density, qk, pv): the paro variant a ready plan stands for."""
+    return plan.density, plan.qk, plan.pv
+
+
+def check_given_plan(plan: Plan, recipe: Recipe) -> None:
+    """A ready plan is compared with baselines calibrated from the recipe: their masks must be
+    built the same way (block size, timestep slots, dense layers and steps)."""
+    sp = recipe.sparsity
+    ours = (plan.block_size, plan.slot_policy, list(plan.dense_layers))
+    theirs = (sp.block_size, sp.slots, list(sp.dense_layers))
+    if ours != theirs:
+        raise PlanError(f"the plan has block size / slots / dense layers {ours}, the recipe {theirs}: its baselines would not compare",
+                        "run with the recipe the plan was calibrated with")
 
 
 def _scores(videos: torch.Tensor, dense: torch.Tensor, prompts: list[str]) -> dict:
@@ -92,7 +109,7 @@ def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[s
     for density in densities:
         for qk, pv in precisions:
             label = f"paro d={density} {qk}/{pv}"
-            if given is not None and (given.density, given.qk, given.pv) == (density, qk, pv):
+            if given is not None and plan_variant(given) == (density, qk, pv):
                 plan = given
             else:
                 plan = calibrated(label, _with(recipe, density, qk, pv))

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from ..backend import BACKENDS
+from ..backend import BACKENDS, check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
 from ..models.loading import load_model
@@ -156,14 +156,16 @@ def quality(
 
     r = build_recipe(recipe, model=model, steps=steps, guidance=guidance, backend=backend)
     given = load_plan(plan) if plan else None
-    own = given or r.sparsity
     torch_backend = BACKENDS["torch"]
     default_pair = f"{given.qk}/{given.pv}" if given else f"{r.precision.qk}/{r.precision.pv}"
     pairs = parse_precisions(precision or [default_pair], torch_backend.qk_formats, torch_backend.pv_formats)
-    densities = check_densities(density or [own.density])
-    if given and (given.density not in densities or (given.qk, given.pv) not in pairs):
-        raise ParoError(f"--plan {plan} is for density {given.density} {given.qk}/{given.pv}, which is not among the variants measured",
-                        f"add --density {given.density} --precision {given.qk}/{given.pv}, or leave both out")
+    densities = check_densities(density or [given.density if given else r.sparsity.density])
+    if given:
+        qb.check_given_plan(given, r)
+        d, qk, pv = qb.plan_variant(given)
+        if d not in densities or (qk, pv) not in pairs:
+            raise ParoError(f"--plan {plan} is for density {d} {qk}/{pv}, which is not among the variants measured",
+                            f"add --density {d} --precision {qk}/{pv}, or leave both out")
     if video is not None:
         check_video_path(video)
     if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
@@ -175,10 +177,12 @@ def quality(
     ui = Output(as_json)
     loaded = load_model(r.model, r.sampling.dtype)
     if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
-        given.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=token_grid(loaded, r),
-                        layout=loaded.adapter.sequence_layout())
+        check_plan(loaded, given, token_grid(loaded, r))
     with ui.progress() as bar:
         result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar, given)
+        if given:
+            result["plan"] = {"path": str(plan), "variant": f"paro d={given.density} {given.qk}/{given.pv}",
+                              "calibration_prompts": list(given.prompts)}
         first = next(k for k in outputs["plans"])
         if heatmaps is not None:
             bar.start("heat maps", r.sampling.steps)

@@ -217,8 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         export(args.work, args.export)
         return
+    checkpoint = args.work / CHECKPOINT
+    before = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]["step"] if checkpoint.is_file() else 0
     state = train(args.work, args.steps, args.batch, args.lr, args.seed, args.max_minutes)
     if state["step"] < args.steps:
+        if state["step"] == before:  # rerunning would not help: stop a resume loop here
+            sys.exit(f"no training step fits in --max-minutes {args.max_minutes}: raise it")
         print(f"stopped at step {state['step']} of {args.steps}: run the same command again to resume")
         sys.exit(UNFINISHED)
 
