@@ -54,7 +54,7 @@ def plan_variant(plan: Plan) -> tuple[float, str, str]:
 
 def check_given_plan(plan: Plan, recipe: Recipe) -> None:
     """A ready plan is compared with baselines calibrated from the recipe: their masks must be
-    built the same way (block size, timestep slots, dense layers and steps)."""
+    built the same way (block size, timestep slots, dense layers)."""
     sp = recipe.sparsity
     ours = (plan.block_size, plan.slot_policy, list(plan.dense_layers))
     theirs = (sp.block_size, sp.slots, list(sp.dense_layers))

@@ -103,7 +103,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
     encoder = HashPromptEncoder(MODEL_CONFIG["text_dim"])
     generator = torch.Generator(device)  # reseeded every step from (seed, step)
     start = time.time()
-    spent = state["seconds"]
+    spent, first = state["seconds"], state["step"]
     pending: list[torch.Tensor] = []  # losses still on the device: reading each one would stall the queue
 
     def flush():
@@ -136,7 +136,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(), "state": state}, tmp)
     tmp.replace(path)
     log(f"checkpoint at step {state['step']}: {state['seconds'] / 60:.1f} min in all")
-    return state
+    return {**state, "steps_this_run": state["step"] - first}
 
 
 def loss_curve_png(losses: list[float], path: Path, width: int = 640, height: int = 360) -> None:
@@ -217,11 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         export(args.work, args.export)
         return
-    checkpoint = args.work / CHECKPOINT
-    before = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]["step"] if checkpoint.is_file() else 0
     state = train(args.work, args.steps, args.batch, args.lr, args.seed, args.max_minutes)
     if state["step"] < args.steps:
-        if state["step"] == before:  # rerunning would not help: stop a resume loop here
+        if not state["steps_this_run"]:  # rerunning would not help: stop a resume loop here
             sys.exit(f"no training step fits in --max-minutes {args.max_minutes}: raise it")
         print(f"stopped at step {state['step']} of {args.steps}: run the same command again to resume")
         sys.exit(UNFINISHED)
