@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of a Wan transformer with the paro Triton backend (GPU only)."""
+"""The paro Triton backend under torch.compile(fullgraph=True) and CUDA graphs (GPU only)."""
 
 import pytest
 import torch
@@ -6,12 +6,12 @@ import torch
 from conftest import rel_l2
 
 
-@pytest.mark.gpu
-def test_compiled_transformer_with_paro_backend_matches_eager():
+def tiny_wan_with_plan():
+    """A tiny bf16 Wan transformer on the GPU, a plan with two timestep slots whose masks differ,
+    and one denoising step as a function of the timestep."""
     from test_models import TINY_WAN, full_plan, model_adapter
 
     from kernels.layout import num_blocks
-    from paro_cli.backend import use_plan
     from paro_cli.models.loading import LoadedModel
     from paro_cli.plan import pack_bits
     from diffusers import WanTransformer3DModel
@@ -31,11 +31,64 @@ def test_compiled_transformer_with_paro_backend_matches_eager():
         with torch.no_grad():
             return model(hidden_states=x, timestep=torch.tensor([t, t], device="cuda"), encoder_hidden_states=context, return_dict=False)[0]
 
+    return model, loaded, plan, grid, step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_transformer_with_paro_backend_matches_eager(mode):
+    """fullgraph=True compiles without a graph break; "reduce-overhead" also replays the step
+    as a CUDA graph, which must see the masks of the current slot (refilled in place)."""
+    from paro_cli.backend import use_plan
+
+    model, loaded, plan, grid, step = tiny_wan_with_plan()
     with use_plan(loaded, plan, grid, "triton") as handler:
         eager = [step(900.0), step(100.0)]  # two timestep slots
-        model.forward = torch.compile(model.forward, fullgraph=True)  # hooks stay outside the graph
-        compiled = [step(900.0), step(100.0), step(900.0)]
+        model.forward = torch.compile(model.forward, fullgraph=True, mode=mode)  # hooks stay outside the graph
+        # (CUDA graph outputs are overwritten by the next replay: keep copies.) The third step
+        # replays a graph recorded on the other slot's masks.
+        compiled = [step(t).clone() for t in (900.0, 100.0, 900.0)]
         assert handler.paro_calls == 10
     for a, b in zip(compiled, eager + eager[:1]):
         assert rel_l2(a, b) <= 1e-2
     assert rel_l2(eager[0], eager[1]) > 1e-3  # the slots really differ
+
+
+@pytest.mark.gpu
+def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host():
+    """One paro attention call issues no host synchronisation, and a captured CUDA graph of it,
+    replayed after new inputs and a new mask are copied into the captured tensors, equals an
+    eager call on them."""
+    import kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
+    from test_triton_kernels import case
+
+    from kernels.layout import kept_block_lists
+
+    first, second = (case((4, 8, 10), 13, True, heads=3, dim=64, block=64, batch=2, density=d, seed=s, device="cuda")
+                     for d, s in ((0.3, 0), (0.6, 1)))
+    inputs = {name: first[name].clone() for name in ("q", "k", "v")}
+    index, count = kept_block_lists(first["kept"])
+
+    def call():
+        return torch.ops.paro.attention(inputs["q"], inputs["k"], inputs["v"], first["perm"], index, count, 64, 13, True,
+                                        "int8", "fp8", 64**-0.5)
+
+    call()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for name in inputs:
+        inputs[name].copy_(second[name])
+    new_index, new_count = kept_block_lists(second["kept"])
+    index.copy_(new_index)
+    count.copy_(new_count)
+    graph.replay()
+    assert rel_l2(captured, call()) <= 1e-6
+    assert rel_l2(captured, torch.ops.paro.attention(first["q"], first["k"], first["v"], first["perm"], *kept_block_lists(first["kept"]),
+                                                     64, 13, True, "int8", "fp8", 64**-0.5)) > 1e-2  # it did change
