@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
 from .quant import MIN_AMAX, QMAX, is_scaled
 
@@ -245,10 +246,10 @@ def _paro_attention_kernel(
         acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
+    if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed (a row that saw no key stays 0)
         v_scale = tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
         v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
-        out = out * v_scale[None, :] + v_mean[None, :]
+        out = tl.where(l_i[:, None] > 0, out * v_scale[None, :] + v_mean[None, :], 0.0)
     o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     tl.store(o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, out.to(Out.dtype.element_ty), mask=q_mask)
 
@@ -407,7 +408,10 @@ def paro_attention_triton(
     perm (H, N) int32/int64: each head's visual order. kv_index (H, nb, nb) int32 / kv_count (H, nb)
     int32: per visual query tile, the kept visual key tiles first (see layout.kept_block_lists).
     out: an optional (B, S, H, D) tensor to write into. config: launch options overriding
-    `launch_config` (for tuning sweeps).
+    `launch_config` (for tuning sweeps of the portable kernel, which then serves the call).
+
+    On an H100 the calls hopper_attention covers go to that warp-specialised kernel, the rest
+    to the portable kernel below; both read the same prep-pass buffers.
     """
     _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv)
     bsz, seq, heads, dim = q.shape
@@ -423,6 +427,13 @@ def paro_attention_triton(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
     ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb)
+    p_shift = math.log2(P_SCALE.get(pv, 1.0))
+    if config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv):
+        hopper_attention.launch(q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean, heads=heads, t=t, n=n,
+                                n_text_tiles=n_text_tiles, nb=nb, score_scale=score_scale, text_first=int(layout.text_first),
+                                dim=dim, qk_code=qk_code, qk_qmax=QMAX.get(qk, 1.0), pv_code=pv_code, min_amax=MIN_AMAX,
+                                p_shift=p_shift)
+        return out
     sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
     _paro_attention_kernel[(n_text_tiles + nb, bsz * heads)](
@@ -430,7 +441,7 @@ def paro_attention_triton(
         *sq, *ks.stride(), *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=math.log2(P_SCALE.get(pv, 1.0)),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift,
         **(config or launch_config(block, dim)),
     )
     return out

@@ -66,6 +66,18 @@ def test_interpreted_fp16_is_tight(dim):
     assert rel_l2(out, exact(c)) <= 4e-2
 
 
+@interpreted
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("native", "native")], ids=lambda m: f"{m[0]}-{m[1]}")
+def test_interpreted_row_with_no_key_outputs_zero(modes):
+    """As the reference: no key, no output (not V's mean, which the 8-bit PV path adds back)."""
+    c = case((2, 4, 8), 0, True, heads=2, dim=32, block=32, density=0.5)
+    c["kept"][1, 1] = False
+    out, _, _ = run_kernel(c, *modes)
+    rows = c["perm"][1, 32:64].long()
+    assert torch.equal(out[:, rows, 1], torch.zeros_like(out[:, rows, 1]))
+    assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+
+
 @pytest.mark.parametrize("device", ["cpu" if INTERPRET else "cuda"])
 def test_custom_op_and_shape_checks(device):
     import kernels.ops  # noqa: F401
@@ -122,3 +134,35 @@ def test_gpu_statistics_kernel_matches_torch():
     torch.testing.assert_close(fast.mass, slow.mass, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fast.incoherence, slow.incoherence, atol=1e-3, rtol=1e-3)
     assert torch.equal(mass_recall(fast.mass, 0.3).argmax(0), mass_recall(slow.mass, 0.3).argmax(0))
+
+
+HOPPER_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 16, 16), 512, True, 128),
+                ((6, 10, 14), 33, False, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("grid,text_len,text_first,dim", HOPPER_CASES, ids=lambda x: str(x))
+def test_gpu_block_128_matches_reference(modes, grid, text_len, text_first, dim):
+    """Block 128 is the warp-specialised Hopper kernel's (kernels/hopper_attention.py) on an
+    H100, for the calls it covers; an empty kept row outputs what the reference does."""
+    c = case(grid, text_len, text_first, heads=3, dim=dim, block=128, batch=2, density=0.3, device="cuda")
+    c["kept"][1, 1] = False  # with no text, the row attends to nothing
+    out, _, _ = run_kernel(c, *modes)
+    assert not out.isnan().any()
+    assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+def test_gpu_hopper_kernel_serves_block_128_on_sm90():
+    from kernels import hopper_attention
+
+    device = torch.device("cuda")
+    assert hopper_attention.available(device)
+    for qk, pv in (("bf16", "bf16"), ("int8", "fp8"), ("fp8", "fp8"), ("int8", "bf16")):
+        assert hopper_attention.chosen(device, 128, 128, qk, pv)
+    assert hopper_attention.chosen(device, 128, 64, "bf16", "bf16")
+    assert not hopper_attention.chosen(device, 128, 64, "int8", "fp8")  # the portable kernel is faster there
+    assert not hopper_attention.chosen(device, 64, 128, "bf16", "bf16")
+    assert not hopper_attention.chosen(device, 128, 128, "int8", "int8")
