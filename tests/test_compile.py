@@ -55,7 +55,8 @@ def test_compiled_transformer_with_paro_backend_matches_eager(mode):
 
 
 @pytest.mark.gpu
-def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host():
+@pytest.mark.parametrize("block,dim", [(64, 64), (128, 128)])  # on an H100: the portable kernel, the Hopper kernel
+def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host(block, dim):
     """One paro attention call issues no host synchronisation, and a captured CUDA graph of it,
     replayed after new inputs and a new mask are copied into the captured tensors, equals an
     eager call on them."""
@@ -64,13 +65,13 @@ def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host():
 
     from kernels.layout import kept_block_lists
 
-    first, second = (case((4, 8, 10), 13, True, heads=3, dim=64, block=64, batch=2, density=d, seed=s, device="cuda")
+    first, second = (case((4, 8, 10), 13, True, heads=3, dim=dim, block=block, batch=2, density=d, seed=s, device="cuda")
                      for d, s in ((0.3, 0), (0.6, 1)))
     inputs = {name: first[name].clone() for name in ("q", "k", "v")}
     index, count = kept_block_lists(first["kept"])
 
     def attend(q, k, v, index, count):
-        return torch.ops.paro.attention(q, k, v, first["perm"], index, count, 64, 13, True, "int8", "fp8", 64**-0.5)
+        return torch.ops.paro.attention(q, k, v, first["perm"], index, count, block, 13, True, "int8", "fp8", dim**-0.5)
 
     def call():
         return attend(inputs["q"], inputs["k"], inputs["v"], index, count)
