@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from .tile_order import key_tile, program_tile
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -72,14 +74,6 @@ if _IMPORTED:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 256 // operand_bits])
 
     @gluon.jit
-    def _key_tile(j, n_text_tiles, list_ptr, is_text):
-        """The paro-order tile of the j-th key tile a query tile visits: every text tile, then
-        every visual tile (text queries) or the visual tiles of its kept list."""
-        listed = j >= n_text_tiles
-        entry = gl.load(list_ptr + gl.where(listed, j - n_text_tiles, 0), mask=listed & ~is_text, other=0)
-        return gl.where(listed & ~is_text, n_text_tiles + entry, j)
-
-    @gluon.jit
     def _acquire(turn, c: gl.constexpr, t):
         """Wait for consumer c's t-th turn at the tensor cores. Consumer 0 goes first, then they
         alternate: each arrives on the other's `turn` barrier once per turn it takes."""
@@ -94,7 +88,7 @@ if _IMPORTED:
         for j in range(gl.maximum(n_keys, 1)):
             s = j % STAGES
             mbarrier.wait(kv_empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
-            kt = gl.minimum(_key_tile(j, n_text_tiles, list_ptr, is_text), n_tiles - 1)
+            kt = gl.minimum(key_tile(j, n_text_tiles, list_ptr, is_text), n_tiles - 1)
             ready = kv_ready.index(s)
             mbarrier.expect(ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [kv_row0 + kt * BLOCK, 0], ready, k_smem.index(s))
@@ -139,7 +133,7 @@ if _IMPORTED:
         acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
         for j in range(n):
             s = s_next.to(gl.float32)
-            kt = gl.minimum(_key_tile(j, n_text_tiles, list_ptr, is_text), n_tiles - 1)
+            kt = gl.minimum(key_tile(j, n_text_tiles, list_ptr, is_text), n_tiles - 1)
             scale = score_scale
             if QK != 0:
                 scale = scale * gl.load(kscale_ptr + kt)
@@ -197,28 +191,11 @@ if _IMPORTED:
                   n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
                   vis_base, stride_qs, QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
                   DIM: gl.constexpr):
+        """Consumer c's rows: the online softmax, then the store."""
         acc, l_i = _consume(c, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text,
                             n_text_tiles, n_keys, n_tiles, score_scale, T, N, QK, PV, P_SHIFT, STAGES)
         _store(acc, l_i, c * 64, n_keys, tile, n_text_tiles, T, N, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base,
                stride_qs, k_smem.shape[1], PV, DIM)
-
-    @gluon.jit
-    def _consumer_0(q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles, n_keys,
-                    n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base, stride_qs,
-                    QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr, DIM: gl.constexpr):
-        """Rows 0..63, in the program's own warps (warp_specialize's default partition)."""
-        _consumer(0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
-                  n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base,
-                  stride_qs, QK, PV, P_SHIFT, STAGES, DIM)
-
-    @gluon.jit
-    def _consumer_1(q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles, n_keys,
-                    n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base, stride_qs,
-                    QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr, DIM: gl.constexpr):
-        """Rows 64..127, in a worker partition."""
-        _consumer(1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
-                  n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base,
-                  stride_qs, QK, PV, P_SHIFT, STAGES, DIM)
 
     @gluon.jit
     def _paro_attention_sm90(
@@ -233,12 +210,8 @@ if _IMPORTED:
         2 FP8; PV: 0 16-bit, 2 FP8. Out has Q's layout and strides; channels are contiguous."""
         BLOCK: gl.constexpr = k_desc.block_shape[0]
         n_tiles = n_text_tiles + nb
-        pid = gl.program_id(0) + gl.program_id(1).to(gl.int64) * n_tiles
-        n_text_programs = n_text_tiles * gl.num_programs(1)
-        heavy = pid < n_text_programs
-        rest = pid - n_text_programs
-        tile = gl.where(heavy, pid % gl.maximum(n_text_tiles, 1), n_text_tiles + rest % nb).to(gl.int32)
-        bh = gl.where(heavy, pid // gl.maximum(n_text_tiles, 1), rest // nb).to(gl.int32)
+        tile, bh = program_tile(gl.program_id(0) + gl.program_id(1).to(gl.int64) * n_tiles, n_text_tiles, nb,
+                                gl.num_programs(1))
         b = bh // H
         h = bh % H
         perm_h = Perm + h.to(gl.int64) * N
@@ -285,12 +258,14 @@ if _IMPORTED:
         o_ptr = Out + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
         vscale_ptr = VScale + bh.to(gl.int64) * DIM
         vmean_ptr = VMean + bh.to(gl.int64) * DIM
-        # (Gluon passes constexprs to partitions only when they are spelled out in the tuple.)
+        # Consumer 0 runs in the program's own warps (the default partition), consumer 1 and the
+        # producer in workers. (Gluon passes constexprs to partitions only when they are spelled
+        # out in the tuple.)
         gl.warp_specialize([
-            (_consumer_0, (q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
+            (_consumer, (0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
                            n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
-            (_consumer_1, (q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
+            (_consumer, (1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
                            n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
             (_produce, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, list_ptr, is_text, n_text_tiles, n_keys,

@@ -36,6 +36,7 @@ import triton.language as tl
 from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
 from .quant import MIN_AMAX, QMAX, is_scaled
+from .tile_order import key_tile, program_tile
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -101,15 +102,6 @@ def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_ba
     if UPCAST:
         x = x.to(tl.float32)
     return x, original, valid
-
-
-@triton.jit
-def _key_tile(j, n_text_tiles, list_ptr, is_text):
-    """The paro-order tile of the j-th key tile a query tile visits: every text tile, then every
-    visual tile (text queries) or the visual tiles of its kept list."""
-    listed = j >= n_text_tiles
-    entry = tl.load(list_ptr + tl.where(listed, j - n_text_tiles, 0), mask=listed & ~is_text, other=0)
-    return tl.where(listed & ~is_text, n_text_tiles + entry, j)
 
 
 @triton.jit
@@ -181,19 +173,10 @@ def _paro_attention_kernel(
     P_SHIFT: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
-    order, K and V from the prep pass's paro-order buffers.
-
-    Programs run in launch order (axis 0 fastest), and a text query tile visits every key
-    tile, several times a sparse visual tile's work: so the text tiles of all heads are
-    scheduled first, then each head's visual tiles together (they share its K and V in L2).
-    Launched last, a head's text tiles would run alone at the end of the grid."""
+    order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
+    order (axis 0 fastest): tile_order.program_tile says which query tile each one takes."""
     n_tiles = n_text_tiles + nb
-    pid = tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles
-    n_text_programs = n_text_tiles * tl.num_programs(1)
-    heavy = pid < n_text_programs
-    rest = pid - n_text_programs
-    tile = tl.where(heavy, pid % tl.maximum(n_text_tiles, 1), n_text_tiles + rest % nb).to(tl.int32)
-    bh = tl.where(heavy, pid // tl.maximum(n_text_tiles, 1), rest // nb).to(tl.int32)
+    tile, bh = program_tile(tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles, n_text_tiles, nb, tl.num_programs(1))
     b = bh // H
     h = bh % H
     offs = tl.arange(0, BLOCK)
@@ -235,7 +218,7 @@ def _paro_attention_kernel(
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     v_dtype = V.dtype.element_ty
     for j in range(0, n_keys):
-        kt = _key_tile(j, n_text_tiles, list_ptr, is_text)
+        kt = key_tile(j, n_text_tiles, list_ptr, is_text)
         rows, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, False)
         scale = score_scale
         if QK != 0:
