@@ -3,7 +3,8 @@
 Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
 
 - One program computes one tile of `BLOCK` query rows of one (batch, head), in paro order
-  (text tiles first, then visual tiles in the head's token order). Text query tiles attend to
+  (text tiles first, then visual tiles in the head's token order), or a half of it where
+  `launch_config` splits tiles between two programs. Text query tiles attend to
   every key tile; a visual query tile attends to every text key tile and to the visual key
   tiles listed for it in `kv_index[h, i, :kv_count[h, i]]` (a compact list: no scan of a
   dense block grid).
@@ -137,14 +138,18 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr):
+def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr,
+                PV_APART: tl.constexpr):
     """acc + P V for one key tile, P already in V's format (upcast to fp32 on the CPU
-    interpreter)."""
+    interpreter). PV_APART: compute P V into a fresh accumulator and add it; fed the rescaled
+    acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515)."""
     v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
     elif UPCAST:
         acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+    elif PV_APART:
+        acc += tl.dot(p, v)
     else:  # FP8 (448 p uses e4m3's whole range) or 16-bit: the product accumulates into acc
         acc = tl.dot(p, v, acc)
     return acc
@@ -170,16 +175,20 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    P_SHIFT: tl.constexpr,
+    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
     order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
-    order (axis 0 fastest): tile_order.program_tile says which query tile each one takes."""
+    order (axis 0 fastest): tile_order.program_tile says which query tile each one takes, and
+    SPLIT programs in a row share it, each computing BLOCK // SPLIT of its rows."""
     n_tiles = n_text_tiles + nb
-    tile, bh = program_tile(tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles, n_text_tiles, nb, tl.num_programs(1))
+    pid = tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles * SPLIT
+    tile, bh = program_tile(pid // SPLIT, n_text_tiles, nb, tl.num_programs(1))
     b = bh // H
     h = bh % H
+    ROWS: tl.constexpr = BLOCK // SPLIT
     offs = tl.arange(0, BLOCK)
+    q_offs = (pid % SPLIT).to(tl.int32) * ROWS + tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     perm_h = Perm + h.to(tl.int64) * N
     text_base = (1 - text_first) * N  # original position of the first text / visual token
@@ -191,7 +200,7 @@ def _paro_attention_kernel(
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     k_scales = KScale + bh.to(tl.int64) * n_tiles
 
-    q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base,
+    q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, q_offs, d, text_base, vis_base,
                                       stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
     q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
     if QK == 0:
@@ -200,7 +209,13 @@ def _paro_attention_kernel(
         else:
             q = q.to(K.dtype.element_ty)
     else:  # quantise the query tile here: it is loaded once per program, so this costs nothing
-        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0), MIN_AMAX_) / QK_QMAX
+        amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+        for part in tl.static_range(SPLIT):  # the scale is the whole tile's, shared by its programs
+            if SPLIT > 1:
+                rows_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part * ROWS + tl.arange(0, ROWS), d,
+                                      text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(rows_q.to(tl.float32)), 1), 0))
+        q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
         qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
         if QK == 1:
             q = _rint(qf).to(tl.int8)
@@ -213,9 +228,9 @@ def _paro_attention_kernel(
     list_ptr = KvIndex + (h.to(tl.int64) * nb + vis_tile) * nb
     n_keys = n_text_tiles + tl.where(is_text, nb, tl.load(KvCount + h.to(tl.int64) * nb + vis_tile))
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     v_dtype = V.dtype.element_ty
     for j in range(0, n_keys):
         kt = key_tile(j, n_text_tiles, list_ptr, is_text)
@@ -226,7 +241,7 @@ def _paro_attention_kernel(
         s = _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST)
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed (a row that saw no key stays 0)
@@ -338,14 +353,27 @@ def padded_head_dim(dim: int) -> int:
     return max(32, triton.next_power_of_2(dim))
 
 
-def launch_config(block: int, head_dim: int) -> dict:
-    """Warps and pipeline depth per tile shape, from the H100 sweeps in BENCHMARKS.md: one
-    warpgroup (4 warps) wins everywhere but on 128x128 tiles with 128 channels, whose
+def _warps_and_stages(block: int, head_dim: int) -> dict:
+    """One warpgroup (4 warps) everywhere but on 128x128 tiles with 128 channels, whose
     accumulator and scores need two warpgroups' registers; three stages everywhere (a fourth
     buys nothing in the 8-bit modes and, with 16-bit tiles, costs a resident program per SM)."""
     if INTERPRET:
         return {"num_warps": 1, "num_stages": 1}
     return {"num_warps": 8 if block >= 128 and head_dim > 64 else 4, "num_stages": 3}
+
+
+def launch_config(block: int, head_dim: int, qk: str = "bf16", pv: str = "bf16") -> dict:
+    """Launch options of the attention kernel, from the H100 sweeps in BENCHMARKS.md.
+
+    Head dim <= 64, 8-bit QK and FP8 PV on 128-row tiles: the loop is bound by the softmax,
+    not the tensor cores, so each tile is split between two programs of 64 rows
+    (SageAttention2's sm90 kernel uses 64-row CTAs too) capped at 128 registers, which fits
+    four programs per SM whose softmax and products overlap; the P V product is computed apart
+    (see `_accumulate`). With 16-bit PV the same split measured 28% slower."""
+    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": False}
+    if not INTERPRET and block >= 128 and head_dim <= 64 and format_code(qk) != FLOAT and format_code(pv) == FP8:
+        config.update(num_warps=4, split=2, maxnreg=128, pv_apart=True)
+    return config
 
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
@@ -419,13 +447,14 @@ def paro_attention_triton(
         return out
     sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
-    _paro_attention_kernel[(n_text_tiles + nb, bsz * heads)](
+    launch = dict(config or launch_config(block, dim, qk, pv))
+    split, pv_apart = launch.pop("split", 1), launch.pop("pv_apart", False)
+    _paro_attention_kernel[((n_text_tiles + nb) * split, bsz * heads)](
         q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
         *sq, *ks.stride(), *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift,
-        **(config or launch_config(block, dim)),
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift, SPLIT=split, PV_APART=pv_apart, **launch,
     )
     return out
 
@@ -475,6 +504,6 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
-        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, **launch_config(block, dim),
+        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, **_warps_and_stages(block, dim),
     )
     return kp, vp, k_scale, v_scale, v_mean
