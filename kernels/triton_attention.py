@@ -138,12 +138,34 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _swizzle(key):
+    """Position of a tile's key in a swizzled V tile: in each group of 32 keys, the bits
+    (4, 3, 2, 1, 0) of a key's index move to (4, 1, 3, 2, 0). On sm_90 that is where the score
+    accumulator's registers already hold the key's column for an 8-bit wgmma operand."""
+    return (key & ~0xE) | ((key & 0x6) << 1) | ((key >> 2) & 0x2)
+
+
+@triton.jit
+def _swizzled_columns(p):
+    """P with column c moved to _swizzle(c), written as a reshape and a permute of the bits so
+    that Triton sees no data move: P then feeds an 8-bit product with a swizzled V without the
+    register shuffles that its accumulator-to-operand layout change costs otherwise."""
+    R: tl.constexpr = p.shape[0]
+    C: tl.constexpr = p.shape[1]
+    p = tl.permute(tl.reshape(p, [R, C // 32, 2, 2, 2, 2, 2]), (0, 1, 2, 4, 5, 3, 6))
+    return tl.reshape(p, [R, C])
+
+
+@triton.jit
 def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr,
-                PV_APART: tl.constexpr):
+                PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr):
     """acc + P V for one key tile, P already in V's format (upcast to fp32 on the CPU
     interpreter). PV_APART: compute P V into a fresh accumulator and add it; fed the rescaled
-    acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515)."""
+    acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515).
+    SWIZZLE_V: the prep pass stored V's keys swizzled, so P's columns follow."""
     v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd)
+    if SWIZZLE_V:
+        p = _swizzled_columns(p)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
     elif UPCAST:
@@ -175,7 +197,7 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr,
+    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
     order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
@@ -210,11 +232,11 @@ def _paro_attention_kernel(
             q = q.to(K.dtype.element_ty)
     else:  # quantise the query tile here: it is loaded once per program, so this costs nothing
         amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
-        for part in tl.static_range(SPLIT):  # the scale is the whole tile's, shared by its programs
-            if SPLIT > 1:
-                rows_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part * ROWS + tl.arange(0, ROWS), d,
-                                      text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
-                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(rows_q.to(tl.float32)), 1), 0))
+        for other in tl.static_range(1, SPLIT):  # the scale is the whole tile's: read its other parts' rows too
+            part = (pid % SPLIT + other) % SPLIT
+            rows_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part.to(tl.int32) * ROWS + tl.arange(0, ROWS), d,
+                                  text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(rows_q.to(tl.float32)), 1), 0))
         q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
         qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
         if QK == 1:
@@ -241,7 +263,7 @@ def _paro_attention_kernel(
         s = _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART)
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART, SWIZZLE_V)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed (a row that saw no key stays 0)
@@ -300,10 +322,12 @@ def _prep_kernel(
     H, T, N, n_text_tiles, nb, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, PV_QMAX: tl.constexpr, MIN_AMAX_: tl.constexpr,
+    SWIZZLE_V: tl.constexpr,
 ):
     """One fused pass over K and V: gather a tile in paro order, remove K's and V's means,
     quantise K per tile and V per channel, write contiguous paro-order buffers (V transposed
-    when 8-bit, as FP8/INT8 tensor-core products want their second operand K-major)."""
+    when 8-bit, as FP8/INT8 tensor-core products want their second operand K-major; its keys
+    swizzled within the tile when SWIZZLE_V)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -315,7 +339,8 @@ def _prep_kernel(
     buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
     src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + original[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
-    vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + buf_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
+    v_rows = tile * BLOCK + _swizzle(offs) if SWIZZLE_V else buf_rows
+    vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + v_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
     k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
@@ -369,10 +394,11 @@ def launch_config(block: int, head_dim: int, qk: str = "bf16", pv: str = "bf16")
     not the tensor cores, so each tile is split between two programs of 64 rows
     (SageAttention2's sm90 kernel uses 64-row CTAs too) capped at 128 registers, which fits
     four programs per SM whose softmax and products overlap; the P V product is computed apart
-    (see `_accumulate`). With 16-bit PV the same split measured 28% slower."""
-    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": False}
+    (see `_accumulate`), V's keys swizzled (see `_swizzle`). With 16-bit PV the same split
+    measured 28% slower."""
+    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": False, "swizzle_v": False}
     if not INTERPRET and block >= 128 and head_dim <= 64 and format_code(qk) != FLOAT and format_code(pv) == FP8:
-        config.update(num_warps=4, split=2, maxnreg=128, pv_apart=True)
+        config.update(num_warps=4, split=2, maxnreg=128, pv_apart=True, swizzle_v=True)
     return config
 
 
@@ -437,9 +463,12 @@ def paro_attention_triton(
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
-    ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb)
+    hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
+    launch = {} if hopper else dict(config or launch_config(block, dim, qk, pv))
+    split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", False), launch.pop("swizzle_v", False)
+    ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
     p_shift = math.log2(P_SCALE.get(pv, 1.0))
-    if config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv):
+    if hopper:
         hopper_attention.launch(q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean, heads=heads, t=t, n=n,
                                 n_text_tiles=n_text_tiles, nb=nb, score_scale=score_scale, text_first=int(layout.text_first),
                                 dim=dim, qk_code=qk_code, qk_qmax=QMAX.get(qk, 1.0), pv_code=pv_code, min_amax=MIN_AMAX,
@@ -447,14 +476,13 @@ def paro_attention_triton(
         return out
     sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
-    launch = dict(config or launch_config(block, dim, qk, pv))
-    split, pv_apart = launch.pop("split", 1), launch.pop("pv_apart", False)
     _paro_attention_kernel[((n_text_tiles + nb) * split, bsz * heads)](
         q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
         *sq, *ks.stride(), *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift, SPLIT=split, PV_APART=pv_apart, **launch,
+        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift, SPLIT=split, PV_APART=pv_apart, SWIZZLE_V=swizzle_v,
+        **launch,
     )
     return out
 
@@ -476,8 +504,9 @@ def channel_statistics(k: torch.Tensor, v: torch.Tensor, rows: int = 256):
             partial[:, :, :, 2].amin(dim=2), partial[:, :, :, 3].amax(dim=2))
 
 
-def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
-    """The fused prep pass: paro-order K and V in the compute formats, and their scales.
+def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=False):
+    """The fused prep pass: paro-order K and V in the compute formats, and their scales (V's
+    keys swizzled within each tile when `swizzle_v`, for the kernel launched with it).
     V's per-channel scale needs max |V - mean| = max(max - mean, mean - min): one statistics
     pass gives it with the means (the 16-bit modes need neither)."""
     bsz, seq, heads, dim = k.shape
@@ -504,6 +533,6 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb):
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
-        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, **_warps_and_stages(block, dim),
+        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, **_warps_and_stages(block, dim),
     )
     return kp, vp, k_scale, v_scale, v_mean
