@@ -231,12 +231,13 @@ def _paro_attention_kernel(
         else:
             q = q.to(K.dtype.element_ty)
     else:  # quantise the query tile here: it is loaded once per program, so this costs nothing
-        amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+        amax = 0.0
         for other in tl.static_range(1, SPLIT):  # the scale is the whole tile's: read its other parts' rows too
             part = (pid % SPLIT + other) % SPLIT
             rows_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part.to(tl.int32) * ROWS + tl.arange(0, ROWS), d,
                                   text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(rows_q.to(tl.float32)), 1), 0))
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))  # after: both loads in flight at once
         q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
         qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
         if QK == 1:
