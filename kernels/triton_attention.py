@@ -139,9 +139,9 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
 
 @triton.jit
 def _swizzle(key):
-    """Position of a tile's key in a swizzled V tile: in each group of 32 keys, the bits
-    (4, 3, 2, 1, 0) of a key's index move to (4, 1, 3, 2, 0). On sm_90 that is where the score
-    accumulator's registers already hold the key's column for an 8-bit wgmma operand."""
+    """Position of a tile's key in a swizzled V tile: bits 3, 2, 1 of its index move to 1, 3,
+    2 (keys move within groups of 16). On sm_90 that is where the score accumulator's
+    registers already hold the key's column for an 8-bit wgmma operand."""
     return (key & ~0xE) | ((key & 0x6) << 1) | ((key >> 2) & 0x2)
 
 
@@ -168,12 +168,13 @@ def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, 
         p = _swizzled_columns(p)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
-    elif UPCAST:
-        acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
-    elif PV_APART:
-        acc += tl.dot(p, v)
-    else:  # FP8 (448 p uses e4m3's whole range) or 16-bit: the product accumulates into acc
-        acc = tl.dot(p, v, acc)
+    else:  # FP8 (448 p uses e4m3's whole range) or 16-bit
+        if UPCAST:
+            p, v = p.to(tl.float32), v.to(tl.float32)
+        if PV_APART:
+            acc += tl.dot(p, v)
+        else:
+            acc = tl.dot(p, v, acc)
     return acc
 
 
@@ -234,10 +235,11 @@ def _paro_attention_kernel(
         amax = 0.0
         for other in tl.static_range(1, SPLIT):  # the scale is the whole tile's: read its other parts' rows too
             part = (pid % SPLIT + other) % SPLIT
-            rows_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part.to(tl.int32) * ROWS + tl.arange(0, ROWS), d,
-                                  text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(rows_q.to(tl.float32)), 1), 0))
-        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))  # after: both loads in flight at once
+            other_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part.to(tl.int32) * ROWS + tl.arange(0, ROWS), d,
+                                   text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32)), 1), 0))
+        # q's own rows last: their load and the other parts' are then in flight together
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
         q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
         qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
         if QK == 1:
@@ -388,7 +390,7 @@ def _warps_and_stages(block: int, head_dim: int) -> dict:
     return {"num_warps": 8 if block >= 128 and head_dim > 64 else 4, "num_stages": 3}
 
 
-def launch_config(block: int, head_dim: int, qk: str = "bf16", pv: str = "bf16") -> dict:
+def launch_config(block: int, head_dim: int, qk: str, pv: str) -> dict:
     """Launch options of the attention kernel, from the H100 sweeps in BENCHMARKS.md.
 
     Head dim <= 64, 8-bit QK and FP8 PV on 128-row tiles: the loop is bound by the softmax,
@@ -467,6 +469,8 @@ def paro_attention_triton(
     hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
     launch = {} if hopper else dict(config or launch_config(block, dim, qk, pv))
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", False), launch.pop("swizzle_v", False)
+    if block % split or block // split < 16:
+        raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")
     ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
     p_shift = math.log2(P_SCALE.get(pv, 1.0))
     if hopper:

@@ -69,11 +69,20 @@ def test_interpreted_split_tiles_equal_whole_tiles(modes):
 
 
 @interpreted
+def test_split_must_cut_tiles_into_whole_parts():
+    c = case((2, 4, 6), 0, True, heads=1, dim=32, block=64)
+    for split in (3, 8):
+        with pytest.raises(ValueError, match=f"split {split} does not cut block 64"):
+            run_kernel(c, "int8", "fp8", config={"num_warps": 1, "num_stages": 1, "split": split})
+
+
+@interpreted
 @pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8")], ids=lambda m: f"{m[0]}-{m[1]}")
-def test_interpreted_swizzled_v_gives_the_same_product(modes):
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_interpreted_swizzled_v_gives_the_same_product(modes, block):
     """V's keys swizzled by the prep pass and P's columns by the kernel (the H100 launch at head
     dim 64): the same P V, up to the order of fp32 sums."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=64, seed=4)
+    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=4)
     whole, _, _ = run_kernel(c, *modes)
     swizzled, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2, "swizzle_v": True})
     assert not swizzled.isnan().any()
