@@ -103,6 +103,7 @@ def test_recipes(capsys):
     (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
     (["generate", "--recipe", "planted", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
     (["bench", "e2e"], "needs a plan"),
+    (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
     args = [a.replace("OUT", str(tmp_path)).replace("PLAN", str(plan_file)) for a in args]

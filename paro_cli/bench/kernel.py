@@ -1,7 +1,10 @@
 """Kernel benchmark: paro's Triton attention against SDPA (flash, cuDNN) and FlexAttention with
 the same block mask, at real models' attention shapes, all timed in one run on one device.
 
-Times are medians of `triton.testing.do_bench`. "Effective TFLOPs" counts dense FLOPs
+Times are medians of `triton.testing.do_bench`, taken `repeats` times in interleaved rounds
+(every variant of a shape once per round) and reduced to their median: a shared GPU's clock or
+load drifts during a run, and one-shot timings of the same call were seen to spread by up to
+14% on the H100. "Effective TFLOPs" counts dense FLOPs
 (4 B H S^2 D), so for a sparse kernel it is a speed figure, comparable across rows. Baselines
 run on the same tensors with no reordering at all (they pay no permutation), and Flex gets the
 same kept tiles as paro, its BlockMask built outside the timed call. A baseline that cannot run here is reported as skipped with the
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from statistics import median
 from dataclasses import dataclass
 
 import torch
@@ -127,23 +131,27 @@ def _timer():
     return lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def _try(label: str, fn, timer) -> tuple[float | None, str | None]:
-    try:
-        fn()
-        return timer(fn), None
-    except Exception as exc:  # a baseline missing here is reported, not fatal
-        return None, f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+def interleaved_times(calls: list, timer, repeats: int) -> list[list[float]]:
+    """Each call's timings, `repeats` of them, taken in rounds that visit every call in turn, so
+    that a drift during the run reaches every variant alike."""
+    runs = [[] for _ in calls]
+    for _ in range(repeats):
+        for times, fn in zip(runs, calls):
+            times.append(timer(fn))
+    return runs
 
 
 def run(shapes: list[AttentionShape], densities: list[float], precisions: list[tuple[str, str]], block: int,
-        with_statistics: bool = True, progress=None) -> dict:
-    """Time every variant; returns {"rows": [...], "skipped": [...], "statistics": ...}."""
+        with_statistics: bool = True, repeats: int = 3, progress=None, device: torch.device = torch.device("cuda"),
+        timer=None) -> dict:
+    """Time every variant; returns {"rows": [...], "skipped": [...], "statistics": ...}. A row's
+    "ms" is the median of its `repeats` timings, "ms_range" their minimum and maximum. `timer`
+    (fn -> ms; default do_bench's median) and `device` are for tests."""
     import kernels.ops  # noqa: F401
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    device = torch.device("cuda")
-    timer = _timer()
+    timer = timer or _timer()
     flex = torch.compile(flex_attention, dynamic=False)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows, skipped = [], []
@@ -156,54 +164,71 @@ def run(shapes: list[AttentionShape], densities: list[float], precisions: list[t
     for shape in shapes:
         p = Problem(shape, block, device)
         qh, kh, vh = p.heads_first()
-        flops = dense_flops(shape)
-        base = {}
+        timed = []  # (row, call): each call has run once, untimed, before the rounds
+
+        def add(row, fn, baseline=None):
+            """Run fn once and queue it for timing; a baseline that fails is reported as skipped
+            (it may be missing on this GPU or torch), paro failing is an error."""
+            rows.append(row)
+            row["ms"] = None
+            if baseline is None:
+                out = fn()
+            else:
+                try:
+                    out = fn()
+                except Exception as exc:
+                    skipped.append(f"{shape.name}: {baseline}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    return None
+            timed.append((row, fn))
+            return out
+
         for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
             def call(backend=backend):
                 with sdpa_kernel([backend]):
                     return sdpa(qh, kh, vh)
-            ms, why = _try(name, call, timer)
-            base[name] = ms
-            if why:
-                skipped.append(f"{shape.name}: {why}")
-            rows.append(dict(shape=shape.name, kernel=name, density=1.0, qk="bf16", pv="bf16", ms=ms))
-        reference = sdpa(qh, kh, vh).transpose(1, 2) if base["SDPA flash"] else None
+            reference = add(dict(shape=shape.name, kernel=name, density=1.0, qk="bf16", pv="bf16"), call, name)
+        reference = reference if reference is not None else sdpa(qh, kh, vh)  # cuDNN's output, else the default's
         for density in densities:
             kept, index, count = p.lists(density)
             # Flex's BlockMask is built by the untimed first call only, as paro's index lists are.
-            block_mask = functools.cache(lambda: flex_block_mask(p, kept))
-            flex_ms, why = _try(f"Flex d={density}", lambda: flex(qh, kh, vh, block_mask=block_mask()), timer)
-            if why:
-                skipped.append(f"{shape.name}: {why}")
-            rows.append(dict(shape=shape.name, kernel="FlexAttention", density=density, qk="bf16", pv="bf16", ms=flex_ms))
+            block_mask = functools.cache(lambda kept=kept: flex_block_mask(p, kept))
+            add(dict(shape=shape.name, kernel="FlexAttention", density=density, qk="bf16", pv="bf16"),
+                lambda block_mask=block_mask: flex(qh, kh, vh, block_mask=block_mask()), f"Flex d={density}")
             for qk, pv in precisions:
-                fn = paro_call(p, p.perm, index, count, qk, pv)
-                out = fn()
-                error = None
-                if density == 1.0 and reference is not None:
-                    error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-                ms = timer(fn)
-                rows.append(dict(shape=shape.name, kernel="paro", density=density, qk=qk, pv=pv, ms=ms, flex_ms=flex_ms,
-                                 rel_l2_vs_sdpa=error))
-                if progress:
-                    progress(f"{shape.name} d={density} {qk}/{pv}: {ms:.3f} ms")
+                row = dict(shape=shape.name, kernel="paro", density=density, qk=qk, pv=pv)
+                out = add(row, paro_call(p, p.perm, index, count, qk, pv))
+                row["rel_l2_vs_sdpa"] = None
+                if density == 1.0 and out is not None:
+                    ref = reference.transpose(1, 2).float()
+                    row["rel_l2_vs_sdpa"] = ((out.float() - ref).norm() / ref.norm()).item()
             qk, pv = precisions[-1]
-            ident_ms = timer(paro_call(p, p.identity, index, count, qk, pv))
-            rows.append(dict(shape=shape.name, kernel="paro, identity order", density=density, qk=qk, pv=pv, ms=ident_ms,
-                             flex_ms=flex_ms))
-        for row in rows:
-            if row["shape"] == shape.name and row["ms"]:
+            add(dict(shape=shape.name, kernel="paro, identity order", density=density, qk=qk, pv=pv),
+                paro_call(p, p.identity, index, count, qk, pv))
+        for (row, _), times in zip(timed, interleaved_times([fn for _, fn in timed], timer, repeats)):
+            row["ms"] = median(times)
+            row["ms_range"] = [min(times), max(times)]
+        if progress:
+            progress(f"{shape.name}: {len(timed)} calls timed {repeats}x")
+        own = [r for r in rows if r["shape"] == shape.name]
+        cudnn = next(r["ms"] for r in own if r["kernel"] == "SDPA cuDNN")
+        flex_ms = {r["density"]: r["ms"] for r in own if r["kernel"] == "FlexAttention"}
+        flops = dense_flops(shape)
+        for row in own:
+            if row["kernel"].startswith("paro"):
+                row["flex_ms"] = flex_ms[row["density"]]
+            if row["ms"]:
                 row["tflops_effective"] = flops / (row["ms"] * 1e-3) / 1e12
-                row["vs_cudnn"] = base["SDPA cuDNN"] / row["ms"] if base["SDPA cuDNN"] else None
+                row["vs_cudnn"] = cudnn / row["ms"] if cudnn else None
                 row["vs_flex_same_mask"] = row["flex_ms"] / row["ms"] if row.get("flex_ms") else None
-        del p, qh, kh, vh, reference
+        del p, qh, kh, vh, reference, timed
         torch.cuda.empty_cache()
 
     statistics = None
     if with_statistics:
         statistics = time_statistics(SHAPES["cogvideox-5b"], block, timer)
-    return {"rows": rows, "skipped": skipped, "statistics": statistics,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "block": block}
+    return {"rows": rows, "skipped": skipped, "statistics": statistics, "repeats": repeats,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "torch": torch.__version__, "block": block}
 
 
 def time_statistics(shape: AttentionShape, block: int, timer) -> dict:

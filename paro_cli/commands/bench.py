@@ -87,12 +87,16 @@ def kernel(
     precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens (128 matches FlexAttention's default tiles).")] = 128,
     with_statistics: Annotated[bool, typer.Option("--statistics/--no-statistics", help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
+    repeats: Annotated[int, typer.Option(help="Timings per call, in interleaved rounds over all of a shape's calls; the median is reported.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Time paro's attention kernel per density and precision against SDPA flash, SDPA cuDNN and
-    FlexAttention with the same block mask, in one run on this GPU (medians of do_bench)."""
+    FlexAttention with the same block mask, in one run on this GPU (medians of do_bench, each
+    call timed --repeats times in interleaved rounds)."""
     from ..bench import kernel as kb
 
+    if repeats < 1:
+        raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
     if not torch.cuda.is_available():
         raise ParoError("bench kernel needs a CUDA GPU", "run it on the GPU machine")
     shapes = [kb.parse_shape(s) for s in (shape or list(kb.SHAPES))]
@@ -102,7 +106,7 @@ def kernel(
         raise ParoError(f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes)))
     densities = check_densities(density or [1.0, 0.5, 0.3, 0.2])
     ui = Output(as_json)
-    result = kb.run(shapes, densities, pairs, block_size, with_statistics, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    result = kb.run(shapes, densities, pairs, block_size, with_statistics, repeats, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
 
     def fmt(x, spec):
         return "skipped" if x is None else format(x, spec)
@@ -111,8 +115,9 @@ def kernel(
         rows = [r for r in result["rows"] if r["shape"] == s.name]
         ui.table(
             f"{s.label()} on {result['device']}",
-            ["kernel", "density", "QK/PV", "ms", "eff. TFLOPs", "vs cuDNN", "vs Flex same mask"],
-            [[r["kernel"], r["density"], f"{r['qk']}/{r['pv']}", fmt(r["ms"], ".3f"), fmt(r.get("tflops_effective"), ".0f"),
+            ["kernel", "density", "QK/PV", "ms", "ms range", "eff. TFLOPs", "vs cuDNN", "vs Flex same mask"],
+            [[r["kernel"], r["density"], f"{r['qk']}/{r['pv']}", fmt(r["ms"], ".3f"),
+              "-" if r["ms"] is None else "{:.3f}-{:.3f}".format(*r["ms_range"]), fmt(r.get("tflops_effective"), ".0f"),
               fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else ""),
               fmt(r.get("vs_flex_same_mask"), ".2f") + "x" if r.get("vs_flex_same_mask") else "-"]
              for r in rows],
