@@ -182,25 +182,26 @@ def run(shapes: list[AttentionShape], densities: list[float], precisions: list[t
             timed.append((row, fn))
             return out
 
+        reference = None  # dense attention's output, from a baseline's first call (or the default SDPA's)
         for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
             def call(backend=backend):
                 with sdpa_kernel([backend]):
                     return sdpa(qh, kh, vh)
-            reference = add(dict(shape=shape.name, kernel=name, density=1.0, qk="bf16", pv="bf16"), call, name)
-        reference = reference if reference is not None else sdpa(qh, kh, vh)  # cuDNN's output, else the default's
+            out = add(dict(shape=shape.name, kernel=name, density=1.0, qk="bf16", pv="bf16"), call, name)
+            reference = out if reference is None else reference
+        reference = sdpa(qh, kh, vh) if reference is None else reference
         for density in densities:
             kept, index, count = p.lists(density)
             # Flex's BlockMask is built by the untimed first call only, as paro's index lists are.
             block_mask = functools.cache(lambda kept=kept: flex_block_mask(p, kept))
             add(dict(shape=shape.name, kernel="FlexAttention", density=density, qk="bf16", pv="bf16"),
                 lambda block_mask=block_mask: flex(qh, kh, vh, block_mask=block_mask()), f"Flex d={density}")
+            ref = reference.transpose(1, 2).float() if density == 1.0 else None  # paro's (B, S, H, D) layout
             for qk, pv in precisions:
                 row = dict(shape=shape.name, kernel="paro", density=density, qk=qk, pv=pv)
                 out = add(row, paro_call(p, p.perm, index, count, qk, pv))
-                row["rel_l2_vs_sdpa"] = None
-                if density == 1.0 and out is not None:
-                    ref = reference.transpose(1, 2).float()
-                    row["rel_l2_vs_sdpa"] = ((out.float() - ref).norm() / ref.norm()).item()
+                row["rel_l2_vs_sdpa"] = None if ref is None else ((out.float() - ref).norm() / ref.norm()).item()
+            del ref
             qk, pv = precisions[-1]
             add(dict(shape=shape.name, kernel="paro, identity order", density=density, qk=qk, pv=pv),
                 paro_call(p, p.identity, index, count, qk, pv))
