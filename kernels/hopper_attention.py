@@ -12,6 +12,8 @@ FlashAttention-3's schedule, which Triton's own compiler does not produce for sm
   both. Ping-pong: two `turn` mbarriers make the consumers take turns at issuing, so the
   tensor cores serve one warpgroup while the other runs its softmax.
 - setmaxnreg moves registers from the producer (24 per thread) to the consumers (240).
+- With FP8 V, each P V product goes into a fresh accumulator and is added to acc in fp32, as
+  in the portable kernel (triton_attention._accumulate says why).
 
 On the H100 this beats the portable kernel by 1.2-1.4x at head dim 128 and in 16-bit at head
 dim 64 (BENCHMARKS.md). At head dim 64 with 8-bit QK the softmax, not the tensor cores,
@@ -98,15 +100,29 @@ if _IMPORTED:
                 tma.async_copy_global_to_shared(v_desc, [v_row0, kt * BLOCK], ready, v_smem.index(s))
 
     @gluon.jit
-    def _consume(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text,
-                 n_text_tiles, n_keys, n_tiles, score_scale, T, N,
+    def _tile_scales(kscale_ptr, vscale_ptr, kt, score_scale, QK: gl.constexpr, PV: gl.constexpr):
+        """(score scale, V scale) of key tile kt: the score scale times K's tile scale for 8-bit
+        QK, V's tile scale for 8-bit PV (1 otherwise)."""
+        scale = score_scale
+        if QK != 0:
+            scale = scale * gl.load(kscale_ptr + kt)
+        v_scale = 1.0
+        if PV != 0:
+            v_scale = gl.load(vscale_ptr + kt)
+        return scale, v_scale
+
+    @gluon.jit
+    def _consume(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
+                 is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N,
                  QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr):
-        """Consumer c: the online softmax of query rows [64 c, 64 c + 64). Returns (acc, l_i).
+        """Consumer c: the online softmax of query rows [64 c, 64 c + 64). Returns (acc, l_i,
+        the scale of the V tile acc is in units of: see triton_attention's module docstring).
 
         The loop is rotated: S_j arrives from the previous iteration, so what each iteration
         issues at once (P_j V_j and the next tile's scores) is what the other consumer's
-        softmax can hide. The last iteration's score product reads a stale buffer and is
-        discarded. An empty key list runs one tile, whose result `_store` discards."""
+        softmax can hide; the next tile's index and scales are loaded while those run. The
+        last iteration's score product reads a stale buffer and is discarded. An empty key
+        list runs one tile, whose result `_store` discards."""
         qk_ty: gl.constexpr = k_smem.dtype
         pv_ty: gl.constexpr = v_smem.dtype
         BLOCK: gl.constexpr = k_smem.shape[1]
@@ -131,12 +147,12 @@ if _IMPORTED:
         m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
         acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+        o_zero = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+        kt = gl.minimum(key_tile(0, n_text_tiles, list_ptr, is_text), n_tiles - 1)
+        scale, v_next = _tile_scales(kscale_ptr, vscale_ptr, kt, score_scale, QK, PV)
+        v_scale = 1.0  # any value, as acc is 0 until the first tile; not `v_next`, whose alias Triton would not carry
         for j in range(n):
             s = s_next.to(gl.float32)
-            kt = gl.minimum(key_tile(j, n_text_tiles, list_ptr, is_text), n_tiles - 1)
-            scale = score_scale
-            if QK != 0:
-                scale = scale * gl.load(kscale_ptr + kt)
             in_text = kt < n_text_tiles
             start = gl.where(in_text, kt, kt - n_text_tiles) * BLOCK
             length = gl.where(in_text, T, N)
@@ -148,24 +164,38 @@ if _IMPORTED:
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            if PV != 0:
+                alpha = alpha * gl.fdiv(v_scale, v_next)
+                v_scale = v_next
+            alpha = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            if PV == 0:
+                acc = acc * alpha
             p_op = gl.convert_layout(p.to(pv_ty), p_layout)
 
             nxt = j + 1
+            kt = gl.minimum(key_tile(gl.minimum(nxt, n - 1), n_text_tiles, list_ptr, is_text), n_tiles - 1)
+            scale, v_next = _tile_scales(kscale_ptr, vscale_ptr, kt, score_scale, QK, PV)
             mbarrier.wait(kv_ready.index(nxt % STAGES), (nxt // STAGES) & 1, pred=nxt < n)
             _acquire(turn, c, nxt)
             v_tile = v_smem.index(j % STAGES)
             if PV != 0:  # 8-bit V is stored (channels, keys): the K-major operand 8-bit wgmma wants
                 v_tile = v_tile.permute((1, 0))
-            acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            if PV == 0:
+                acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            else:  # 8-bit products apart, added in fp32: the tensor cores sum them into acc at reduced precision
+                pv = warpgroup_mma(p_op, v_tile, o_zero, use_acc=False, is_async=True)
             s_next = warpgroup_mma(q_rows, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.arrive(turn.index(1 - c))
-            acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
+            if PV == 0:
+                acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
+            else:
+                pv, s_next = warpgroup_mma_wait(0, deps=[pv, s_next])
+                acc = acc * alpha + pv
             mbarrier.arrive(kv_empty.index(j % STAGES))
-        return acc, l_i
+        return acc, l_i, v_scale
 
     @gluon.jit
-    def _store(acc, l_i, row0: gl.constexpr, n_keys, tile, n_text_tiles, T, N, o_ptr, vscale_ptr, vmean_ptr, perm_h,
+    def _store(acc, l_i, v_scale, row0: gl.constexpr, n_keys, tile, n_text_tiles, T, N, o_ptr, vshift_ptr, perm_h,
                text_base, vis_base, stride_qs, BLOCK: gl.constexpr, PV: gl.constexpr, DIM: gl.constexpr):
         """Normalise 64 rows and write them back through the head's order."""
         o_layout: gl.constexpr = acc.type.layout
@@ -173,10 +203,9 @@ if _IMPORTED:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed
-            v_scale = gl.load(vscale_ptr + d, mask=d < DIM, other=0.0)
-            v_mean = gl.load(vmean_ptr + d, mask=d < DIM, other=0.0)
-            out = out * v_scale[None, :] + v_mean[None, :]
+        if PV != 0:  # undo V's scale, add back the shift the prep pass removed
+            v_shift = gl.load(vshift_ptr + d, mask=d < DIM, other=0.0)
+            out = out * v_scale + v_shift[None, :]
         out = gl.where((n_keys > 0) & (l_o > 0)[:, None], out, 0.0)  # a row that saw no key outputs 0
         is_text = tile < n_text_tiles
         pos = gl.where(is_text, tile, tile - n_text_tiles) * BLOCK + row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
@@ -187,19 +216,19 @@ if _IMPORTED:
                  mask=valid[:, None] & (d[None, :] < DIM))
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text,
-                  n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
+    def _consumer(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
+                  is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
                   vis_base, stride_qs, QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
                   DIM: gl.constexpr):
         """Consumer c's rows: the online softmax, then the store."""
-        acc, l_i = _consume(c, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text,
-                            n_text_tiles, n_keys, n_tiles, score_scale, T, N, QK, PV, P_SHIFT, STAGES)
-        _store(acc, l_i, c * 64, n_keys, tile, n_text_tiles, T, N, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base, vis_base,
+        acc, l_i, v_scale = _consume(c, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
+                                     is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N, QK, PV, P_SHIFT, STAGES)
+        _store(acc, l_i, v_scale, c * 64, n_keys, tile, n_text_tiles, T, N, o_ptr, vshift_ptr, perm_h, text_base, vis_base,
                stride_qs, k_smem.shape[1], PV, DIM)
 
     @gluon.jit
     def _paro_attention_sm90(
-        Q, k_desc, v_desc, Out, Perm, KvIndex, KvCount, KScale, VScale, VMean,
+        Q, k_desc, v_desc, Out, Perm, KvIndex, KvCount, KScale, VScale, VShift,
         stride_qb, stride_qh, stride_qs,
         H, T, N, n_text_tiles, nb, score_scale, text_first,
         HEAD_DIM: gl.constexpr, DIM: gl.constexpr, QK: gl.constexpr, QK_QMAX: gl.constexpr, PV: gl.constexpr,
@@ -255,18 +284,18 @@ if _IMPORTED:
         list_ptr = KvIndex + (h.to(gl.int64) * nb + vis_tile) * nb
         n_keys = n_text_tiles + gl.where(is_text, nb, gl.load(KvCount + h.to(gl.int64) * nb + vis_tile))
         kscale_ptr = KScale + bh.to(gl.int64) * n_tiles
+        vscale_ptr = VScale + bh.to(gl.int64) * n_tiles
         o_ptr = Out + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-        vscale_ptr = VScale + bh.to(gl.int64) * DIM
-        vmean_ptr = VMean + bh.to(gl.int64) * DIM
+        vshift_ptr = VShift + bh.to(gl.int64) * DIM
         # Consumer 0 runs in the program's own warps (the default partition), consumer 1 and the
         # producer in workers. (Gluon passes constexprs to partitions only when they are spelled
         # out in the tuple.)
         gl.warp_specialize([
-            (_consumer, (0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
-                           n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
+            (_consumer, (0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
+                           n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
-            (_consumer, (1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, list_ptr, is_text, n_text_tiles,
-                           n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vscale_ptr, vmean_ptr, perm_h, text_base,
+            (_consumer, (1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
+                           n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
             (_produce, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, list_ptr, is_text, n_text_tiles, n_keys,
                         n_tiles, bh * n_tiles * BLOCK, bh * HEAD_DIM, PV, STAGES)),
@@ -285,7 +314,7 @@ def _descriptor(buffer: torch.Tensor, block_shape: list[int]):
     return TensorDescriptor.from_tensor(flat, block_shape, _tile_layout(block_shape, buffer.element_size() * 8))
 
 
-def launch(q, kp, vp, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean, *, heads, t, n, n_text_tiles, nb,
+def launch(q, kp, vp, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift, *, heads, t, n, n_text_tiles, nb,
            score_scale, text_first, dim, qk_code, qk_qmax, pv_code, min_amax, p_shift):
     """Launch on the prep pass's buffers: kp (B, H, rows, HEAD_DIM); vp the same when 16-bit,
     (B, H, HEAD_DIM, rows) when 8-bit. Same scalar arguments as the portable kernel."""
@@ -293,7 +322,7 @@ def launch(q, kp, vp, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean, *
     k_desc = _descriptor(kp, [BLOCK, head_dim])
     v_desc = _descriptor(vp, [head_dim, BLOCK] if pv_code else [BLOCK, head_dim])
     _paro_attention_sm90[(n_text_tiles + nb, q.shape[0] * heads)](
-        q, k_desc, v_desc, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
+        q, k_desc, v_desc, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
         q.stride(0), q.stride(2), q.stride(1),
         heads, t, n, n_text_tiles, nb, score_scale, text_first,
         HEAD_DIM=head_dim, DIM=dim, QK=qk_code, QK_QMAX=qk_qmax, PV=pv_code, MIN_AMAX_=min_amax, P_SHIFT=p_shift,

@@ -18,6 +18,10 @@ Formats and what they stand for:
 
 Shapes: x is (..., N, D) with tokens on dim -2. A block-row scale is (..., ceil(N / b), 1); a
 per-channel scale is (..., 1, D). Scales are float32, as the kernels keep them.
+
+`channel_shift` is the smoothing that precedes 8-bit K and V: softmax ignores a shift shared
+by all keys, and P V / l shifts with V (its rows of P / l sum to 1), so any per-channel shift
+is exact; the mean takes the channel offsets out of the rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ PV_FORMATS = ("fp32", "bf16", "fp16", "fp8", "int8")
 FLOAT_CASTS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
+# Tokens `channel_shift` averages: a strided sample estimates channel offsets as well as all
+# tokens do, at a fraction of a pass over K and V.
+SHIFT_SAMPLES = 256
+
 # A granule whose largest magnitude is below this quantises to zeros instead of dividing by 0.
 MIN_AMAX = 1e-6
 
@@ -39,6 +47,13 @@ MIN_AMAX = 1e-6
 def is_scaled(fmt: str) -> bool:
     """True for the formats that need a scale (integers and fp8)."""
     return fmt in QMAX
+
+
+def channel_shift(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-channel mean of x (B, S, H, D) over every ceil(S / SHIFT_SAMPLES)-th token, starting
+    at token 0 (at most SHIFT_SAMPLES of them): (B, H, D) in `dtype`."""
+    stride = -(-x.shape[1] // SHIFT_SAMPLES)
+    return x[:, ::stride].mean(dim=1, dtype=dtype)
 
 
 def _blocks(x: torch.Tensor, block_rows: int) -> tuple[torch.Tensor, int]:

@@ -3,12 +3,14 @@
 One call computes, for each head h:
   1. gather the visual tokens of q, k, v into the head's order perm[h] (text stays in front);
   2. round Q and K to the QK format, one scale per block of `block` rows (text and visual
-     segments blocked separately); for scaled formats K first loses its mean over tokens, which
-     leaves softmax unchanged (it shifts every score of a row by the same amount);
-  3. round V to the PV format, one scale per channel (V's outliers live in channels); for
-     scaled formats V first loses its mean over tokens, added back to the output: each row of
-     P / l sums to 1, so P (V - mean) / l + mean = P V / l, and the smaller V - mean rounds
-     with a smaller absolute error;
+     segments blocked separately); for scaled formats K first loses its channel shift
+     (quant.channel_shift, a sampled mean over tokens), which leaves softmax unchanged (it
+     shifts every score of a row by the same amount);
+  3. round V to the PV format, blocked as K (the method's per-block dynamic scale; FP8 is a
+     floating format, so small channels beside an outlier channel keep their relative
+     precision); for scaled formats V first loses its channel shift, added back to the
+     output: each row of P / l sums to 1, so P (V - shift) / l + shift = P V / l, and the
+     smaller V - shift rounds with a smaller absolute error;
   4. scores S = Q K^T * scale over the kept blocks only: visual row block i sees visual column
      block j iff kept[h, i, j]; text rows and text columns are always seen;
   5. softmax numerators P = exp(S - rowmax) in [0, 1]; the row sum l is taken before rounding;
@@ -26,20 +28,22 @@ import torch
 
 from .layout import SequenceLayout, block_mask_rows, chunk_rows, gather_tokens, to_paro_order
 from .orders import inverse_permutation
-from .quant import fake_quantize, is_scaled, quantize_probabilities
+from .quant import channel_shift, fake_quantize, is_scaled, quantize_probabilities
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float, pv: str) -> torch.Tensor:
-    """softmax(q k^T * scale) v over `allowed` (H, rows, S) keys, with P rounded to `pv`."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_shift: torch.Tensor, allowed: torch.Tensor | None, scale: float,
+            pv: str) -> torch.Tensor:
+    """softmax(q k^T * scale) (v + v_shift) over `allowed` (H, rows, S) keys, with P rounded to
+    `pv`; v is V less its shift. A row with no key outputs 0."""
     s = (q @ k.transpose(-1, -2)) * scale
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key outputs 0
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
     o = quantize_probabilities(p, pv) @ v
-    return torch.where(l > 0, o / l, torch.zeros_like(o))
+    return torch.where(l > 0, o / l + v_shift, torch.zeros_like(o))
 
 
 def paro_attention_reference(
@@ -71,15 +75,14 @@ def paro_attention_reference(
     vt, vv = to_paro_order(v.to(compute_dtype), layout, perm)
 
     if is_scaled(qk):
-        k_mean = torch.cat([kt, kv], dim=2).mean(dim=2, keepdim=True)
-        kt, kv = kt - k_mean, kv - k_mean
+        k_shift = channel_shift(k, compute_dtype).unsqueeze(2)
+        kt, kv = kt - k_shift, kv - k_shift
+    v_shift = channel_shift(v, compute_dtype).unsqueeze(2) if is_scaled(pv) else torch.zeros_like(vv[:, :, :1])
     qt, qv, kt, kv = (fake_quantize(x, qk, block) for x in (qt, qv, kt, kv))
     keys = torch.cat([kt, kv], dim=2)
-    values = torch.cat([vt, vv], dim=2)
-    v_mean = values.mean(dim=2, keepdim=True) if is_scaled(pv) else torch.zeros_like(values[:, :, :1])
-    values = fake_quantize(values - v_mean, pv, None)
+    values = torch.cat([fake_quantize(x - v_shift, pv, block) for x in (vt, vv)], dim=2)
 
-    text_out = _attend(qt, keys, values, None, scale, pv) + v_mean
+    text_out = _attend(qt, keys, values, v_shift, None, scale, pv)
     rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
     visual_out = []
     for start in range(0, n, rows):
@@ -89,7 +92,7 @@ def paro_attention_reference(
             visual_cols = block_mask_rows(kept.to(q.device), block, n, start // block, stop - start)
             text_cols = visual_cols.new_ones(heads, stop - start, layout.text_len)
             allowed = torch.cat([text_cols, visual_cols], dim=2)
-        visual_out.append(_attend(qv[:, :, start:stop], keys, values, allowed, scale, pv) + v_mean)
+        visual_out.append(_attend(qv[:, :, start:stop], keys, values, v_shift, allowed, scale, pv))
     visual = torch.cat(visual_out, dim=2)
     if perm is not None:
         visual = gather_tokens(visual, inverse_permutation(perm))

@@ -14,15 +14,18 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
 - Q is read from the caller's (B, S, H, D) tensor through the order, and quantised in
   registers when QK is 8-bit (one scale per query tile). K and V, read by every query tile
   that keeps them, first go through `_prep_kernel`: ONE fused pass that gathers each tile in
-  paro order (and, in the 8-bit modes, removes K's and V's means, quantises K per tile and V
-  per channel) into whole, zero-padded, tile-aligned buffers. The attention kernel streams
-  those with unmasked async copies, which on the H100 beat gathering K and V in its own loads
-  even in bf16 (Wan2.1 dense: 27.7 vs 32.3 ms, with the pass included).
+  paro order (and, in the 8-bit modes, removes K's and V's channel shifts and quantises them
+  with one scale per tile) into whole, zero-padded, tile-aligned buffers. The shifts are
+  sampled means (quant.channel_shift), so no pass over all of K and V precedes it. The
+  attention kernel streams those buffers with unmasked async copies, which on the H100 beat
+  gathering K and V in its own loads even in bf16 (Wan2.1 dense: 27.7 vs 32.3 ms, with the
+  pass included).
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
   fp32 accumulator acc. P = exp2(s - m_i) lies in [0, 1]: FP8 e4m3 holds 448 p (a static
   scale that keeps small probabilities out of e4m3's subnormals), INT8 holds round(127 p).
   l_i sums P before rounding, as the reference does; the static scale rides in both acc and
-  l_i and cancels.
+  l_i and cancels. With 8-bit V, acc holds P V in units of the last V tile's scale: a change
+  of scale between tiles rides on the rescale by alpha (a factor per row, not per element).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import triton.language as tl
 
 from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
-from .quant import MIN_AMAX, QMAX, is_scaled
+from .quant import MIN_AMAX, QMAX, channel_shift
 from .tile_order import key_tile, program_tile
 
 LOG2E = 1.4426950408889634
@@ -56,6 +59,24 @@ def _rint(x):
     """Round half to even in fp32 (as torch.round) for |x| < 2**22: adding 1.5 * 2**23 leaves no
     fraction bits, so the FPU rounds for us."""
     return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _fp8_grid(x):
+    """x (fp32, |x| <= 448) rounded to FP8 e4m3's grid (3 fraction bits, subnormal below
+    2**-6, ties to even), still in fp32. Only for the CPU interpreter, whose fp32 -> e4m3 cast
+    (Triton 3.x) loses its rounding's carry, so that values just under a power of two become
+    half of it: after this the cast has nothing to round."""
+    quantum = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(x), 2.0**-7))), -6.0) - 3.0)
+    return _rint(x / quantum) * quantum
+
+
+@triton.jit
+def _fp8(x, UPCAST: tl.constexpr):
+    """x (fp32, |x| <= 448) cast to FP8 e4m3, rounding to nearest even."""
+    if UPCAST:
+        x = _fp8_grid(x)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -160,8 +181,10 @@ def _swizzled_columns(p):
 def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr,
                 PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr):
     """acc + P V for one key tile, P already in V's format (upcast to fp32 on the CPU
-    interpreter). PV_APART: compute P V into a fresh accumulator and add it; fed the rescaled
-    acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515).
+    interpreter). PV_APART: compute P V into a fresh accumulator and add it in fp32. The
+    tensor cores sum FP8 products into an accumulator at reduced precision, which lost up to
+    a third of the output at Wan2.1's 256 key tiles on the H100 (BENCHMARKS.md); and fed the
+    rescaled acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515).
     SWIZZLE_V: the prep pass stored V's keys swizzled, so P's columns follow."""
     v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd)
     if SWIZZLE_V:
@@ -179,10 +202,10 @@ def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, 
 
 
 @triton.jit
-def _p_format(p, v_dtype, PV: tl.constexpr):
+def _p_format(p, v_dtype, PV: tl.constexpr, UPCAST: tl.constexpr):
     """P in the format of the PV product: FP8 e4m3, INT8 round(127 p), or V's 16-bit type."""
     if PV == 2:
-        return p.to(tl.float8e4nv)
+        return _fp8(p, UPCAST)
     elif PV == 3:
         return _rint(p).to(tl.int8)
     else:
@@ -191,7 +214,7 @@ def _p_format(p, v_dtype, PV: tl.constexpr):
 
 @triton.jit
 def _paro_attention_kernel(
-    Q, K, V, Out, Perm, KvIndex, KvCount, KScale, VScale, VMean,
+    Q, K, V, Out, Perm, KvIndex, KvCount, KScale, VScale, VShift,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -222,6 +245,7 @@ def _paro_attention_kernel(
     k_ptr = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     k_scales = KScale + bh.to(tl.int64) * n_tiles
+    v_scales = VScale + bh.to(tl.int64) * n_tiles
 
     q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, q_offs, d, text_base, vis_base,
                                       stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
@@ -245,7 +269,7 @@ def _paro_attention_kernel(
         if QK == 1:
             q = _rint(qf).to(tl.int8)
         else:
-            q = qf.to(tl.float8e4nv)
+            q = _fp8(qf, UPCAST)
         score_scale = score_scale * q_scale
 
     is_text = tile < n_text_tiles
@@ -256,6 +280,7 @@ def _paro_attention_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    v_scale = 1.0  # 8-bit V: the scale of the V tile acc is in units of
     v_dtype = V.dtype.element_ty
     for j in range(0, n_keys):
         kt = key_tile(j, n_text_tiles, list_ptr, is_text)
@@ -265,72 +290,51 @@ def _paro_attention_kernel(
             scale = scale * tl.load(k_scales + kt)
         s = _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
+        if PV != 0:
+            v_next = tl.load(v_scales + kt)
+            alpha = alpha * tl.fdiv(v_scale, v_next)
+            v_scale = v_next
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART, SWIZZLE_V)
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV, UPCAST), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART, SWIZZLE_V)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if PV != 0:  # undo V's per-channel scale, add back the mean the prep pass removed (a row that saw no key stays 0)
-        v_scale = tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
-        v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
-        out = tl.where(l_i[:, None] > 0, out * v_scale[None, :] + v_mean[None, :], 0.0)
+    if PV != 0:  # undo V's scale, add back the shift the prep pass removed (a row that saw no key stays 0)
+        v_shift = tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
+        out = tl.where(l_i[:, None] > 0, out * v_scale + v_shift[None, :], 0.0)
     o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     tl.store(o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _channel_stats_kernel(
-    K, V, Out, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, S,
-    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
-):
-    """Partial per-channel statistics of one chunk of ROWS tokens: sum of K, sum of V, min and
-    max of V, written as Out[b*H + h, chunk, 0:4, :]. One read of K and V, no fp32 copies."""
-    bh = tl.program_id(0)
-    chunk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = chunk * ROWS + tl.arange(0, ROWS)
-    d = tl.arange(0, HEAD_DIM)
-    mask = (rows < S)[:, None] & (d < DIM)[None, :]
-    r = rows[:, None].to(tl.int64)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + r * stride_ks + d[None, :], mask=mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + r * stride_vs + d[None, :], mask=mask, other=0.0)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
-    out = Out + (bh.to(tl.int64) * tl.num_programs(1) + chunk) * 4 * DIM
-    dm = d < DIM
-    tl.store(out + d, tl.sum(k, 0), mask=dm)
-    tl.store(out + DIM + d, tl.sum(v, 0), mask=dm)
-    tl.store(out + 2 * DIM + d, tl.min(tl.where(mask, v, float("inf")), 0), mask=dm)
-    tl.store(out + 3 * DIM + d, tl.max(tl.where(mask, v, float("-inf")), 0), mask=dm)
-
-
-@triton.jit
-def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.constexpr):
-    """(codes, scale) of one tile: one scale for the tile (INT/FP8) or none (FLOAT)."""
+def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, UPCAST: tl.constexpr):
+    """(codes, scale) of one tile: one scale for the tile (INT/FP8) or none (FLOAT). Codes stay
+    fp32, for the store to cast (exactly: they are on the format's grid)."""
     if FMT == 0:
         return x, 1.0
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), MIN_AMAX_) / QMAX_
     y = tl.minimum(tl.maximum(x / scale, -QMAX_), QMAX_)
     if FMT == 1:
         y = _rint(y)
+    elif UPCAST:
+        y = _fp8_grid(y)
     return y, scale
 
 
 @triton.jit
 def _prep_kernel(
-    K, V, Perm, KMean, VMean, VScale, Kp, Vp, KScale,
+    K, V, Perm, KShift, VShift, Kp, Vp, KScale, VScale,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_vpb, stride_vph, stride_vps, stride_vpd,
     H, T, N, n_text_tiles, nb, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, PV_QMAX: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    SWIZZLE_V: tl.constexpr,
+    SWIZZLE_V: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One fused pass over K and V: gather a tile in paro order, remove K's and V's means,
-    quantise K per tile and V per channel, write contiguous paro-order buffers (V transposed
-    when 8-bit, as FP8/INT8 tensor-core products want their second operand K-major; its keys
-    swizzled within the tile when SWIZZLE_V)."""
+    """One fused pass over K and V: gather a tile in paro order, remove K's and V's channel
+    shifts, quantise each with one scale per tile, write contiguous paro-order buffers (V
+    transposed when 8-bit, as FP8/INT8 tensor-core products want their second operand
+    K-major; its keys swizzled within the tile when SWIZZLE_V). QK, PV: format codes."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -348,20 +352,19 @@ def _prep_kernel(
 
     k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
     if QK != 0:  # softmax ignores a shift shared by all keys; the quantiser does not
-        k = tl.where(mask, k - tl.load(KMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
-    k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_)
+        k = tl.where(mask, k - tl.load(KShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
+    k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_, UPCAST)
     tl.store(Kp + dst, k.to(Kp.dtype.element_ty))
     if QK != 0:
         tl.store(KScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, k_scale)
 
     v = tl.load(V + src, mask=mask, other=0.0).to(tl.float32)
     if PV != 0:
-        v_mean = tl.load(VMean + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :]
-        v = (v - v_mean) / tl.load(VScale + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=1.0)[None, :]
-        v = tl.where(mask, tl.minimum(tl.maximum(v, -PV_QMAX), PV_QMAX), 0.0)
-        if PV == 3:
-            v = _rint(v)
+        v = tl.where(mask, v - tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
+    v, v_scale = _quantise_tile(v, PV, PV_QMAX, MIN_AMAX_, UPCAST)
     tl.store(Vp + vdst, v.to(Vp.dtype.element_ty))
+    if PV != 0:
+        tl.store(VScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, v_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,12 +399,12 @@ def launch_config(block: int, head_dim: int, qk: str, pv: str) -> dict:
     Head dim <= 64, 8-bit QK and FP8 PV on 128-row tiles: the loop is bound by the softmax,
     not the tensor cores, so each tile is split between two programs of 64 rows
     (SageAttention2's sm90 kernel uses 64-row CTAs too) capped at 128 registers, which fits
-    four programs per SM whose softmax and products overlap; the P V product is computed apart
-    (see `_accumulate`), V's keys swizzled (see `_swizzle`). With 16-bit PV the same split
-    measured 28% slower."""
-    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": False, "swizzle_v": False}
+    four programs per SM whose softmax and products overlap; V's keys swizzled (see
+    `_swizzle`). With 16-bit PV the same split measured 28% slower. FP8 P V products are
+    always computed apart (see `_accumulate`)."""
+    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": format_code(pv) == FP8, "swizzle_v": False}
     if not INTERPRET and block >= 128 and head_dim <= 64 and format_code(qk) != FLOAT and format_code(pv) == FP8:
-        config.update(num_warps=4, split=2, maxnreg=128, pv_apart=True, swizzle_v=True)
+        config.update(num_warps=4, split=2, maxnreg=128, swizzle_v=True)
     return config
 
 
@@ -471,10 +474,10 @@ def paro_attention_triton(
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", False), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")
-    ks, vs, k_scale, v_scale, v_mean = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
+    ks, vs, k_scale, v_scale, v_shift = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
     p_shift = math.log2(P_SCALE.get(pv, 1.0))
     if hopper:
-        hopper_attention.launch(q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean, heads=heads, t=t, n=n,
+        hopper_attention.launch(q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift, heads=heads, t=t, n=n,
                                 n_text_tiles=n_text_tiles, nb=nb, score_scale=score_scale, text_first=int(layout.text_first),
                                 dim=dim, qk_code=qk_code, qk_qmax=QMAX.get(qk, 1.0), pv_code=pv_code, min_amax=MIN_AMAX,
                                 p_shift=p_shift)
@@ -482,7 +485,7 @@ def paro_attention_triton(
     sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
     _paro_attention_kernel[((n_text_tiles + nb) * split, bsz * heads)](
-        q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_mean,
+        q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
         *sq, *ks.stride(), *sv,
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
@@ -492,31 +495,13 @@ def paro_attention_triton(
     return out
 
 
-def channel_statistics(k: torch.Tensor, v: torch.Tensor, rows: int = 256):
-    """(K mean, V mean, V min, V max) over tokens, each (B, H, D) float32, in one pass."""
-    bsz, seq, heads, dim = k.shape
-    if k.stride(3) != 1 or v.stride(3) != 1:
-        raise ValueError("k and v need contiguous channels")
-    chunks = triton.cdiv(seq, rows)
-    partial = torch.empty(bsz * heads, chunks, 4, dim, device=k.device, dtype=torch.float32)
-    _channel_stats_kernel[(bsz * heads, chunks)](
-        k, v, partial, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), heads, seq,
-        ROWS=rows, HEAD_DIM=padded_head_dim(dim), DIM=dim, **({"num_warps": 1} if INTERPRET else {"num_warps": 4}),
-    )
-    partial = partial.view(bsz, heads, chunks, 4, dim)
-    sums = partial[:, :, :, :2].sum(dim=2) / seq
-    return (sums[:, :, 0].contiguous(), sums[:, :, 1].contiguous(),
-            partial[:, :, :, 2].amin(dim=2), partial[:, :, :, 3].amax(dim=2))
-
-
 def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=False):
-    """The fused prep pass: paro-order K and V in the compute formats, and their scales (V's
-    keys swizzled within each tile when `swizzle_v`, for the kernel launched with it).
-    V's per-channel scale needs max |V - mean| = max(max - mean, mean - min): one statistics
-    pass gives it with the means (the 16-bit modes need neither)."""
+    """The fused prep pass: paro-order K and V in the compute formats, their scales per tile,
+    and V's channel shift (V's keys swizzled within each tile when `swizzle_v`, for the kernel
+    launched with it). Returns (K, V, K scales, V scales, V shift); the 16-bit formats use no
+    scale or shift, whose tensors are then not read."""
     bsz, seq, heads, dim = k.shape
-    qk_code = format_code(qk)
-    pv_code = PV_INT8 if pv == "int8" else format_code(pv)
+    qk_code, pv_code = format_code(qk), format_code(pv)
     rows = (n_text_tiles + nb) * block  # whole tiles, text tiles first, channels padded
     width = padded_head_dim(dim)
     kp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[qk])
@@ -526,18 +511,15 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
     else:
         vp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[pv])
         svp = vp.stride()
-    k_scale = torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32)
-    pv_qmax = QMAX["int8" if pv == "int8" else "fp8"]
-    if qk_code or pv_code:
-        k_mean, v_mean, v_min, v_max = channel_statistics(k, v)
-        v_scale = (torch.maximum(v_max - v_mean, v_mean - v_min).clamp_min(MIN_AMAX) / pv_qmax).contiguous()
-    else:
-        k_mean = v_mean = v_scale = torch.empty(1, device=k.device, dtype=torch.float32)  # not read
+    k_scale, v_scale = (torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32) for _ in range(2))
+    unread = torch.empty(1, device=k.device, dtype=torch.float32)
+    k_shift = channel_shift(k) if qk_code else unread
+    v_shift = channel_shift(v) if pv_code else unread
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
-        k, v, perm, k_mean, v_mean, v_scale, kp, vp, k_scale,
+        k, v, perm, k_shift, v_shift, kp, vp, k_scale, v_scale,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
-        PV_QMAX=pv_qmax, MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, **_warps_and_stages(block, dim),
+        PV_QMAX=QMAX.get(pv, 1.0), MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, UPCAST=INTERPRET, **_warps_and_stages(block, dim),
     )
-    return kp, vp, k_scale, v_scale, v_mean
+    return kp, vp, k_scale, v_scale, v_shift

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kernels.quant import MIN_AMAX, choose_scale, dequantize, fake_quantize, quantize, quantize_probabilities
+from kernels.quant import MIN_AMAX, SHIFT_SAMPLES, channel_shift, choose_scale, dequantize, fake_quantize, quantize, quantize_probabilities
 
 
 def _scales_by_loop(x, block, qmax):
@@ -69,3 +69,13 @@ def test_probability_rounding():
     assert torch.equal(quantize_probabilities(p, "int8"), torch.round(p * 127) / 127)
     assert torch.equal(quantize_probabilities(p, "fp8"), (p * 448).to(torch.float8_e4m3fn).double() / 448)
     assert torch.equal(quantize_probabilities(p, "fp32"), p)
+
+
+@pytest.mark.parametrize("seq,stride", [(SHIFT_SAMPLES, 1), (SHIFT_SAMPLES + 1, 2), (1000, 4)])
+def test_channel_shift_is_the_mean_of_a_strided_sample(seq, stride):
+    x = torch.randn(2, seq, 3, 8, dtype=torch.float64) + torch.arange(8.0, dtype=torch.float64)
+    shift = channel_shift(x, torch.float64)
+    assert shift.shape == (2, 3, 8)
+    picked = [t for t in range(seq) if t % stride == 0]
+    assert len(picked) <= SHIFT_SAMPLES
+    torch.testing.assert_close(shift, sum(x[:, t] for t in picked) / len(picked), rtol=1e-12, atol=1e-12)

@@ -91,3 +91,27 @@ def test_key_mean_smoothing_makes_int8_blind_to_key_offsets():
         errors.append(rel_l2(out, sdpa(q, shifted, v)))
     assert errors[1] == pytest.approx(errors[0], rel=0.05)
     assert errors[0] < 2e-2
+
+
+def test_value_shift_makes_fp8_blind_to_value_offsets():
+    """An offset shared by all values moves the output by the same offset (each row of P / l
+    sums to 1); with V's shift removed first, FP8's rounding does not see it either."""
+    q, k, v = structured_qkv(1, 128, 1, 32, seed=7)
+    errors = []
+    for offset in (0.0, 30.0):
+        shifted = v + offset
+        out = paro_attention_reference(q, k, shifted, block=32, qk="fp32", pv="fp8")
+        errors.append(rel_l2(out - offset, sdpa(q, k, v)))
+    assert errors[1] == pytest.approx(errors[0], rel=0.05)
+    assert errors[0] < 4e-2
+
+
+@pytest.mark.parametrize("pv", ["fp32", "fp8", "int8"])
+def test_row_with_no_key_outputs_zero(pv):
+    """Not V's shift, which the 8-bit formats add back to every row that saw a key."""
+    q, k, v = structured_qkv(1, 64, 2, 16, seed=8)
+    kept = torch.ones(2, 4, 4, dtype=torch.bool)
+    kept[1, 2] = False
+    out = paro_attention_reference(q, k, v + 5.0, kept=kept, block=16, qk="int8", pv=pv)
+    assert torch.equal(out[:, 32:48, 1], torch.zeros_like(out[:, 32:48, 1]))
+    assert out[:, :32].abs().min() > 0

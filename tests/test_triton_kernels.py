@@ -52,8 +52,8 @@ def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
     same = paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"],
                                     layout=c["layout"], qk=qk, pv=pv)
-    if pv in ("bf16", "fp16"):  # no P rounding at play: the kernel computes the reference's numbers
-        assert rel_l2(out, same) <= 1e-2
+    # the reference's numbers, but for 8-bit P, which the kernel rounds against running row maxima
+    assert rel_l2(out, same) <= 1e-2
 
 
 @interpreted
@@ -102,7 +102,7 @@ def test_interpreted_fp16_is_tight(dim):
 @interpreted
 @pytest.mark.parametrize("modes", [("int8", "fp8"), ("native", "native")], ids=lambda m: f"{m[0]}-{m[1]}")
 def test_interpreted_row_with_no_key_outputs_zero(modes):
-    """As the reference: no key, no output (not V's mean, which the 8-bit PV path adds back)."""
+    """As the reference: no key, no output (not V's shift, which the 8-bit PV path adds back)."""
     c = case((2, 4, 8), 0, True, heads=2, dim=32, block=32, density=0.5)
     c["kept"][1, 1] = False
     out, _, _ = run_kernel(c, *modes)
