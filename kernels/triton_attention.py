@@ -26,6 +26,8 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
   l_i sums P before rounding, as the reference does; the static scale rides in both acc and
   l_i and cancels. With 8-bit V, acc holds P V in units of the last V tile's scale: a change
   of scale between tiles rides on the rescale by alpha (a factor per row, not per element).
+  acc then grows with the largest V tile's scale over the last one's; fp32 holds it unless
+  |V - shift| exceeds about 1e22 beside a tile that is all but constant.
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def _paro_attention_kernel(
 @triton.jit
 def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.constexpr, UPCAST: tl.constexpr):
     """(codes, scale) of one tile: one scale for the tile (INT/FP8) or none (FLOAT). Codes stay
-    fp32, for the store to cast (exactly: they are on the format's grid)."""
+    fp32 for the store to cast: INT codes are already integers; FP8 codes are rounded by the
+    cast (on the CPU interpreter, onto e4m3's grid first: see `_fp8_grid`)."""
     if FMT == 0:
         return x, 1.0
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), MIN_AMAX_) / QMAX_
@@ -324,6 +327,7 @@ def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.cons
 def _prep_kernel(
     K, V, Perm, KShift, VShift, Kp, Vp, KScale, VScale,
     stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_vpb, stride_vph, stride_vps, stride_vpd,
     H, T, N, n_text_tiles, nb, text_first,
@@ -344,13 +348,15 @@ def _prep_kernel(
     perm_h = Perm + h.to(tl.int64) * N
     source, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True)
     buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
-    src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + original[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd
+    rows = original[:, None].to(tl.int64)
+    k_src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows * stride_ks + d[None, :] * stride_kd
+    v_src = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows * stride_vs + d[None, :] * stride_vd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
     v_rows = tile * BLOCK + _swizzle(offs) if SWIZZLE_V else buf_rows
     vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + v_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
-    k = tl.load(K + src, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(K + k_src, mask=mask, other=0.0).to(tl.float32)
     if QK != 0:  # softmax ignores a shift shared by all keys; the quantiser does not
         k = tl.where(mask, k - tl.load(KShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_, UPCAST)
@@ -358,7 +364,7 @@ def _prep_kernel(
     if QK != 0:
         tl.store(KScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, k_scale)
 
-    v = tl.load(V + src, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(V + v_src, mask=mask, other=0.0).to(tl.float32)
     if PV != 0:
         v = tl.where(mask, v - tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     v, v_scale = _quantise_tile(v, PV, PV_QMAX, MIN_AMAX_, UPCAST)
@@ -471,7 +477,7 @@ def paro_attention_triton(
 
     hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
     launch = {} if hopper else dict(config or launch_config(block, dim, qk, pv))
-    split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", False), launch.pop("swizzle_v", False)
+    split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", pv_code == FP8), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")
     ks, vs, k_scale, v_scale, v_shift = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
@@ -517,7 +523,7 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
     v_shift = channel_shift(v) if pv_code else unread
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k, v, perm, k_shift, v_shift, kp, vp, k_scale, v_scale,
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3), *kp.stride(), *svp,
+        *k.stride(), *v.stride(), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
         PV_QMAX=QMAX.get(pv, 1.0), MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, UPCAST=INTERPRET, **_warps_and_stages(block, dim),

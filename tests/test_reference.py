@@ -80,9 +80,9 @@ def test_quantised_error_within_budget(qk, pv, bound):
     assert err > 1e-6  # the format really rounds
 
 
-def test_key_mean_smoothing_makes_int8_blind_to_key_offsets():
-    """A common offset in K leaves softmax unchanged; with K's mean removed first, INT8's
-    rounding does not see it either, so the error stays what it was without the offset."""
+def test_key_shift_makes_int8_blind_to_key_offsets():
+    """A common offset in K leaves softmax unchanged; with K's channel shift removed first,
+    INT8's rounding does not see it either, so the error stays what it was without the offset."""
     q, k, v = structured_qkv(1, 128, 1, 32, seed=6)
     errors = []
     for offset in (0.0, 30.0):

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import rel_l2, structured_qkv
-from kernels.layout import SequenceLayout, kept_block_lists, num_blocks
+from kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to_paro_order
 from kernels.orders import candidate_orders, head_permutations
+from kernels.quant import channel_shift, choose_scale, quantize
 from kernels.reference import paro_attention_reference
-from kernels.triton_attention import INTERPRET, paro_attention_triton
+from kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
 
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 
@@ -42,6 +43,21 @@ def exact(c):
     return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"])
 
 
+def same_semantics(c, qk, pv):
+    """The reference with the kernel's formats: it differs from the kernel only by fp32 sums and
+    by 8-bit P, which the kernel rounds against running row maxima."""
+    return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"],
+                                    layout=c["layout"], qk=qk, pv=pv)
+
+
+def with_loud_tokens(c, share=0.1, gain=30.0, seed=0):
+    """V with a random tenth of its tokens 30 times louder: V's scale then changes by up to 30x
+    from tile to tile, which the kernels carry in their accumulator's units."""
+    loud = torch.rand(c["v"].shape[1], generator=torch.Generator().manual_seed(seed)) < share
+    c["v"][:, loud.to(c["v"].device)] *= gain
+    return c
+
+
 @interpreted
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
@@ -50,20 +66,68 @@ def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
     out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()  # every element written over the NaN poison
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
-    same = paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"],
-                                    layout=c["layout"], qk=qk, pv=pv)
-    # the reference's numbers, but for 8-bit P, which the kernel rounds against running row maxima
-    assert rel_l2(out, same) <= 1e-2
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @interpreted
-@pytest.mark.parametrize("modes", [("int8", "fp8"), ("int8", "native"), ("native", "native")], ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8")], ids=lambda m: f"{m[0]}-{m[1]}")
+def test_interpreted_v_scale_changing_between_tiles(modes):
+    """A wrong change of V's scale between key tiles is an error of order 1 here, not 1e-2."""
+    c = with_loud_tokens(case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=0))
+    out, qk, pv = run_kernel(c, *modes)
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 2e-2
+
+
+@interpreted
+@pytest.mark.parametrize("qk,pv", [("int8", "fp8"), ("fp8", "int8")])
+@pytest.mark.parametrize("text_len,text_first,dim", [(0, True, 32), (40, True, 24), (9, False, 16)])
+def test_interpreted_prep_pass_rounds_as_the_quantiser(qk, pv, text_len, text_first, dim):
+    """The prep pass's K and V codes and per-tile scales are, bit for bit, quant's for blocks of
+    each segment (text, then visual in the head's order) after quant.channel_shift; with 328
+    tokens the shift samples every second one."""
+    block = 32
+    c = case((4, 8, 9), text_len, text_first, heads=2, dim=dim, block=block, seed=5)
+    n_text_tiles, nb = num_blocks(text_len, block), num_blocks(288, block)
+    kp, vp, k_scale, v_scale, v_shift = prepare_kv(c["k"], c["v"], c["perm"], block, c["layout"], qk, pv, n_text_tiles, nb)
+    assert torch.equal(v_shift, channel_shift(c["v"]))
+    vp = vp.transpose(-1, -2)  # 8-bit V is stored channels first
+    for x, fmt, codes, scales in ((c["k"], qk, kp, k_scale), (c["v"], pv, vp, v_scale)):
+        shift = channel_shift(x).unsqueeze(2)
+        row = tile = 0
+        for segment in to_paro_order(x.float(), c["layout"], c["perm"]):
+            tiles = num_blocks(segment.shape[2], block)
+            want_scale = choose_scale(segment - shift, fmt, block)
+            want = quantize(segment - shift, want_scale, fmt, block).float()
+            got = codes[:, :, row:row + tiles * block].float()
+            assert torch.equal(scales[:, :, tile:tile + tiles], want_scale.squeeze(-1))
+            assert torch.equal(got[:, :, :segment.shape[2], :dim], want)
+            assert not got[:, :, segment.shape[2]:].any() and not got[..., dim:].any()  # zero padding
+            row, tile = row + tiles * block, tile + tiles
+        assert codes.shape[-1] == padded_head_dim(dim) and row == codes.shape[2]
+
+
+@interpreted
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("native", "native")], ids=lambda m: f"{m[0]}-{m[1]}")
+def test_interpreted_q_k_v_may_have_different_strides(modes):
+    """Each of q, k, v is read with its own strides: the same values stored heads-first (as a
+    caller's transpose leaves them) give the same output."""
+    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=6)
+    want, _, _ = run_kernel(c, *modes)
+    for name in ("k", "v"):
+        heads_first = c[name].transpose(1, 2).contiguous().transpose(1, 2)
+        got, _, _ = run_kernel({**c, name: heads_first}, *modes)
+        assert torch.equal(got, want), name
+
+
+@interpreted
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8"), ("int8", "native"), ("native", "native")],
+                         ids=lambda m: f"{m[0]}-{m[1]}")
 def test_interpreted_split_tiles_equal_whole_tiles(modes):
     """Two programs per query tile, each with half its rows (the H100 launch at head dim 64 with
     8-bit QK), compute exactly what one program does: the 8-bit query scale is the whole tile's."""
     c = case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=3)
     whole, _, _ = run_kernel(c, *modes)
-    halves, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2, "pv_apart": modes[1] == "fp8"})
+    halves, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2})
     assert not halves.isnan().any()
     assert torch.equal(halves, whole)
 
@@ -139,9 +203,10 @@ GPU_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 16, 
 @pytest.mark.parametrize("grid,text_len,text_first,dim", GPU_CASES, ids=lambda x: str(x))
 def test_gpu_kernel_matches_reference(modes, grid, text_len, text_first, dim):
     c = case(grid, text_len, text_first, heads=3, dim=dim, block=64, batch=2, density=0.3, device="cuda")
-    out, _, _ = run_kernel(c, *modes)
+    out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -181,9 +246,21 @@ def test_gpu_block_128_matches_reference(modes, grid, text_len, text_first, dim)
     H100, for the calls it covers; an empty kept row outputs what the reference does."""
     c = case(grid, text_len, text_first, heads=3, dim=dim, block=128, batch=2, density=0.3, device="cuda")
     c["kept"][1, 1] = False  # with no text, the row attends to nothing
-    out, _, _ = run_kernel(c, *modes)
+    out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8")], ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("block,dim", [(128, 128), (128, 64), (64, 128)])
+def test_gpu_v_scale_changing_between_tiles(modes, block, dim):
+    """As the interpreted test, on the kernels an H100 runs: the Hopper kernel (block 128, head
+    dim 128), the split portable kernel (block 128, head dim 64), the portable kernel."""
+    c = with_loud_tokens(case((8, 12, 16), 226, True, heads=2, dim=dim, block=block, batch=2, density=0.5, device="cuda"))
+    out, qk, pv = run_kernel(c, *modes)
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 2e-2
 
 
 @pytest.mark.gpu
