@@ -38,6 +38,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
@@ -129,14 +130,15 @@ def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_ba
 
 
 @triton.jit
-def _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK: tl.constexpr, UPCAST: tl.constexpr):
-    """Unscaled scores of the query tile against one key tile (keys past a segment's end are
-    masked in the softmax step).
+def _scores(q, k_tile, k_offs, QK: tl.constexpr, UPCAST: tl.constexpr):
+    """Unscaled scores of the query tile against the key tile at `k_tile` (keys past a
+    segment's end are masked in the softmax step).
 
-    Prepped buffers hold whole, zero-padded tiles, so their loads need no mask: a mask that
+    Prepped buffers hold whole, zero-padded tiles, so their loads need no mask (a mask that
     varies along V^T's contiguous axis would stop the loads from being vectorised and
-    pipelined."""
-    k = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_ks + d[None, :] * stride_kd)
+    pipelined), and a tile's element offsets from its first element are the same for every
+    tile (`k_offs`, computed once before the loop): per tile only a scalar pointer moves."""
+    k = tl.load(k_tile + k_offs)
     if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
     if QK == 1:
@@ -154,10 +156,21 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
     exponent): P and l_i then carry the same factor, which cancels in acc / l_i."""
     if ragged:  # only the last tile of a segment has keys past its end
         s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
-    p = tl.math.exp2(s * scale - (m_new - P_SHIFT)[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale - P_SHIFT)  # m_i: the row maxima less P_SHIFT
+    p = tl.math.exp2(s * scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _ratio(a, b, UPCAST: tl.constexpr):
+    """a / b to within 2 ulp (PTX div.approx): an IEEE-ready division's range checks cost ten
+    instructions per key tile in the attention loop. The CPU interpreter has no libdevice, so
+    there it divides exactly."""
+    if UPCAST:
+        return a / b
+    else:
+        return libdevice.fast_dividef(a, b)
 
 
 @triton.jit
@@ -180,15 +193,16 @@ def _swizzled_columns(p):
 
 
 @triton.jit
-def _accumulate(acc, p, v_ptr, rows, d, stride_vs, stride_vd, PV: tl.constexpr, UPCAST: tl.constexpr,
-                PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr):
-    """acc + P V for one key tile, P already in V's format (upcast to fp32 on the CPU
-    interpreter). PV_APART: compute P V into a fresh accumulator and add it in fp32. The
-    tensor cores sum FP8 products into an accumulator at reduced precision, which lost up to
-    a third of the output at Wan2.1's 256 key tiles on the H100 (BENCHMARKS.md); and fed the
-    rescaled acc, ptxas serialised every wgmma of the 8-bit head-dim-64 kernel (warning C7515).
-    SWIZZLE_V: the prep pass stored V's keys swizzled, so P's columns follow."""
-    v = tl.load(v_ptr + rows[:, None].to(tl.int64) * stride_vs + d[None, :] * stride_vd)
+def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, PV_APART: tl.constexpr,
+                SWIZZLE_V: tl.constexpr):
+    """acc + P V for the V tile at `v_tile` (element offsets `v_offs`, as in `_scores`), P
+    already in V's format (upcast to fp32 on the CPU interpreter). PV_APART: compute P V into a
+    fresh accumulator and add it in fp32. The tensor cores sum FP8 products into an accumulator
+    at reduced precision, which lost up to a third of the output at Wan2.1's 256 key tiles on
+    the H100 (BENCHMARKS.md); and fed the rescaled acc, ptxas serialised every wgmma of the
+    8-bit head-dim-64 kernel (warning C7515). SWIZZLE_V: the prep pass stored V's keys
+    swizzled, so P's columns follow."""
+    v = tl.load(v_tile + v_offs)
     if SWIZZLE_V:
         p = _swizzled_columns(p)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
@@ -284,20 +298,24 @@ def _paro_attention_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     v_scale = 1.0  # 8-bit V: the scale of the V tile acc is in units of
     v_dtype = V.dtype.element_ty
+    # offsets within a tile, unsigned: 32 bits suffice, and their zero extension costs nothing
+    k_offs = (offs[:, None] * stride_ks + d[None, :] * stride_kd).to(tl.uint32)
+    v_offs = (offs[:, None] * stride_vs + d[None, :] * stride_vd).to(tl.uint32)
     for j in range(0, n_keys):
         kt = key_tile(j, n_text_tiles, list_ptr, is_text)
-        rows, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, False)
+        _, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, False)
+        first_row = kt.to(tl.int64) * BLOCK  # prepped buffers: tile kt starts at row kt * BLOCK
         scale = score_scale
         if QK != 0:
             scale = scale * tl.load(k_scales + kt)
-        s = _scores(q, k_ptr, rows, d, stride_ks, stride_kd, QK, UPCAST)
+        s = _scores(q, k_ptr + first_row * stride_ks, k_offs, QK, UPCAST)
         p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
         if PV != 0:
             v_next = tl.load(v_scales + kt)
-            alpha = alpha * tl.fdiv(v_scale, v_next)
+            alpha = alpha * _ratio(v_scale, v_next, UPCAST)
             v_scale = v_next
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV, UPCAST), v_ptr, rows, d, stride_vs, stride_vd, PV, UPCAST, PV_APART, SWIZZLE_V)
+        acc = _accumulate(acc, _p_format(p, v_dtype, PV, UPCAST), v_ptr + first_row * stride_vs, v_offs, PV, UPCAST, PV_APART, SWIZZLE_V)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != 0:  # undo V's scale, add back the shift the prep pass removed (a row that saw no key stays 0)
