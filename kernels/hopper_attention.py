@@ -247,8 +247,8 @@ if _IMPORTED:
         text_base = (1 - text_first) * N  # original position of the first text / visual token
         vis_base = text_first * T
 
-        # The query tile through the head's order, quantised in registers (one scale for the
-        # tile, as the portable kernel), into shared memory: before the partitions fork.
+        # The query tile through the head's order, quantised in registers (one scale per
+        # consumer's 64 rows, quant.QUERY_SCALE_ROWS), into shared memory: before the fork.
         ql: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [num_warps, 1], [1, 0])
         is_text = tile < n_text_tiles
         pos = gl.where(is_text, tile, tile - n_text_tiles) * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ql))
@@ -259,13 +259,19 @@ if _IMPORTED:
         q_base = Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
         q = gl.load(q_base + original[:, None].to(gl.int64) * stride_qs + d[None, :],
                     mask=valid[:, None] & (d[None, :] < DIM), other=0.0)
+        score_scale0 = score_scale  # consumer 0's, rows [0, 64)
+        score_scale1 = score_scale  # consumer 1's, rows [64, 128)
         if QK != 0:
             q32 = q.to(gl.float32)
-            q_scale = gl.maximum(gl.max(gl.max(gl.abs(q32), 1), 0), MIN_AMAX_) / QK_QMAX
-            q32 = gl.minimum(gl.maximum(q32 / q_scale, -QK_QMAX), QK_QMAX)
+            row_amax = gl.max(gl.abs(q32), 1)
+            first = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ql)) < 64
+            q_scale0 = gl.maximum(gl.max(gl.where(first, row_amax, 0.0), 0), MIN_AMAX_) / QK_QMAX
+            q_scale1 = gl.maximum(gl.max(gl.where(first, 0.0, row_amax), 0), MIN_AMAX_) / QK_QMAX
+            q32 = gl.minimum(gl.maximum(q32 / gl.where(first, q_scale0, q_scale1)[:, None], -QK_QMAX), QK_QMAX)
             if QK == 1:
                 q32 = (q32 + 12582912.0) - 12582912.0  # round half to even, as torch.round
-            score_scale = score_scale * q_scale
+            score_scale0 = score_scale * q_scale0
+            score_scale1 = score_scale * q_scale1
             q = q32
         q_smem = gl.allocate_shared_memory(k_desc.dtype, [BLOCK, HEAD_DIM], k_desc.layout, q.to(k_desc.dtype))
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK, HEAD_DIM], k_desc.layout)
@@ -292,10 +298,10 @@ if _IMPORTED:
         # out in the tuple.)
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
-                           n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
+                           n_text_tiles, n_keys, n_tiles, score_scale0, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
             (_consumer, (1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
-                           n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
+                           n_text_tiles, n_keys, n_tiles, score_scale1, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
                            vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
             (_produce, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, list_ptr, is_text, n_text_tiles, n_keys,
                         n_tiles, bh * n_tiles * BLOCK, bh * HEAD_DIM, PV, STAGES)),

@@ -43,6 +43,10 @@ SHIFT_SAMPLES = 256
 # A granule whose largest magnitude is below this quantises to zeros instead of dividing by 0.
 MIN_AMAX = 1e-6
 
+# Query rows that share one scale: a block's rows, but at most this many. Every kernel program
+# (or Hopper consumer warpgroup) then quantises only query rows it owns.
+QUERY_SCALE_ROWS = 64
+
 
 def is_scaled(fmt: str) -> bool:
     """True for the formats that need a scale (integers and fp8)."""

@@ -2,8 +2,9 @@
 
 One call computes, for each head h:
   1. gather the visual tokens of q, k, v into the head's order perm[h] (text stays in front);
-  2. round Q and K to the QK format, one scale per block of `block` rows (text and visual
-     segments blocked separately); for scaled formats K first loses its channel shift
+  2. round Q and K to the QK format, one scale per block of `block` rows (Q: per block of at
+     most quant.QUERY_SCALE_ROWS rows; text and visual segments blocked separately); for
+     scaled formats K first loses its channel shift
      (quant.channel_shift, a sampled mean over tokens), which leaves softmax unchanged (it
      shifts every score of a row by the same amount);
   3. round V to the PV format, blocked as K (the method's per-block dynamic scale; FP8 is a
@@ -28,7 +29,7 @@ import torch
 
 from .layout import SequenceLayout, block_mask_rows, chunk_rows, gather_tokens, to_paro_order
 from .orders import inverse_permutation
-from .quant import channel_shift, fake_quantize, is_scaled, quantize_probabilities
+from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, is_scaled, quantize_probabilities
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_shift: torch.Tensor, allowed: torch.Tensor | None, scale: float,
@@ -78,7 +79,8 @@ def paro_attention_reference(
         k_shift = channel_shift(k, compute_dtype).unsqueeze(2)
         kt, kv = kt - k_shift, kv - k_shift
     v_shift = channel_shift(v, compute_dtype).unsqueeze(2) if is_scaled(pv) else torch.zeros_like(vv[:, :, :1])
-    qt, qv, kt, kv = (fake_quantize(x, qk, block) for x in (qt, qv, kt, kv))
+    qt, qv = (fake_quantize(x, qk, min(block, QUERY_SCALE_ROWS)) for x in (qt, qv))
+    kt, kv = (fake_quantize(x, qk, block) for x in (kt, kv))
     keys = torch.cat([kt, kv], dim=2)
     values = torch.cat([fake_quantize(x - v_shift, pv, block) for x in (vt, vv)], dim=2)
 

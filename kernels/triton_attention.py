@@ -12,7 +12,7 @@ Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
   in the loads) and the output is written back through `perm` (the inverse, in the store).
   No separate permute pass exists.
 - Q is read from the caller's (B, S, H, D) tensor through the order, and quantised in
-  registers when QK is 8-bit (one scale per query tile). K and V, read by every query tile
+  registers when QK is 8-bit (one scale per 64 rows: quant.QUERY_SCALE_ROWS). K and V, read by every query tile
   that keeps them, first go through `_prep_kernel`: ONE fused pass that gathers each tile in
   paro order (and, in the 8-bit modes, removes K's and V's channel shifts and quantises them
   with one scale per tile) into whole, zero-padded, tile-aligned buffers. The shifts are
@@ -42,7 +42,7 @@ from triton.language.extra.cuda import libdevice
 
 from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
-from .quant import MIN_AMAX, QMAX, channel_shift
+from .quant import MIN_AMAX, QMAX, QUERY_SCALE_ROWS, channel_shift
 from .tile_order import key_tile, program_tile
 
 LOG2E = 1.4426950408889634
@@ -149,7 +149,7 @@ def _scores(q, k_tile, k_offs, QK: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
+def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr, ROW_SCALES: tl.constexpr):
     """Online softmax over one tile of scores: (P, the rescale factor of what came before, new
     row maxima, new row sums). The score scale is folded into exp2's argument (one FMA per
     score), as is the static scale of 8-bit P (P_SHIFT = log2 448 or log2 127 added to the
@@ -157,7 +157,10 @@ def _softmax_step(s, valid, ragged, m_i, l_i, scale, P_SHIFT: tl.constexpr):
     if ragged:  # only the last tile of a segment has keys past its end
         s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale - P_SHIFT)  # m_i: the row maxima less P_SHIFT
-    p = tl.math.exp2(s * scale - m_new[:, None])
+    if ROW_SCALES:  # a score scale per row (query scales of several row groups), else one
+        p = tl.math.exp2(s * scale[:, None] - m_new[:, None])
+    else:
+        p = tl.math.exp2(s * scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -237,7 +240,7 @@ def _paro_attention_kernel(
     H, T, N, n_text_tiles, nb, score_scale, text_first,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
     QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr,
+    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr, Q_GROUP: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
     order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
@@ -271,17 +274,26 @@ def _paro_attention_kernel(
             q = q.to(tl.float32)
         else:
             q = q.to(K.dtype.element_ty)
-    else:  # quantise the query tile here: it is loaded once per program, so this costs nothing
-        amax = 0.0
-        for other in tl.static_range(1, SPLIT):  # the scale is the whole tile's: read its other parts' rows too
-            part = (pid % SPLIT + other) % SPLIT
-            other_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, part.to(tl.int32) * ROWS + tl.arange(0, ROWS), d,
-                                   text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32)), 1), 0))
-        # q's own rows last: their load and the other parts' are then in flight together
-        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
-        q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
-        qf = tl.minimum(tl.maximum(q.to(tl.float32) / q_scale, -QK_QMAX), QK_QMAX)
+    else:  # quantise the query rows here: they are loaded once per program, so this costs nothing
+        if ROWS > Q_GROUP:  # several groups of rows, one scale each: a scale per row
+            amax = tl.reshape(tl.max(tl.abs(q.to(tl.float32)), 1), [ROWS // Q_GROUP, Q_GROUP])
+            amax = tl.reshape(tl.broadcast_to(tl.max(amax, 1)[:, None], [ROWS // Q_GROUP, Q_GROUP]), [ROWS])
+            q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
+            qf = q.to(tl.float32) / q_scale[:, None]
+        else:  # the rows' group spans PARTS programs: read the other programs' rows too
+            PARTS: tl.constexpr = Q_GROUP // ROWS
+            part = pid % SPLIT
+            amax = 0.0
+            for other in tl.static_range(1, PARTS):
+                sibling = part - part % PARTS + (part + other) % PARTS
+                other_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, sibling.to(tl.int32) * ROWS + tl.arange(0, ROWS),
+                                       d, text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32)), 1), 0))
+            # q's own rows last: their load and the other programs' are then in flight together
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
+            q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
+            qf = q.to(tl.float32) / q_scale
+        qf = tl.minimum(tl.maximum(qf, -QK_QMAX), QK_QMAX)
         if QK == 1:
             q = _rint(qf).to(tl.int8)
         else:
@@ -309,7 +321,7 @@ def _paro_attention_kernel(
         if QK != 0:
             scale = scale * tl.load(k_scales + kt)
         s = _scores(q, k_ptr + first_row * stride_ks, k_offs, QK, UPCAST)
-        p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT)
+        p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT, QK != 0 and ROWS > Q_GROUP)
         if PV != 0:
             v_next = tl.load(v_scales + kt)
             alpha = alpha * _ratio(v_scale, v_next, UPCAST)
@@ -514,6 +526,7 @@ def paro_attention_triton(
         heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
         BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
         PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift, SPLIT=split, PV_APART=pv_apart, SWIZZLE_V=swizzle_v,
+        Q_GROUP=min(block, QUERY_SCALE_ROWS),
         **launch,
     )
     return out

@@ -58,6 +58,17 @@ def with_loud_tokens(c, share=0.1, gain=30.0, seed=0):
     return c
 
 
+def with_loud_second_halves(c, gain=30.0):
+    """Queries 30 times louder in the second 64 rows of every 128-row visual tile (in each head's
+    order; no text): one query scale per tile would leave the first halves a few codes."""
+    assert c["layout"].text_len == 0 and c["block"] == 128
+    n = c["perm"].shape[1]
+    for h in range(c["perm"].shape[0]):
+        loud = c["perm"][h][(torch.arange(n, device=c["perm"].device) % 128) >= 64]
+        c["q"][:, loud, h] *= gain
+    return c
+
+
 @interpreted
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
@@ -122,14 +133,28 @@ def test_interpreted_q_k_v_may_have_different_strides(modes):
 @interpreted
 @pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8"), ("int8", "native"), ("native", "native")],
                          ids=lambda m: f"{m[0]}-{m[1]}")
-def test_interpreted_split_tiles_equal_whole_tiles(modes):
+@pytest.mark.parametrize("block", [32, 128])
+def test_interpreted_split_tiles_equal_whole_tiles(modes, block):
     """Two programs per query tile, each with half its rows (the H100 launch at head dim 64 with
-    8-bit QK), compute exactly what one program does: the 8-bit query scale is the whole tile's."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=3)
+    8-bit QK), compute exactly what one program does: a 32-row tile's halves share its query
+    scale, a 128-row tile's halves have one each (quant.QUERY_SCALE_ROWS)."""
+    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=3)
     whole, _, _ = run_kernel(c, *modes)
     halves, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2})
     assert not halves.isnan().any()
     assert torch.equal(halves, whole)
+
+
+@interpreted
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("int8", "native"), ("fp8", "fp8")], ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("split", [1, 2])
+def test_interpreted_query_scale_per_64_rows(modes, split):
+    """In 128-row tiles each 64 query rows have their own scale, in one program or two: with the
+    queries of every tile's second half 30 times louder, a scale for the whole tile would leave
+    the first half a few codes (an error of order 1e-1 against the reference)."""
+    c = with_loud_second_halves(case((3, 5, 9), 0, True, heads=2, dim=32, block=128, seed=7))
+    out, qk, pv = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": split})
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @interpreted
@@ -261,6 +286,18 @@ def test_gpu_v_scale_changing_between_tiles(modes, block, dim):
     c = with_loud_tokens(case((8, 12, 16), 226, True, heads=2, dim=dim, block=block, batch=2, density=0.5, device="cuda"))
     out, qk, pv = run_kernel(c, *modes)
     assert rel_l2(out, same_semantics(c, qk, pv)) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("modes", [("int8", "fp8"), ("int8", "bf16")], ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize("dim", [128, 64])
+def test_gpu_query_scale_per_64_rows(modes, dim):
+    """As the interpreted test, on the kernels an H100 runs at block 128: the Hopper kernel (head
+    dim 128: a scale per consumer warpgroup), the portable kernel split in two programs (head dim
+    64, FP8 PV) and whole (head dim 64, 16-bit PV: a scale per row)."""
+    c = with_loud_second_halves(case((8, 12, 16), 0, True, heads=2, dim=dim, block=128, batch=2, density=0.5, device="cuda"))
+    out, qk, pv = run_kernel(c, *modes)
+    assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @pytest.mark.gpu
