@@ -113,13 +113,12 @@ class PlanAttention:
     attention for dense layers and steps.
     """
 
-    def __init__(self, plan: Plan, component: str, backend: AttentionBackend, layout: SequenceLayout,
-                 device: torch.device, qk: str, pv: str):
+    def __init__(self, plan: Plan, component: str, backend: AttentionBackend, device: torch.device, qk: str, pv: str):
         self.plan = plan
         self.qk, self.pv = qk, pv
         self.comp = plan.components[component]
         self.backend = backend
-        self.layout = layout
+        self.layout = plan.layout
         self.device = device
         self.perms = torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]).to(device)
         self.dense_layers = set(plan.dense_layers)
@@ -138,8 +137,9 @@ class PlanAttention:
     def calls(self) -> dict[str, int]:
         return {name: n for name, n in (("paro", self.paro_calls), ("dense", self.dense_calls)) if n}
 
-    def on_forward(self, grid: tuple[int, int, int], t: float) -> None:
+    def on_forward(self, grid: tuple[int, int, int], layout: SequenceLayout, t: float) -> None:
         self.plan.check_grid(grid)
+        self.plan.check_layout(layout)
         slot = self.plan.slot_of(t)
         if slot != self.slot:
             self.slot = slot
@@ -161,8 +161,9 @@ class PlanAttention:
 
 
 def check_plan(loaded, plan: Plan, grid: tuple[int, int, int]) -> None:
-    """Refuse a plan made for another model, geometry or text layout (a PlanError)."""
-    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid, layout=loaded.adapter.sequence_layout())
+    """Refuse a plan made for another model or geometry (a PlanError); its text layout is
+    checked against every forward call, which is where the text length shows."""
+    plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid)
 
 
 @contextlib.contextmanager
@@ -175,6 +176,6 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     check_plan(loaded, plan, grid)
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
-    handler = PlanAttention(plan, "transformer", chosen, loaded.adapter.sequence_layout(), loaded.device, qk, pv)
+    handler = PlanAttention(plan, "transformer", chosen, loaded.device, qk, pv)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, handler):
         yield handler

@@ -113,22 +113,27 @@ def select_blocks(mass: torch.Tensor, density: float, n: int, block: int) -> tor
     return kept
 
 
-def _same_grid(expected: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
-    if tuple(grid) != tuple(expected):
-        raise ParoError(f"token grid changed during calibration ({expected} -> {tuple(grid)})", "calibrate one geometry at a time")
+def _same_input(expected_grid, expected_layout: SequenceLayout, grid, layout: SequenceLayout) -> None:
+    if tuple(grid) != tuple(expected_grid):
+        raise ParoError(f"token grid changed during calibration ({expected_grid} -> {tuple(grid)})", "calibrate one geometry at a time")
+    if (layout.text_len, text_position(layout)) != (expected_layout.text_len, text_position(expected_layout)):
+        raise ParoError(f"text tokens in self-attention changed during calibration ({expected_layout.text_len} -> {layout.text_len})",
+                        "calibrate with one text length (the pipeline's max_sequence_length)")
 
 
 class StepTracker:
-    """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe)."""
+    """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe), and
+    holds the token grid and text layout of the first call (later calls must match)."""
 
     def __init__(self):
         self.timesteps: list[float] = []
         self.grid: tuple[int, int, int] | None = None
+        self.layout: SequenceLayout | None = None
 
-    def see(self, grid: tuple[int, int, int], t: float) -> int:
+    def see(self, grid: tuple[int, int, int], layout: SequenceLayout, t: float) -> int:
         if self.grid is None:
-            self.grid = tuple(grid)
-        _same_grid(self.grid, grid)
+            self.grid, self.layout = tuple(grid), layout
+        _same_input(self.grid, self.layout, grid, layout)
         if not self.timesteps or abs(self.timesteps[-1] - t) > 1e-9:
             self.timesteps.append(t)
         return len(self.timesteps) - 1
@@ -137,8 +142,8 @@ class StepTracker:
 class OrderProfiler:
     """Pass 1 handler: recall and incoherence of every candidate order, every head."""
 
-    def __init__(self, layers: int, heads: int, block: int, density: float, layout: SequenceLayout, steps: set[int]):
-        self.block, self.density, self.layout, self.steps = block, density, layout, steps
+    def __init__(self, layers: int, heads: int, block: int, density: float, steps: set[int]):
+        self.block, self.density, self.steps = block, density, steps
         self.tracker = StepTracker()
         self.profile = False
         self.recall: torch.Tensor | None = None
@@ -147,8 +152,8 @@ class OrderProfiler:
         self.shape = (layers, heads)
         self.perms: torch.Tensor | None = None  # (candidates, heads, N), made at the first call
 
-    def on_forward(self, grid, t):
-        step = self.tracker.see(grid, t)
+    def on_forward(self, grid, layout, t):
+        step = self.tracker.see(grid, layout, t)
         self.profile = step in self.steps
         if self.recall is None:
             shape = (*self.shape, len(candidate_orders(self.tracker.grid)))
@@ -159,7 +164,7 @@ class OrderProfiler:
             if self.perms is None:
                 grid, heads = self.tracker.grid, q.shape[2]
                 self.perms = torch.stack([order_permutation(o, grid).expand(heads, -1) for o in candidate_orders(grid)]).to(q.device)
-            stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=self.layout)
+            stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=self.tracker.layout)
             self.recall[layer] += mass_recall(stats.mass, self.density).T.cpu()
             self.incoherence[layer] += stats.incoherence.T.cpu()
             self.count[layer] += 1
@@ -187,8 +192,8 @@ class MassCollector:
         self.count = torch.zeros(layers)
         self.slot: int | None = None
 
-    def on_forward(self, grid, t):
-        _same_grid(self.grid, grid)
+    def on_forward(self, grid, layout, t):
+        _same_input(self.grid, self.layout, grid, layout)
         step = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
         slot = self.slots[step]
         if self.slot is not None and slot != self.slot:
@@ -235,10 +240,9 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     grid = runner.token_grid(loaded, recipe)
     names = candidate_orders(grid)
     allowed = allowed_orders(cal.orders, names)
-    layout = adapter.sequence_layout()
     steps = recipe.sampling.steps
 
-    profiler = OrderProfiler(layers, heads, sp.block_size, sp.density, layout, profiled_steps(steps, cal.order_steps))
+    profiler = OrderProfiler(layers, heads, sp.block_size, sp.density, profiled_steps(steps, cal.order_steps))
     progress.start("profiling orders", steps)
     with AttentionInterceptor(transformer, adapter, profiler):
         runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
@@ -246,7 +250,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
     orders = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
 
-    timesteps = profiler.tracker.timesteps
+    timesteps, layout = profiler.tracker.timesteps, profiler.tracker.layout
     slots = slot_of_steps(len(timesteps), sp.slots)
     collector = MassCollector(orders, grid, timesteps, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
     progress.start("building masks", steps)

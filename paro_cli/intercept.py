@@ -1,39 +1,57 @@
 """Reaching a diffusers transformer's self-attention calls, scoped and reversible.
 
 Following diffusers' own seams: each self-attention layer's stock processor is wrapped (through
-the public `set_attn_processor`) so that it marks "layer i is running"; the model module's
-`dispatch_attention_fn` name is rebound to a function that hands marked self-attention calls to
-a handler and forwards everything else (cross-attention, image branches) untouched; a forward
-pre-hook reads the token grid and timestep. Leaving the context restores all three.
+the public `set_attn_processor`) so that it marks "layer i is running"; the module-level name
+through which the processors call attention is rebound to a function that hands marked
+self-attention calls to a handler and forwards everything else (cross-attention, image
+branches) untouched; a forward pre-hook reads the token grid, the text layout and the timestep.
+Leaving the context restores all three.
+
+Two call sites exist (the adapter names its family's, see models/__init__.py):
+- "dispatch": `dispatch_attention_fn(query, key, value, ...)` on (B, S, H, D) tensors, in the
+  transformer's own module (Wan, Flux, HunyuanVideo);
+- "sdpa": `F.scaled_dot_product_attention(query, key, value, ...)` on (B, H, S, D) tensors,
+  inside diffusers' legacy attention processors (CogVideoX); `F` is rebound to a stand-in for
+  torch.nn.functional that differs only in that function.
+Handlers always see (B, S, H, D).
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from kernels.layout import SequenceLayout
+
 DenseFn = Callable[[], torch.Tensor]
 
 
 class AttentionHandler(Protocol):
-    def on_forward(self, grid: tuple[int, int, int], t: float) -> None:
-        """Called before each transformer forward with its token grid and normalised timestep."""
+    def on_forward(self, grid: tuple[int, int, int], layout: SequenceLayout, t: float) -> None:
+        """Called before each transformer forward with its token grid, where its text tokens sit
+        in self-attention and its normalised timestep."""
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn) -> torch.Tensor:
         """Self-attention of `layer` on (B, S, H, D) tensors; `dense()` runs the stock call."""
 
 
-class _LayerMarker:
-    """Runs the stock processor with `state.layer` set, so the dispatch knows which layer calls."""
+class _State:
+    layer: int | None = None
 
-    def __init__(self, stock, layer: int, state: "_State"):
+
+class _LayerMarker:
+    """Runs the stock processor with `state.layer` set, so the call site knows which layer calls."""
+
+    def __init__(self, stock, layer: int, state: _State):
         self.stock = stock
         self.layer = layer
         self.state = state
 
-    def __call__(self, attn, *args, **kwargs):
+    def _run(self, attn, *args, **kwargs):
         self.state.layer = self.layer
         try:
             return self.stock(attn, *args, **kwargs)
@@ -41,8 +59,17 @@ class _LayerMarker:
             self.state.layer = None
 
 
-class _State:
-    layer: int | None = None
+@functools.cache
+def _marker_class(stock_class: type) -> type:
+    """A _LayerMarker whose __call__ has the stock processor's signature: diffusers' legacy
+    Attention passes a processor only the keyword arguments its signature names, and would drop
+    e.g. CogVideoX's `image_rotary_emb` for a plain (*args, **kwargs)."""
+
+    @functools.wraps(stock_class.__call__)
+    def __call__(self, attn, *args, **kwargs):
+        return self._run(attn, *args, **kwargs)
+
+    return type(f"Marked{stock_class.__name__}", (_LayerMarker,), {"__call__": __call__})
 
 
 class AttentionInterceptor:
@@ -55,36 +82,62 @@ class AttentionInterceptor:
         self.state = _State()
 
     def __enter__(self) -> "AttentionInterceptor":
-        module = self.adapter.dispatch_module
-        self.original = module.dispatch_attention_fn
-        if isinstance(getattr(self.original, "__self__", None), AttentionInterceptor):
+        module, name = self.adapter.call_site
+        self.original = getattr(module, name)
+        if isinstance(self.original, _ParoFunctional) or isinstance(getattr(self.original, "__self__", None), AttentionInterceptor):
             raise RuntimeError("paro attention is already installed on this model family; nest nothing")
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
-            processors[key] = _LayerMarker(self.stock[key], i, self.state)
+            processors[key] = _marker_class(type(self.stock[key]))(self.stock[key], i, self.state)
         self.transformer.set_attn_processor(processors)
-        module.dispatch_attention_fn = self._dispatch
+        setattr(module, name, self._dispatch if name == "dispatch_attention_fn" else _ParoFunctional(self._sdpa))
         self.hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
         self.hook.remove()
-        self.adapter.dispatch_module.dispatch_attention_fn = self.original
+        module, name = self.adapter.call_site
+        setattr(module, name, self.original)
         self.transformer.set_attn_processor(self.stock)
 
     def _pre_hook(self, module, args, kwargs):
-        grid = self.adapter.token_grid(module, args, kwargs)
-        self.handler.on_forward(grid, self.adapter.normalised_timestep(args, kwargs))
+        self.handler.on_forward(self.adapter.token_grid(module, args, kwargs), self.adapter.sequence_layout(args, kwargs),
+                                self.adapter.normalised_timestep(args, kwargs))
+
+    def _take_layer(self, query, key, attn_mask) -> int | None:
+        """The marked layer if this is its self-attention call (each marked invocation makes one)."""
+        layer = self.state.layer
+        if layer is None or key.shape != query.shape or attn_mask is not None:
+            return None
+        self.state.layer = None
+        return layer
 
     def _dispatch(self, query, key, value, *args, **kwargs):
-        layer = self.state.layer
-
         def dense() -> torch.Tensor:
             return self.original(query, key, value, *args, **kwargs)
 
-        is_self = key.shape[1] == query.shape[1] and kwargs.get("attn_mask") is None
-        if layer is None or not is_self:
-            return dense()
-        self.state.layer = None  # one self-attention call per marked layer invocation
-        return self.handler.attention(layer, query, key, value, dense)
+        layer = self._take_layer(query, key, kwargs.get("attn_mask"))
+        return dense() if layer is None else self.handler.attention(layer, query, key, value, dense)
+
+    def _sdpa(self, query, key, value, attn_mask=None, *args, **kwargs):
+        stock = self.original.scaled_dot_product_attention
+
+        def dense() -> torch.Tensor:
+            return stock(query, key, value, attn_mask, *args, **kwargs).transpose(1, 2)
+
+        layer = self._take_layer(query, key, attn_mask)
+        if layer is None:
+            return stock(query, key, value, attn_mask, *args, **kwargs)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        return self.handler.attention(layer, q, k, v, dense).transpose(1, 2)
+
+
+class _ParoFunctional(types.SimpleNamespace):
+    """torch.nn.functional with scaled_dot_product_attention replaced."""
+
+    def __init__(self, sdpa):
+        super().__init__(scaled_dot_product_attention=sdpa)
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)

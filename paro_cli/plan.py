@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.layout import num_blocks
+from kernels.layout import SequenceLayout, num_blocks
 from kernels.orders import candidate_orders
 
 from . import __version__
@@ -164,8 +164,8 @@ class Plan:
 
     # --- checks against a run -------------------------------------------------------------
 
-    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int], layout) -> None:
-        """Refuse a plan made for another model, geometry or text layout."""
+    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int]) -> None:
+        """Refuse a plan made for another model or geometry."""
         if family != self.family:
             raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
         for name, fp in fingerprints.items():
@@ -177,11 +177,19 @@ class Plan:
                     "calibrate a plan for this model",
                 )
         self.check_grid(grid)
+
+    def check_layout(self, layout: SequenceLayout) -> None:
+        """Refuse a run whose self-attention holds other text than the plan's."""
         if (layout.text_len, text_position(layout)) != (self.text_tokens, self.text_position):
             raise PlanError(
-                f"plan has {self.text_tokens} text tokens ({self.text_position}) in self-attention, this run has {layout.text_len}",
-                "calibrate with this model's text length",
+                f"plan has {self.text_tokens} text tokens ({self.text_position}) in self-attention, this run has "
+                f"{layout.text_len} ({text_position(layout)})",
+                "calibrate with this pipeline's text length (e.g. its max_sequence_length)",
             )
+
+    @property
+    def layout(self) -> SequenceLayout:
+        return SequenceLayout(self.text_tokens, self.text_position != "suffix")
 
     def check_grid(self, grid: tuple[int, int, int]) -> None:
         if tuple(grid) != tuple(self.grid):

@@ -51,7 +51,7 @@ class Recorder:
     def __init__(self):
         self.calls, self.forwards = [], []
 
-    def on_forward(self, grid, t):
+    def on_forward(self, grid, layout, t):
         self.forwards.append((grid, t))
 
     def attention(self, layer, q, k, v, dense):
@@ -89,7 +89,7 @@ def test_density_one_plan_equals_stock_model(orders):
     stock = run(model, x)
     plan = full_plan(model, (3, 4, 5), orders)
     backend = select_backend("torch", torch.device("cpu"), torch.float32, 12, 16, "fp32", "fp32")
-    handler = PlanAttention(plan, "transformer", backend, model_adapter(model).sequence_layout(), torch.device("cpu"), "fp32", "fp32")
+    handler = PlanAttention(plan, "transformer", backend, torch.device("cpu"), "fp32", "fp32")
     with AttentionInterceptor(model, model_adapter(model), handler):
         out = run(model, x)
     assert handler.calls["paro"] == 2
@@ -205,7 +205,7 @@ def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
             self.seen.append((self.slot, layer, q, k, v, out))
             return out
 
-    handler = Recording(plan, "transformer", backend, model_adapter(model).sequence_layout(), torch.device("cpu"), "fp32", "fp32")
+    handler = Recording(plan, "transformer", backend, torch.device("cpu"), "fp32", "fp32")
     handler.seen = []
     x = torch.randn(2, 4, 3, 8, 10)
     with AttentionInterceptor(model, model_adapter(model), handler), torch.no_grad():

@@ -36,8 +36,8 @@ class _QKCapture:
         self.current = -1
         self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def on_forward(self, grid, t):
-        self.current = self.tracker.see(grid, t)
+    def on_forward(self, grid, layout, t):
+        self.current = self.tracker.see(grid, layout, t)
 
     def attention(self, layer: int, q, k, v, dense: DenseFn):
         if layer == self.layer and self.current == self.step and self.qk is None:
@@ -81,7 +81,7 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     capture = _QKCapture(layer, step)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
         sample(loaded, recipe, [prompt], [seed], decode=False)
-    layout = loaded.adapter.sequence_layout()
+    layout = capture.tracker.layout
     q, k = (layout.split(x, dim=0)[1] for x in capture.qk)  # visual tokens only: the plan orders those
     attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)
     order = comp.orders[layer][head]

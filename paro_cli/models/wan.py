@@ -20,10 +20,11 @@ class WanAdapter:
     num_train_timesteps = 1000
 
     @property
-    def dispatch_module(self):
+    def call_site(self):
+        """(module, name) through which the processors call attention (see intercept.py)."""
         from diffusers.models.transformers import transformer_wan
 
-        return transformer_wan
+        return transformer_wan, "dispatch_attention_fn"
 
     def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
         """Processor keys of the self-attention layers, in layer order."""
@@ -49,7 +50,8 @@ class WanAdapter:
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         return float(torch.as_tensor(timestep).max()) / self.num_train_timesteps
 
-    def sequence_layout(self) -> SequenceLayout:
+    def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
+        """Text reaches Wan only through cross-attention: self-attention is video alone."""
         return SequenceLayout(text_len=0)
 
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
