@@ -27,7 +27,7 @@ def token_grid(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int, int]:
         for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
             if size % d:
                 raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
-        shape = (1, loaded.transformer.config.in_channels, g.frames, g.height, g.width)
+        shape = (1, *loaded.adapter.input_shape(loaded.transformer, g.frames, g.height, g.width))
     return loaded.adapter.token_grid_of_input(loaded.transformer, shape)
 
 
@@ -38,21 +38,19 @@ def pixels_to_video(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None) -> torch.Tensor:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    tr, s, g = loaded.transformer, recipe.sampling, recipe.geometry
+    tr, s, g, adapter = loaded.transformer, recipe.sampling, recipe.geometry, loaded.adapter
     token_grid(loaded, recipe)
-    shape = (tr.config.in_channels, g.frames, g.height, g.width)
+    shape = adapter.input_shape(tr, g.frames, g.height, g.width)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]).to(loaded.device)
     cond = loaded.prompt_encoder(prompts)
     uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
     guided = s.guidance > 1.0
     context = (torch.cat([uncond, cond]) if guided else cond).to(loaded.device, loaded.dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=s.flow_shift)
+    scheduler = adapter.scheduler(s)  # both families' schedulers start from unit-variance noise
     scheduler.set_timesteps(s.steps, device=loaded.device)
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
-        v = tr(hidden_states=x_in.to(loaded.dtype), timestep=t.expand(x_in.shape[0]), encoder_hidden_states=context, return_dict=False)[0].float()
+        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context), return_dict=False)[0].float()
         if guided:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + s.guidance * (v_cond - v_uncond)
@@ -98,7 +96,7 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
     if decode:
         check_decodable(loaded)
     x = _builtin_sample(loaded, recipe, prompts, seeds, on_step)
-    return pixels_to_video(x) if decode else x
+    return pixels_to_video(loaded.adapter.as_video(x)) if decode else x
 
 
 def decodable(loaded: LoadedModel) -> bool:

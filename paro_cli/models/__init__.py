@@ -14,9 +14,10 @@ import json
 import torch
 
 from ..errors import ModelError
+from .cogvideox import CogVideoXAdapter
 from .wan import WanAdapter
 
-ADAPTERS = {adapter.transformer_class: adapter for adapter in (WanAdapter(),)}
+ADAPTERS = {adapter.transformer_class: adapter for adapter in (WanAdapter(), CogVideoXAdapter())}
 
 
 def adapter_for(transformer: torch.nn.Module):

@@ -145,5 +145,5 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
     cast_transformer(transformer, device, dtype)
-    encoder = None if pipeline is not None else HashPromptEncoder(transformer.config.text_dim)
+    encoder = None if pipeline is not None else adapter.prompt_encoder(transformer)
     return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder)

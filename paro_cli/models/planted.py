@@ -39,28 +39,23 @@ MIDDLE_PAIR = 1
 SHARPNESS = 3.0  # q/k norm weight: larger makes the planted heads attend more sharply
 
 
-def rope_axis_slices(head_dim: int) -> dict[str, slice]:
-    """Wan splits each head's dims t/h/w = D - 4*(D//6), 2*(D//6), 2*(D//6)."""
-    hw = 2 * (head_dim // 6)
-    t = head_dim - 2 * hw
-    return {"F": slice(0, t), "H": slice(t, t + hw), "W": slice(t + hw, head_dim)}
+def plant_orders(attentions: list[torch.nn.Module], rope_slices: dict[str, slice], heads: int, head_dim: int,
+                 orders: tuple[tuple[str, ...], ...], pair_signs: tuple[float, float] = (1.0, 1.0)) -> None:
+    """Make head h of attention module l attend block-wise in orders[l][h] (module docstring).
 
-
-def plant_orders(transformer: torch.nn.Module, orders: tuple[tuple[str, ...], ...]) -> None:
-    """Make head h of layer l attend block-wise in orders[l][h] (see module docstring)."""
-    heads = transformer.config.num_attention_heads
-    head_dim = transformer.config.attention_head_dim
-    slices = rope_axis_slices(head_dim)
+    rope_slices: each axis's RoPE dims in a head (the family adapter's `rope_axis_slices`).
+    pair_signs: the bias of each rotated pair of dims; (1, -1) keeps a head's bias zero-mean,
+    which a LayerNorm on q and k (CogVideoX) would otherwise partly subtract."""
+    signs = torch.tensor(pair_signs)
     with torch.no_grad():
-        for block, layer_orders in zip(transformer.blocks, orders):
-            attn = block.attn1
+        for attn, layer_orders in zip(attentions, orders):
             bias = torch.zeros(heads, head_dim)
             for h, order in enumerate(layer_orders):
                 assert sorted(order) == sorted(VIDEO_AXES)
-                outer, middle = slices[order[0]], slices[order[1]]
-                bias[h, outer] = AXIS_ENERGY[0]
+                outer, middle = rope_slices[order[0]], rope_slices[order[1]]
+                bias[h, outer] = AXIS_ENERGY[0] * signs.repeat((outer.stop - outer.start) // 2)
                 pair = middle.start + 2 * MIDDLE_PAIR
-                bias[h, pair : pair + 2] = AXIS_ENERGY[1]
+                bias[h, pair : pair + 2] = AXIS_ENERGY[1] * signs
             for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)):
                 proj.weight.zero_()
                 proj.bias.copy_(bias.flatten())
@@ -71,8 +66,45 @@ def build_planted_transformer(seed: int = 0):
     """The planted model, identical on every machine for a given seed."""
     from diffusers import WanTransformer3DModel
 
+    from .wan import WanAdapter
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**PLANTED_CONFIG)
-    plant_orders(transformer, PLANTED_ORDERS)
+    c = transformer.config
+    plant_orders([block.attn1 for block in transformer.blocks], WanAdapter().rope_axis_slices(c.attention_head_dim),
+                 c.num_attention_heads, c.attention_head_dim, PLANTED_ORDERS)
+    return transformer.eval()
+
+
+PLANTED_COGVIDEOX_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=16,
+    text_embed_dim=16,
+    num_layers=2,
+    sample_width=16,
+    sample_height=16,
+    sample_frames=13,
+    patch_size=2,
+    max_text_seq_length=8,
+    use_rotary_positional_embeddings=True,
+)
+
+
+def build_planted_cogvideox(seed: int = 0):
+    """A small CogVideoXTransformer3DModel (RoPE, text prefix of 8 tokens) with the same planted
+    orders as the Wan model; its q/k LayerNorm asks for zero-mean biases."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from .cogvideox import CogVideoXAdapter
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = CogVideoXTransformer3DModel(**PLANTED_COGVIDEOX_CONFIG)
+    c = transformer.config
+    plant_orders([block.attn1 for block in transformer.transformer_blocks], CogVideoXAdapter().rope_axis_slices(c.attention_head_dim),
+                 c.num_attention_heads, c.attention_head_dim, PLANTED_ORDERS, pair_signs=(1.0, -1.0))
     return transformer.eval()

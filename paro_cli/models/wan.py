@@ -11,13 +11,14 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from ..errors import RecipeError
+from .base import VideoTransformerAdapter, check_pixel_multiple
+from .prompt_encoder import HashPromptEncoder
 
 
-class WanAdapter:
+class WanAdapter(VideoTransformerAdapter):
     family = "wan"
     transformer_class = "WanTransformer3DModel"
-    num_train_timesteps = 1000
+    timestep_position = 1
 
     @property
     def call_site(self):
@@ -30,25 +31,10 @@ class WanAdapter:
         """Processor keys of the self-attention layers, in layer order."""
         return [f"blocks.{i}.attn1.processor" for i in range(len(transformer.blocks))]
 
-    def num_heads(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.num_attention_heads
-
-    def head_dim(self, transformer: torch.nn.Module) -> int:
-        return transformer.config.attention_head_dim
-
     def token_grid_of_input(self, transformer: torch.nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(F', H', W') for an input of shape (B, C, F, H, W)."""
         p_t, p_h, p_w = transformer.config.patch_size
         return (shape[2] // p_t, shape[3] // p_h, shape[4] // p_w)
-
-    def token_grid(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return self.token_grid_of_input(transformer, tuple(hidden_states.shape))
-
-    def normalised_timestep(self, args: tuple, kwargs: dict) -> float:
-        """Timestep in [0, 1] (1 = pure noise); Wan 2.2 TI2V passes one per token: take the max."""
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        return float(torch.as_tensor(timestep).max()) / self.num_train_timesteps
 
     def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
         """Text reaches Wan only through cross-attention: self-attention is video alone."""
@@ -58,10 +44,7 @@ class WanAdapter:
         """Latent (B, C, F, H, W) a Wan pipeline samples for a pixel geometry, with its rules:
         height and width multiples of 16 (else it refuses), frames rounded down to 4k + 1."""
         t, s = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
-        for name in ("height", "width"):
-            size = getattr(geometry, name)
-            if size % 16:
-                raise RecipeError(f"geometry.{name} = {size}: Wan pipelines need multiples of 16", f"use {size // 16 * 16 or 16}")
+        check_pixel_multiple(geometry, "Wan")
         frames = geometry.frames if geometry.frames % t == 1 else geometry.frames // t * t + 1
         channels = pipeline.transformer.config.in_channels
         return (1, channels, (frames - 1) // t + 1, geometry.height // s, geometry.width // s)
@@ -69,3 +52,31 @@ class WanAdapter:
     def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         """What the input's (F, H, W) must be multiples of."""
         return tuple(transformer.config.patch_size)
+
+    def rope_axis_slices(self, head_dim: int) -> dict[str, slice]:
+        """Each axis's RoPE dims in a head: Wan splits them t/h/w = D - 4*(D//6), 2*(D//6), 2*(D//6)."""
+        hw = 2 * (head_dim // 6)
+        t = head_dim - 2 * hw
+        return {"F": slice(0, t), "H": slice(t, t + hw), "W": slice(t + hw, head_dim)}
+
+    # paro's own sampling loop for a bare transformer (runner._builtin_sample)
+
+    def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
+        return HashPromptEncoder(transformer.config.text_dim)
+
+    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """One sample's input (C, F, H, W) for an input of that many frames and pixels."""
+        return (transformer.config.in_channels, frames, height, width)
+
+    def scheduler(self, sampling):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
+
+    def as_video(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop's result as (B, C, F, H, W)."""
+        return x
+
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+        """Keyword arguments of one denoising forward on batch x at scheduler timestep t."""
+        return {"hidden_states": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": context}

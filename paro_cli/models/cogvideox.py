@@ -1,0 +1,107 @@
+"""CogVideoX 2B / 5B / 1.5 (CogVideoXTransformer3DModel): joint self-attention over [text, video].
+
+Every block's attn1 attends over the text tokens (the pipeline pads prompts to
+max_text_seq_length, 226) followed by the patchified video, frame-major. Its processor is
+diffusers' legacy CogVideoXAttnProcessor2_0, which calls F.scaled_dot_product_attention itself
+on (B, H, S, D) after QK-norm and, for 5B and 1.5, RoPE on the video part: the q/k intercepted
+there are post-RoPE. The 5B/1.5 pipelines compute the rotary embedding and pass it in; paro's
+own loop for a bare transformer does the same (`forward_inputs`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.layout import SequenceLayout
+
+from .base import VideoTransformerAdapter, check_pixel_multiple, forward_input
+from .prompt_encoder import HashPromptEncoder
+
+
+def _centred_crop(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Corners of `grid` (h, w) scaled to fit inside `base` (h, w), aspect kept, centred: where
+    CogVideoX 1.0 places a latent grid in the coordinates its RoPE was trained on."""
+    (h, w), (bh, bw) = grid, base
+    scale = min(bh / h, bw / w)
+    rh, rw = round(h * scale), round(w * scale)
+    top, left = round((bh - rh) / 2), round((bw - rw) / 2)
+    return (top, left), (top + rh, left + rw)
+
+
+class CogVideoXAdapter(VideoTransformerAdapter):
+    family = "cogvideox"
+    transformer_class = "CogVideoXTransformer3DModel"
+    timestep_position = 2
+
+    @property
+    def call_site(self):
+        from diffusers.models import attention_processor
+
+        return attention_processor, "F"
+
+    def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
+        return [f"transformer_blocks.{i}.attn1.processor" for i in range(len(transformer.transformer_blocks))]
+
+    def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        p = transformer.config.patch_size
+        return (transformer.config.patch_size_t or 1, p, p)
+
+    def token_grid_of_input(self, transformer: torch.nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F', H', W') for an input of shape (B, F, C, H, W)."""
+        p_t, p, _ = self.divisors(transformer)
+        return (shape[1] // p_t, shape[3] // p, shape[4] // p)
+
+    def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
+        return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 1).shape[1], text_first=True)
+
+    def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
+        """Latent (B, F, C, H, W) a CogVideoX pipeline samples: height and width multiples of 16,
+        frames rounded down to 4k + 1, latent frames padded to the temporal patch (1.5)."""
+        t, s = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
+        check_pixel_multiple(geometry, "CogVideoX")
+        frames = (geometry.frames - 1) // t + 1
+        p_t = pipeline.transformer.config.patch_size_t or 1
+        frames += -frames % p_t
+        return (1, frames, pipeline.transformer.config.in_channels, geometry.height // s, geometry.width // s)
+
+    def rope_axis_slices(self, head_dim: int) -> dict[str, slice]:
+        """Each axis's RoPE dims in a head: CogVideoX splits them t/h/w = D/4, 3D/8, 3D/8."""
+        t, hw = head_dim // 4, head_dim // 8 * 3
+        return {"F": slice(0, t), "H": slice(t, t + hw), "W": slice(t + hw, head_dim)}
+
+    # paro's own sampling loop for a bare transformer (runner._builtin_sample)
+
+    def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
+        """Prompts padded to max_text_seq_length tokens, as the pipelines pad them."""
+        return HashPromptEncoder(transformer.config.text_embed_dim, transformer.config.max_text_seq_length)
+
+    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (frames, transformer.config.in_channels, height, width)
+
+    def scheduler(self, sampling):
+        """DDIM with v-prediction on trailing timesteps, as the CogVideoX pipelines ship."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        return CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+
+    def rotary_embedding(self, transformer: torch.nn.Module, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE (cos, sin) of a token grid, placed as the 5B (centred crop) and 1.5 (slice of
+        the trained size) pipelines place it; None for models without RoPE (2B)."""
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        c = transformer.config
+        if not c.use_rotary_positional_embeddings:
+            return None
+        base = (c.sample_height // c.patch_size, c.sample_width // c.patch_size)
+        if c.patch_size_t is None:
+            return get_3d_rotary_pos_embed(c.attention_head_dim, _centred_crop(grid[1:], base), grid[1:], grid[0], device=device)
+        return get_3d_rotary_pos_embed(c.attention_head_dim, None, grid[1:], grid[0], grid_type="slice", max_size=base, device=device)
+
+    def as_video(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop's result (B, F, C, H, W) as (B, C, F, H, W)."""
+        return x.transpose(1, 2)
+
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+        grid = self.token_grid_of_input(transformer, tuple(x.shape))
+        return {"hidden_states": x, "encoder_hidden_states": context, "timestep": t.expand(x.shape[0]),
+                "image_rotary_emb": self.rotary_embedding(transformer, grid, x.device)}

@@ -1,0 +1,142 @@
+"""Every supported model family on CPU, with small planted transformers built from config: the
+paro backend at density 1 without quantisation reproduces the stock model, calibration finds
+the planted orders, and a plan made for one family or geometry is refused by another."""
+
+import pytest
+import torch
+
+from conftest import rel_l2
+from paro_cli.backend import use_plan
+from paro_cli.calibration import calibrate
+from paro_cli.errors import PlanError
+from paro_cli.intercept import AttentionInterceptor
+from paro_cli.models import ADAPTERS, adapter_for
+from paro_cli.models.loading import LoadedModel
+from paro_cli.models.planted import PLANTED_ORDERS, build_planted_cogvideox, build_planted_transformer
+from paro_cli.recipe import load_recipe
+from paro_cli.runner import sample
+
+BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox}
+# geometry of the transformer's input (bare transformers: no VAE): a 4x8x8 token grid for both
+SMALL = {"sampling.steps": 4, "geometry.frames": 4, "geometry.height": 16, "geometry.width": 16, "sparsity.block_size": 16}
+
+
+def test_every_registered_family_is_tested_here():
+    assert sorted(a.family for a in ADAPTERS.values()) == sorted(BUILDERS)
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def planted(request):
+    model = BUILDERS[request.param]()
+    adapter = adapter_for(model)
+    return LoadedModel(f"planted-{request.param}", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+
+
+class Recorder:
+    def __init__(self):
+        self.forwards, self.calls = [], []
+
+    def on_forward(self, grid, layout, t):
+        self.forwards.append((grid, layout.text_len, round(t, 3)))
+
+    def attention(self, layer, q, k, v, dense):
+        self.calls.append((layer, tuple(q.shape)))
+        return dense()
+
+
+def test_interception_is_transparent_and_reversible(planted):
+    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2})
+    stock = sample(planted, recipe, ["a red circle"], [0], decode=False)
+    recorder = Recorder()
+    with AttentionInterceptor(planted.transformer, planted.adapter, recorder):
+        seen = sample(planted, recipe, ["a red circle"], [0], decode=False)
+    assert torch.equal(seen, stock)
+    assert torch.equal(sample(planted, recipe, ["a red circle"], [0], decode=False), stock)
+    text = {"wan": 0, "cogvideox": 8}[planted.family]
+    assert {f[:2] for f in recorder.forwards} == {((4, 8, 8), text)}
+    assert len({f[2] for f in recorder.forwards}) == 2  # one normalised timestep per step
+    assert [c[0] for c in recorder.calls] == [0, 1] * 2  # both self-attention layers, each step
+    assert {c[1] for c in recorder.calls} == {(2, 256 + text, 2, planted.adapter.head_dim(planted.transformer))}  # CFG batch
+
+
+def test_density_one_plan_equals_stock_model(planted):
+    """Calibrated at density 1 in fp32: arrival order, every block kept; the torch backend then
+    computes what the stock attention does."""
+    recipe = load_recipe("planted", {**SMALL, "sparsity.density": 1.0})
+    plan = calibrate(planted, recipe)
+    assert plan.family == planted.family and plan.components["transformer"].achieved_density.min() == 1.0
+    stock = sample(planted, recipe, ["a blue square"], [1], decode=False)
+    with use_plan(planted, plan, plan.grid, "torch") as handler:
+        out = sample(planted, recipe, ["a blue square"], [1], decode=False)
+    assert handler.paro_calls == 4 * 2 and handler.dense_calls == 0  # every step and layer through the plan
+    assert rel_l2(out, stock) <= 1e-5
+
+
+def test_planted_orders_are_found(planted):
+    plan = calibrate(planted, load_recipe("planted", SMALL))
+    assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
+    text = {"wan": (0, "none"), "cogvideox": (8, "prefix")}[planted.family]
+    assert (plan.text_tokens, plan.text_position) == text
+
+
+def test_plans_are_refused_by_other_families_and_text_layouts():
+    loaded = {}
+    for family, build in BUILDERS.items():
+        model = build()
+        adapter = adapter_for(model)
+        loaded[family] = LoadedModel(family, model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2})
+    plans = {family: calibrate(m, recipe) for family, m in loaded.items()}
+    with pytest.raises(PlanError, match="plan is for a wan model, this run uses a cogvideox model"):
+        with use_plan(loaded["cogvideox"], plans["wan"], plans["wan"].grid, "torch"):
+            pass
+    with pytest.raises(PlanError, match="plan is for a cogvideox model, this run uses a wan model"):
+        with use_plan(loaded["wan"], plans["cogvideox"], plans["cogvideox"].grid, "torch"):
+            pass
+    # the same CogVideoX model called with 6 text tokens instead of the plan's 8
+    cog = loaded["cogvideox"]
+    inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16))
+    with pytest.raises(PlanError, match=r"plan has 8 text tokens \(prefix\) in self-attention, this run has 6 \(prefix\)"):
+        with use_plan(cog, plans["cogvideox"], plans["cogvideox"].grid, "torch"), torch.no_grad():
+            cog.transformer(**inputs)
+
+
+@pytest.mark.parametrize("recipe,grid", [("wan2.1-t2v-1.3b", (21, 30, 52)), ("wan2.1-t2v-14b", (21, 45, 80)),
+                                         ("cogvideox-5b", (13, 30, 45)), ("cogvideox-2b", (13, 30, 45))])
+def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
+    """The shipped recipes' geometry through each family's pipeline rules (VAE factors 4 and 8,
+    as the real pipelines have; a stand-in pipeline, since the real one needs transformers)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    r = load_recipe(recipe)
+    cls = WanTransformer3DModel if recipe.startswith("wan") else CogVideoXTransformer3DModel
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
+    transformer = SimpleNamespace(config=SimpleNamespace(**defaults))  # the full-size config, no weights
+    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, transformer=transformer)
+    adapter = ADAPTERS[cls.__name__]
+    assert adapter.token_grid_of_input(transformer, adapter.pipeline_latent_shape(pipeline, r.geometry)) == grid
+
+
+def test_transformer_folders_of_every_family_load_strictly(tmp_path):
+    from paro_cli.models.loading import load_model
+
+    for family, build in BUILDERS.items():
+        build().save_pretrained(tmp_path / family)
+        loaded = load_model(str(tmp_path / family), device=torch.device("cpu"))
+        assert loaded.family == family and loaded.prompt_encoder is not None
+
+
+def test_pipeline_geometry_must_fit_the_vae_and_patch():
+    from types import SimpleNamespace
+
+    from paro_cli.errors import RecipeError
+    from paro_cli.recipe import Geometry
+
+    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8,
+                               transformer=SimpleNamespace(config=SimpleNamespace(in_channels=16, patch_size_t=None)))
+    for adapter in ADAPTERS.values():
+        with pytest.raises(RecipeError, match=r"geometry.height = 484: \w+ pipelines need multiples of 16"):
+            adapter.pipeline_latent_shape(pipeline, Geometry(frames=49, height=484, width=720))
