@@ -84,14 +84,14 @@ class AttentionInterceptor:
     def __enter__(self) -> "AttentionInterceptor":
         module, name = self.adapter.call_site
         self.original = getattr(module, name)
-        if isinstance(self.original, _ParoFunctional) or isinstance(getattr(self.original, "__self__", None), AttentionInterceptor):
+        if getattr(self.original, "__name__", None) == _PARO_FUNCTIONAL or isinstance(getattr(self.original, "__self__", None), AttentionInterceptor):
             raise RuntimeError("paro attention is already installed on this model family; nest nothing")
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
             processors[key] = _marker_class(type(self.stock[key]))(self.stock[key], i, self.state)
         self.transformer.set_attn_processor(processors)
-        setattr(module, name, self._dispatch if name == "dispatch_attention_fn" else _ParoFunctional(self._sdpa))
+        setattr(module, name, self._dispatch if name == "dispatch_attention_fn" else _functional_with(self._sdpa))
         self.hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         return self
 
@@ -133,11 +133,13 @@ class AttentionInterceptor:
         return self.handler.attention(layer, q, k, v, dense).transpose(1, 2)
 
 
-class _ParoFunctional(types.SimpleNamespace):
-    """torch.nn.functional with scaled_dot_product_attention replaced."""
+_PARO_FUNCTIONAL = "torch.nn.functional, paro's scaled_dot_product_attention"
 
-    def __init__(self, sdpa):
-        super().__init__(scaled_dot_product_attention=sdpa)
 
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
+def _functional_with(sdpa) -> types.ModuleType:
+    """A module with torch.nn.functional's names and `sdpa` as scaled_dot_product_attention (a
+    module, not an object with __getattr__, so that torch.compile reads it as it reads F)."""
+    module = types.ModuleType(_PARO_FUNCTIONAL)
+    module.__dict__.update({k: v for k, v in vars(torch.nn.functional).items() if not k.startswith("__")})
+    module.scaled_dot_product_attention = sdpa
+    return module
