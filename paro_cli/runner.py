@@ -21,14 +21,12 @@ def token_grid(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int, int]:
     """The visual token grid this recipe's geometry gives on this model (checked for fit)."""
     g = recipe.geometry
     if loaded.pipeline is not None:
-        shape = loaded.adapter.pipeline_latent_shape(loaded.pipeline, g)
-    else:
-        divisors = loaded.adapter.divisors(loaded.transformer)
-        for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
-            if size % d:
-                raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
-        shape = (1, *loaded.adapter.input_shape(loaded.transformer, g.frames, g.height, g.width))
-    return loaded.adapter.token_grid_of_input(loaded.transformer, shape)
+        return loaded.adapter.pipeline_token_grid(loaded.pipeline, g)
+    divisors = loaded.adapter.divisors(loaded.transformer)
+    for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
+        if size % d:
+            raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
+    return loaded.adapter.input_token_grid(loaded.transformer, g.frames, g.height, g.width)
 
 
 def pixels_to_video(x: torch.Tensor) -> torch.Tensor:
@@ -39,18 +37,18 @@ def pixels_to_video(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None) -> torch.Tensor:
     tr, s, g, adapter = loaded.transformer, recipe.sampling, recipe.geometry, loaded.adapter
-    token_grid(loaded, recipe)
+    grid = token_grid(loaded, recipe)
     shape = adapter.input_shape(tr, g.frames, g.height, g.width)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]).to(loaded.device)
     cond = loaded.prompt_encoder(prompts)
     uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
-    guided = s.guidance > 1.0
+    guided = adapter.classifier_free_guidance and s.guidance > 1.0
     context = (torch.cat([uncond, cond]) if guided else cond).to(loaded.device, loaded.dtype)
     scheduler = adapter.scheduler(s)  # both families' schedulers start from unit-variance noise
     scheduler.set_timesteps(s.steps, device=loaded.device)
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
-        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context), return_dict=False)[0].float()
+        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context, grid, s.guidance), return_dict=False)[0].float()
         if guided:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + s.guidance * (v_cond - v_uncond)
@@ -70,17 +68,13 @@ def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], se
 
     out = loaded.pipeline(
         prompt=prompts,
-        negative_prompt=[s.negative_prompt] * len(prompts),
-        height=g.height,
-        width=g.width,
-        num_frames=g.frames,
         num_inference_steps=s.steps,
-        guidance_scale=s.guidance,
         generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
         output_type="np" if decode else "latent",
         callback_on_step_end=callback,
+        **loaded.adapter.pipeline_call_kwargs(s, g),
     )
-    return out.frames
+    return out.frames if hasattr(out, "frames") else out.images[:, None]  # images: one frame
 
 
 def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], *, on_step: StepCallback | None = None, decode: bool = True):
@@ -96,7 +90,7 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
     if decode:
         check_decodable(loaded)
     x = _builtin_sample(loaded, recipe, prompts, seeds, on_step)
-    return pixels_to_video(loaded.adapter.as_video(x)) if decode else x
+    return pixels_to_video(loaded.adapter.as_video(x, token_grid(loaded, recipe))) if decode else x
 
 
 def decodable(loaded: LoadedModel) -> bool:

@@ -118,7 +118,7 @@ def test_compiled_cogvideox_with_paro_backend_matches_eager():
 
     def step(t):
         with torch.no_grad():
-            return model(**adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context), return_dict=False)[0]
+            return model(**adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context, plan.grid, 1.0), return_dict=False)[0]
 
     dense = step(900)
     with use_plan(loaded, plan, plan.grid, "triton") as handler:

@@ -12,13 +12,26 @@ from paro_cli.errors import PlanError
 from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import ADAPTERS, adapter_for
 from paro_cli.models.loading import LoadedModel
-from paro_cli.models.planted import PLANTED_ORDERS, build_planted_cogvideox, build_planted_transformer
+from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
+                                     build_planted_transformer)
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
 
-BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox}
-# geometry of the transformer's input (bare transformers: no VAE): a 4x8x8 token grid for both
-SMALL = {"sampling.steps": 4, "geometry.frames": 4, "geometry.height": 16, "geometry.width": 16, "sparsity.block_size": 16}
+BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox, "flux": build_planted_flux}
+# The transformer's input (bare transformers: no VAE): 256 tokens, a 4x8x8 grid for the video
+# families, a 16x16 image for Flux (latent positions packed 2x2).
+VIDEO = {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16}
+IMAGE = {"geometry.frames": 1, "geometry.height": 32, "geometry.width": 32}
+GRID = {"wan": (4, 8, 8), "cogvideox": (4, 8, 8), "flux": (1, 16, 16)}
+TEXT = {"wan": (0, "none"), "cogvideox": (8, "prefix"), "flux": (24, "prefix")}  # paro's prompt encoder: 24 tokens
+IMAGE_ORDERS = [[o.replace("F", "") for o in layer] for layer in PLANTED_FLUX_ORDERS]  # F has size 1 in an image
+ORDERS = {"wan": [list(o) for o in PLANTED_ORDERS], "cogvideox": [list(o) for o in PLANTED_ORDERS], "flux": IMAGE_ORDERS}
+
+
+def small(family, **overrides):
+    """The planted recipe on the small input of `family`, 4 steps, 16-token blocks."""
+    return load_recipe("planted", {"sampling.steps": 4, "sparsity.block_size": 16, **(IMAGE if family == "flux" else VIDEO),
+                                   **overrides})
 
 
 def test_every_registered_family_is_tested_here():
@@ -45,24 +58,25 @@ class Recorder:
 
 
 def test_interception_is_transparent_and_reversible(planted):
-    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2})
+    recipe = small(planted.family, **{"sampling.steps": 2})
     stock = sample(planted, recipe, ["a red circle"], [0], decode=False)
     recorder = Recorder()
     with AttentionInterceptor(planted.transformer, planted.adapter, recorder):
         seen = sample(planted, recipe, ["a red circle"], [0], decode=False)
     assert torch.equal(seen, stock)
     assert torch.equal(sample(planted, recipe, ["a red circle"], [0], decode=False), stock)
-    text = {"wan": 0, "cogvideox": 8}[planted.family]
-    assert {f[:2] for f in recorder.forwards} == {((4, 8, 8), text)}
+    text = TEXT[planted.family][0]
+    assert {f[:2] for f in recorder.forwards} == {(GRID[planted.family], text)}
     assert len({f[2] for f in recorder.forwards}) == 2  # one normalised timestep per step
     assert [c[0] for c in recorder.calls] == [0, 1] * 2  # both self-attention layers, each step
-    assert {c[1] for c in recorder.calls} == {(2, 256 + text, 2, planted.adapter.head_dim(planted.transformer))}  # CFG batch
+    batch = 1 if planted.family == "flux" else 2  # Flux is guidance-distilled: no CFG batch
+    assert {c[1] for c in recorder.calls} == {(batch, 256 + text, 2, planted.adapter.head_dim(planted.transformer))}
 
 
 def test_density_one_plan_equals_stock_model(planted):
     """Calibrated at density 1 in fp32: arrival order, every block kept; the torch backend then
     computes what the stock attention does."""
-    recipe = load_recipe("planted", {**SMALL, "sparsity.density": 1.0})
+    recipe = small(planted.family, **{"sparsity.density": 1.0})
     plan = calibrate(planted, recipe)
     assert plan.family == planted.family and plan.components["transformer"].achieved_density.min() == 1.0
     stock = sample(planted, recipe, ["a blue square"], [1], decode=False)
@@ -73,10 +87,9 @@ def test_density_one_plan_equals_stock_model(planted):
 
 
 def test_planted_orders_are_found(planted):
-    plan = calibrate(planted, load_recipe("planted", SMALL))
-    assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
-    text = {"wan": (0, "none"), "cogvideox": (8, "prefix")}[planted.family]
-    assert (plan.text_tokens, plan.text_position) == text
+    plan = calibrate(planted, small(planted.family))
+    assert plan.components["transformer"].orders == ORDERS[planted.family]
+    assert (plan.text_tokens, plan.text_position) == TEXT[planted.family]
 
 
 def test_plans_are_refused_by_other_families_and_text_layouts():
@@ -85,39 +98,41 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
         model = build()
         adapter = adapter_for(model)
         loaded[family] = LoadedModel(family, model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
-    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2})
-    plans = {family: calibrate(m, recipe) for family, m in loaded.items()}
+    plans = {family: calibrate(m, small(family, **{"sampling.steps": 2})) for family, m in loaded.items()}
     with pytest.raises(PlanError, match="plan is for a wan model, this run uses a cogvideox model"):
         with use_plan(loaded["cogvideox"], plans["wan"], plans["wan"].grid, "torch"):
             pass
     with pytest.raises(PlanError, match="plan is for a cogvideox model, this run uses a wan model"):
         with use_plan(loaded["wan"], plans["cogvideox"], plans["cogvideox"].grid, "torch"):
             pass
+    with pytest.raises(PlanError, match="plan is for a flux model, this run uses a cogvideox model"):
+        with use_plan(loaded["cogvideox"], plans["flux"], plans["flux"].grid, "torch"):
+            pass
     # the same CogVideoX model called with 6 text tokens instead of the plan's 8
     cog = loaded["cogvideox"]
-    inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16))
+    inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16), (4, 8, 8), 1.0)
     with pytest.raises(PlanError, match=r"plan has 8 text tokens \(prefix\) in self-attention, this run has 6 \(prefix\)"):
         with use_plan(cog, plans["cogvideox"], plans["cogvideox"].grid, "torch"), torch.no_grad():
             cog.transformer(**inputs)
 
 
 @pytest.mark.parametrize("recipe,grid", [("wan2.1-t2v-1.3b", (21, 30, 52)), ("wan2.1-t2v-14b", (21, 45, 80)),
-                                         ("cogvideox-5b", (13, 30, 45)), ("cogvideox-2b", (13, 30, 45))])
+                                         ("cogvideox-5b", (13, 30, 45)), ("cogvideox-2b", (13, 30, 45)),
+                                         ("flux.1-dev", (1, 64, 64)), ("flux.1-schnell", (1, 64, 64))])
 def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
     """The shipped recipes' geometry through each family's pipeline rules (VAE factors 4 and 8,
     as the real pipelines have; a stand-in pipeline, since the real one needs transformers)."""
     import inspect
     from types import SimpleNamespace
 
-    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, WanTransformer3DModel
 
     r = load_recipe(recipe)
-    cls = WanTransformer3DModel if recipe.startswith("wan") else CogVideoXTransformer3DModel
+    cls = {"wan": WanTransformer3DModel, "cog": CogVideoXTransformer3DModel, "flu": FluxTransformer2DModel}[recipe[:3]]
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
     transformer = SimpleNamespace(config=SimpleNamespace(**defaults))  # the full-size config, no weights
-    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, transformer=transformer)
-    adapter = ADAPTERS[cls.__name__]
-    assert adapter.token_grid_of_input(transformer, adapter.pipeline_latent_shape(pipeline, r.geometry)) == grid
+    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8, transformer=transformer)
+    assert ADAPTERS[cls.__name__].pipeline_token_grid(pipeline, r.geometry) == grid
 
 
 def test_transformer_folders_of_every_family_load_strictly(tmp_path):
@@ -135,8 +150,11 @@ def test_pipeline_geometry_must_fit_the_vae_and_patch():
     from paro_cli.errors import RecipeError
     from paro_cli.recipe import Geometry
 
-    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8,
-                               transformer=SimpleNamespace(config=SimpleNamespace(in_channels=16, patch_size_t=None)))
+    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8,
+                               transformer=SimpleNamespace(config=SimpleNamespace(in_channels=16, patch_size_t=None, patch_size=(1, 2, 2))))
     for adapter in ADAPTERS.values():
-        with pytest.raises(RecipeError, match=r"geometry.height = 484: \w+ pipelines need multiples of 16"):
-            adapter.pipeline_latent_shape(pipeline, Geometry(frames=49, height=484, width=720))
+        frames = 1 if adapter.family == "flux" else 49
+        with pytest.raises(RecipeError, match=r"geometry.height = 484: [\w.]+ pipelines need multiples of 16"):
+            adapter.pipeline_token_grid(pipeline, Geometry(frames=frames, height=484, width=720))
+    with pytest.raises(RecipeError, match="geometry.frames = 49: FLUX.1 makes images"):
+        ADAPTERS["FluxTransformer2DModel"].pipeline_token_grid(pipeline, Geometry(frames=49, height=1024, width=1024))

@@ -152,7 +152,7 @@ def test_loading_errors(tmp_path):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(ModelError, match="UNet2DModel.*supported: CogVideoXTransformer3DModel, WanTransformer3DModel"):
+    with pytest.raises(ModelError, match="UNet2DModel.*supported: CogVideoXTransformer3DModel, FluxTransformer2DModel, WanTransformer3DModel"):
         load_model(str(tmp_path / "unet"))
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")

@@ -15,9 +15,10 @@ import torch
 
 from ..errors import ModelError
 from .cogvideox import CogVideoXAdapter
+from .flux import FluxAdapter
 from .wan import WanAdapter
 
-ADAPTERS = {adapter.transformer_class: adapter for adapter in (WanAdapter(), CogVideoXAdapter())}
+ADAPTERS = {adapter.transformer_class: adapter for adapter in (WanAdapter(), CogVideoXAdapter(), FluxAdapter())}
 
 
 def adapter_for(transformer: torch.nn.Module):

@@ -1,5 +1,5 @@
-"""What every family adapter shares: the config fields diffusers' video transformers all name
-alike, and reading one forward call's inputs (keyword or positional)."""
+"""What every family adapter shares: the config fields diffusers' transformers all name alike,
+reading one forward call's inputs (keyword or positional), and the token grid of a geometry."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ def check_pixel_multiple(geometry, family: str, multiple: int = 16) -> None:
                               f"use {size // multiple * multiple or multiple}")
 
 
-class VideoTransformerAdapter:
+class TransformerAdapter:
     num_train_timesteps = 1000
+    classifier_free_guidance = True  # False: guidance-distilled (Flux), guidance goes in as an input
 
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return transformer.config.num_attention_heads
@@ -33,6 +34,19 @@ class VideoTransformerAdapter:
 
     def token_grid(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
         return self.token_grid_of_input(transformer, tuple(forward_input(args, kwargs, "hidden_states", 0).shape))
+
+    def pipeline_token_grid(self, pipeline, geometry) -> tuple[int, int, int]:
+        """The token grid a diffusers pipeline of this family makes of a pixel geometry."""
+        return self.token_grid_of_input(pipeline.transformer, self.pipeline_latent_shape(pipeline, geometry))
+
+    def input_token_grid(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The token grid of a bare transformer's input of that many frames and pixels."""
+        return self.token_grid_of_input(transformer, (1, *self.input_shape(transformer, frames, height, width)))
+
+    def pipeline_call_kwargs(self, sampling, geometry) -> dict:
+        """Arguments of a video pipeline's call beyond prompts, steps, generators and callback."""
+        return {"negative_prompt": sampling.negative_prompt, "height": geometry.height, "width": geometry.width,
+                "num_frames": geometry.frames, "guidance_scale": sampling.guidance}
 
     def normalised_timestep(self, args: tuple, kwargs: dict) -> float:
         """Timestep in [0, 1] (1 = pure noise); where one comes per token (Wan 2.2 TI2V), the max."""

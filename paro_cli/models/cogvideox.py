@@ -14,7 +14,7 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import VideoTransformerAdapter, check_pixel_multiple, forward_input
+from .base import TransformerAdapter, check_pixel_multiple, forward_input
 from .prompt_encoder import HashPromptEncoder
 
 
@@ -28,7 +28,7 @@ def _centred_crop(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[i
     return (top, left), (top + rh, left + rw)
 
 
-class CogVideoXAdapter(VideoTransformerAdapter):
+class CogVideoXAdapter(TransformerAdapter):
     family = "cogvideox"
     transformer_class = "CogVideoXTransformer3DModel"
     timestep_position = 2
@@ -64,8 +64,9 @@ class CogVideoXAdapter(VideoTransformerAdapter):
         frames += -frames % p_t
         return (1, frames, pipeline.transformer.config.in_channels, geometry.height // s, geometry.width // s)
 
-    def rope_axis_slices(self, head_dim: int) -> dict[str, slice]:
+    def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
         """Each axis's RoPE dims in a head: CogVideoX splits them t/h/w = D/4, 3D/8, 3D/8."""
+        head_dim = transformer.config.attention_head_dim
         t, hw = head_dim // 4, head_dim // 8 * 3
         return {"F": slice(0, t), "H": slice(t, t + hw), "W": slice(t + hw, head_dim)}
 
@@ -97,11 +98,11 @@ class CogVideoXAdapter(VideoTransformerAdapter):
             return get_3d_rotary_pos_embed(c.attention_head_dim, _centred_crop(grid[1:], base), grid[1:], grid[0], device=device)
         return get_3d_rotary_pos_embed(c.attention_head_dim, None, grid[1:], grid[0], grid_type="slice", max_size=base, device=device)
 
-    def as_video(self, x: torch.Tensor) -> torch.Tensor:
+    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The loop's result (B, F, C, H, W) as (B, C, F, H, W)."""
         return x.transpose(1, 2)
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
-        grid = self.token_grid_of_input(transformer, tuple(x.shape))
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
+                       guidance: float) -> dict:
         return {"hidden_states": x, "encoder_hidden_states": context, "timestep": t.expand(x.shape[0]),
                 "image_rotary_emb": self.rotary_embedding(transformer, grid, x.device)}

@@ -62,19 +62,26 @@ def plant_orders(attentions: list[torch.nn.Module], rope_slices: dict[str, slice
                 norm.weight.fill_(SHARPNESS)
 
 
-def build_planted_transformer(seed: int = 0):
-    """The planted model, identical on every machine for a given seed."""
-    from diffusers import WanTransformer3DModel
+def _planted(class_name: str, config: dict, attentions, orders, seed: int, pair_signs=(1.0, 1.0)):
+    """diffusers' `class_name` built from `config` (identical on every machine for a seed) with
+    `orders` planted into the attention modules `attentions(transformer)` lists, by its family
+    adapter's RoPE layout."""
+    import diffusers
 
-    from .wan import WanAdapter
+    from . import adapter_for
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**PLANTED_CONFIG)
+        transformer = getattr(diffusers, class_name)(**config)
     c = transformer.config
-    plant_orders([block.attn1 for block in transformer.blocks], WanAdapter().rope_axis_slices(c.attention_head_dim),
-                 c.num_attention_heads, c.attention_head_dim, PLANTED_ORDERS)
+    plant_orders(attentions(transformer), adapter_for(transformer).rope_axis_slices(transformer), c.num_attention_heads,
+                 c.attention_head_dim, orders, pair_signs)
     return transformer.eval()
+
+
+def build_planted_transformer(seed: int = 0):
+    """The planted model ("planted"): a Wan transformer."""
+    return _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], PLANTED_ORDERS, seed)
 
 
 PLANTED_COGVIDEOX_CONFIG = dict(
@@ -97,14 +104,28 @@ PLANTED_COGVIDEOX_CONFIG = dict(
 def build_planted_cogvideox(seed: int = 0):
     """A small CogVideoXTransformer3DModel (RoPE, text prefix of 8 tokens) with the same planted
     orders as the Wan model; its q/k LayerNorm asks for zero-mean biases."""
-    from diffusers import CogVideoXTransformer3DModel
+    return _planted("CogVideoXTransformer3DModel", PLANTED_COGVIDEOX_CONFIG, lambda t: [block.attn1 for block in t.transformer_blocks],
+                    PLANTED_ORDERS, seed, pair_signs=(1.0, -1.0))
 
-    from .cogvideox import CogVideoXAdapter
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = CogVideoXTransformer3DModel(**PLANTED_COGVIDEOX_CONFIG)
-    c = transformer.config
-    plant_orders([block.attn1 for block in transformer.transformer_blocks], CogVideoXAdapter().rope_axis_slices(c.attention_head_dim),
-                 c.num_attention_heads, c.attention_head_dim, PLANTED_ORDERS, pair_signs=(1.0, -1.0))
-    return transformer.eval()
+PLANTED_FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=24,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    pooled_projection_dim=16,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 8, 8),  # each axis's RoPE frequencies as the planted Wan model's
+)
+# [layer][head]: layer 0 is the double-stream block, layer 1 the single-stream one. An image's
+# orders are HW and WH; F (a constant position id over an image) is planted innermost.
+PLANTED_FLUX_ORDERS = (("HWF", "WHF"), ("WHF", "HWF"))
+
+
+def build_planted_flux(seed: int = 0):
+    """A small FluxTransformer2DModel with planted image-image attention in both kinds of block."""
+    return _planted("FluxTransformer2DModel", PLANTED_FLUX_CONFIG,
+                    lambda t: [block.attn for block in (*t.transformer_blocks, *t.single_transformer_blocks)], PLANTED_FLUX_ORDERS, seed)

@@ -11,11 +11,11 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import VideoTransformerAdapter, check_pixel_multiple
+from .base import TransformerAdapter, check_pixel_multiple
 from .prompt_encoder import HashPromptEncoder
 
 
-class WanAdapter(VideoTransformerAdapter):
+class WanAdapter(TransformerAdapter):
     family = "wan"
     transformer_class = "WanTransformer3DModel"
     timestep_position = 1
@@ -53,8 +53,9 @@ class WanAdapter(VideoTransformerAdapter):
         """What the input's (F, H, W) must be multiples of."""
         return tuple(transformer.config.patch_size)
 
-    def rope_axis_slices(self, head_dim: int) -> dict[str, slice]:
+    def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
         """Each axis's RoPE dims in a head: Wan splits them t/h/w = D - 4*(D//6), 2*(D//6), 2*(D//6)."""
+        head_dim = transformer.config.attention_head_dim
         hw = 2 * (head_dim // 6)
         t = head_dim - 2 * hw
         return {"F": slice(0, t), "H": slice(t, t + hw), "W": slice(t + hw, head_dim)}
@@ -73,10 +74,11 @@ class WanAdapter(VideoTransformerAdapter):
 
         return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
 
-    def as_video(self, x: torch.Tensor) -> torch.Tensor:
+    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The loop's result as (B, C, F, H, W)."""
         return x
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict:
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
+                       guidance: float) -> dict:
         """Keyword arguments of one denoising forward on batch x at scheduler timestep t."""
         return {"hidden_states": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": context}
