@@ -158,3 +158,37 @@ def test_pipeline_geometry_must_fit_the_vae_and_patch():
             adapter.pipeline_token_grid(pipeline, Geometry(frames=frames, height=484, width=720))
     with pytest.raises(RecipeError, match="geometry.frames = 49: FLUX.1 makes images"):
         ADAPTERS["FluxTransformer2DModel"].pipeline_token_grid(pipeline, Geometry(frames=49, height=1024, width=1024))
+
+
+@pytest.mark.parametrize("name,layers,heads,head_dim", [("wan2.1-t2v-1.3b", 30, 12, 128), ("wan2.1-t2v-14b", 40, 40, 128),
+                                                        ("cogvideox-5b", 42, 48, 64), ("cogvideox-2b", 30, 30, 64),
+                                                        ("flux.1-dev", 57, 24, 128), ("flux.1-schnell", 57, 24, 128)])
+def test_full_size_architectures_have_the_published_shapes(name, layers, heads, head_dim):
+    """Built on the meta device (no memory): what `paro bench e2e --architecture` times."""
+    from paro_cli.models.architectures import build_architecture
+
+    loaded = build_architecture(name, torch.device("meta"))
+    tr, adapter = loaded.transformer, loaded.adapter
+    assert (len(adapter.attention_layers(tr)), adapter.num_heads(tr), adapter.head_dim(tr)) == (layers, heads, head_dim)
+    assert next(tr.parameters()).dtype == torch.bfloat16
+    load_recipe(name)  # the geometry it runs at
+
+
+def test_step_bench_times_dense_no_attention_and_each_plan():
+    """The architecture step bench on a small planted model (CPU, torch backend): one row per
+    variant, the synthetic plans at their density, every paro call through the plan."""
+    from paro_cli.bench import step as step_bench
+    from paro_cli.models.architectures import ARCHITECTURES  # noqa: F401  (the CLI's table imports)
+
+    model = build_planted_cogvideox()
+    adapter = adapter_for(model)
+    loaded = LoadedModel("planted-cogvideox", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+    grid = (4, 8, 8)
+    inputs = adapter.forward_inputs(model, torch.randn(2, 4, 4, 16, 16), torch.tensor(500.0), torch.randn(2, 8, 16), grid, 6.0)
+    result = step_bench.run(loaded, inputs, grid, [0.5, 0.25], [("fp32", "fp32")], 16, False, 1, "torch")
+    assert [(r["variant"], r["density"]) for r in result["rows"]] == [("dense", 1.0), ("no attention", None), ("paro torch", 0.5),
+                                                                     ("paro torch", 0.25)]
+    assert result["text_tokens"] == 8 and result["batch"] == 2 and all(r["ms"] > 0 for r in result["rows"])
+    plan = step_bench.synthetic_plan(loaded, grid, adapter.sequence_layout((), inputs), 0.25, 16, "fp32", "fp32")
+    kept = plan.components["transformer"].slot_masks(0)
+    assert kept.sum(-1).eq(4).all() and kept.diagonal(dim1=-2, dim2=-1).all()  # 4 of 16 blocks per row, diagonal kept

@@ -12,6 +12,7 @@ import typer
 from ..backend import BACKENDS, check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
+from ..models.architectures import ARCHITECTURES
 from ..models.loading import load_model
 from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
                        RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
@@ -53,12 +54,23 @@ def e2e(
     qk: QkOpt = None,
     pv: PvOpt = None,
     backend: BackendOpt = None,
+    architecture: Annotated[Optional[str], typer.Option(help="Instead of a plan's run: time one denoising step of this full-size architecture with random weights (" + ", ".join(ARCHITECTURES) + "), dense against synthetic plans, at its recipe's geometry.")] = None,
+    density: Annotated[Optional[list[float]], typer.Option(help="With --architecture: densities to time; repeatable. Default: 0.5 0.3 0.2.")] = None,
+    precision: Annotated[Optional[list[str]], typer.Option(help="With --architecture: QK/PV pairs; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
+    compile_: Annotated[bool, typer.Option("--compile/--eager", help="With --architecture: torch.compile the transformer (fullgraph), the dense baseline too.")] = False,
+    repeats: Annotated[int, typer.Option(help="With --architecture: timed steps per variant (after two untimed ones); the median is reported.")] = 5,
+    block_size: Annotated[int, typer.Option("--block-size", help="With --architecture: the synthetic plans' block size.")] = 128,
     as_json: JsonOpt = False,
 ) -> None:
     """Time a full sampling run with dense attention and with the plan, on this device: per-step
-    latency (median, first step excluded as warm-up), speed-up, and the output's distance from dense."""
+    latency (median, first step excluded as warm-up), speed-up, and the output's distance from dense.
+    With --architecture: one denoising step of a full-size model (random weights), dense and with
+    plans of each density and precision, and the share of the step spent in attention."""
+    if architecture is not None:
+        _architecture_steps(architecture, density, precision, compile_, repeats, block_size, backend or "auto", as_json)
+        return
     if plan is None:
-        raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`")
+        raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`, or --architecture NAME")
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
     loaded_plan = load_plan(plan)
     ui = Output(as_json)
@@ -76,6 +88,34 @@ def e2e(
             [f"paro {result['backend']} d={loaded_plan.density} {result['qk']}/{result['pv']}", f"{ms:.1f}", f"{result['speedup']:.2f}x",
              psnr_db if psnr_db is not None else "identical" if result["output_rel_l2"] == 0 else "n/a", f"{result['output_rel_l2']:.4f}"],
         ],
+    )
+    ui.json(result)
+
+
+def _architecture_steps(name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, as_json: bool) -> None:
+    from ..bench import step as step_bench
+    from ..models.architectures import build_architecture, step_inputs
+    from ..recipe import load_recipe
+
+    if name not in ARCHITECTURES:
+        raise ParoError(f"unknown architecture {name!r}", "choose one of " + ", ".join(ARCHITECTURES))
+    if repeats < 1:
+        raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
+    densities = check_densities(density or [0.5, 0.3, 0.2])
+    pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats)
+    ui = Output(as_json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = build_architecture(name, device)
+    grid, inputs = step_inputs(loaded, name, load_recipe(name))
+    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    result["architecture"] = name
+    dense = result["rows"][0]["ms"]
+    ui.table(
+        f"{name} (random weights), one step, grid {'x'.join(map(str, grid))} + {result['text_tokens']} text, batch {result['batch']}, "
+        f"{'compiled' if compiled else 'eager'}, on {result['device']}: attention {100 * result['attention_share_dense']:.0f}% of the dense step",
+        ["variant", "density", "QK/PV", "ms / step", "range", "vs dense"],
+        [[r["variant"], "-" if r["density"] is None else r["density"], "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}",
+          f"{r['ms']:.1f}", "{:.1f}-{:.1f}".format(*r["ms_range"]), f"{dense / r['ms']:.2f}x"] for r in result["rows"]],
     )
     ui.json(result)
 

@@ -1,0 +1,117 @@
+"""Denoising-step latency of a full-size architecture (random weights): dense against paro plans
+at several densities and precisions, eager or compiled, and the share of the step spent in
+attention.
+
+Plans here are synthetic: random orders per head and random masks with the density's number of
+kept blocks in every row (the work a calibrated plan of that density does; which blocks are
+kept does not change the speed). One plan handler serves every density of a precision, its
+mask buffers refilled in place, so a compiled step is compiled once per precision.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from kernels.layout import num_blocks
+from kernels.orders import candidate_orders, head_permutations
+
+from ..backend import PlanAttention, select_backend
+from ..intercept import AttentionInterceptor
+from ..models import config_fingerprint
+from ..plan import ComponentPlan, Plan, pack_bits
+from .kernel import random_kept
+
+
+class _NoAttention:
+    """Handler whose attention costs nothing (returns v): the step without its attention."""
+
+    def on_forward(self, grid, layout, t):
+        pass
+
+    def attention(self, layer, q, k, v, dense):
+        return v
+
+
+def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv: str, seed: int = 0) -> Plan:
+    """One timestep slot, random orders, `density` of the blocks kept in every row."""
+    tr, adapter = loaded.transformer, loaded.adapter
+    layers, heads = len(adapter.attention_layers(tr)), adapter.num_heads(tr)
+    nb = num_blocks(grid[0] * grid[1] * grid[2], block)
+    names = candidate_orders(grid)
+    g = torch.Generator().manual_seed(seed)
+    orders = [[names[i] for i in torch.randint(len(names), (heads,), generator=g).tolist()] for _ in range(layers)]
+    masks = torch.stack([random_kept(heads, nb, density, seed=seed + layer) for layer in range(layers)])[None]
+    achieved = masks.float().mean(dim=(-1, -2))
+    component = ComponentPlan(config_fingerprint=config_fingerprint(tr), orders=orders, packed_masks=pack_bits(masks), num_blocks=nb,
+                              target_density=torch.full_like(achieved, density), achieved_density=achieved,
+                              recall=torch.ones(layers, heads, len(names)), incoherence=torch.zeros(layers, heads, len(names)))
+    return Plan(model_id=loaded.model_id, family=loaded.family, grid=grid, text_tokens=layout.text_len,
+                text_position="none" if layout.text_len == 0 else "prefix" if layout.text_first else "suffix", block_size=block,
+                density=density, slot_policy="single", slot_bounds=[], calibration_timesteps=[0.5], dense_above_t=None, dense_layers=[],
+                qk=qk, pv=pv, prompts=[], seeds=[], components={"transformer": component})
+
+
+def _time(step, repeats: int, sync) -> dict:
+    """Median and range of `repeats` timings (ms) of step(), after two untimed runs (compilation,
+    autotuning); the device is synchronised around each (a step takes a second at full size)."""
+    step(), step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return {"ms": statistics.median(times), "ms_range": [min(times), max(times)]}
+
+
+def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, compiled: bool, repeats: int,
+        backend: str, progress=lambda msg: None) -> dict:
+    """Rows of ms per step: dense, the step without attention, and paro per (precision, density)."""
+    tr, adapter = loaded.transformer, loaded.adapter
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    layout = adapter.sequence_layout((), inputs)
+    stock_forward = tr.forward
+
+    def step():
+        with torch.no_grad():
+            tr(**inputs, return_dict=False)
+
+    def timed(label: str, **row) -> dict:
+        if compiled:
+            tr.forward = torch.compile(stock_forward, fullgraph=True)
+        progress(f"timing {label}")
+        return {"variant": label, **row, **_time(step, repeats, sync)}
+
+    rows = []
+    try:
+        rows.append(timed("dense", density=1.0, qk=None, pv=None))
+        with AttentionInterceptor(tr, adapter, _NoAttention()):
+            rows.append(timed("no attention", density=None, qk=None, pv=None))
+        for qk, pv in pairs:
+            chosen = select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, qk, pv)
+            handler = None
+            for density in densities:
+                plan = synthetic_plan(loaded, grid, layout, density, block, qk, pv)
+                if handler is None:
+                    handler = PlanAttention(plan, "transformer", chosen, loaded.device, qk, pv)
+                    interceptor = AttentionInterceptor(tr, adapter, handler).__enter__()
+                    if compiled:
+                        tr.forward = torch.compile(stock_forward, fullgraph=True)
+                else:  # the same buffers, refilled: a compiled step keeps reading them
+                    handler.plan, handler.comp, handler.slot = plan, plan.components["transformer"], None
+                    handler.perms.copy_(torch.stack([head_permutations(o, grid) for o in handler.comp.orders]))
+                progress(f"timing paro d={density} {qk}/{pv}")
+                rows.append({"variant": f"paro {chosen.name}", "density": density, "qk": qk, "pv": pv, **_time(step, repeats, sync)})
+            interceptor.__exit__(None, None, None)
+    finally:
+        tr.forward = stock_forward
+    dense, rest = rows[0]["ms"], rows[1]["ms"]
+    for row in rows:
+        row["speedup_vs_dense"] = dense / row["ms"]
+    return {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu", "grid": list(grid),
+            "text_tokens": layout.text_len, "batch": inputs["hidden_states"].shape[0], "compiled": compiled, "repeats": repeats,
+            "block": block, "attention_share_dense": 1 - rest / dense, "attention_bound_speedup": dense / rest, "rows": rows}
