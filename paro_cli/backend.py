@@ -148,12 +148,15 @@ class PlanAttention:
             self.kv_index.copy_(index)
             self.kv_count.copy_(count)
         self.dense_step = self.plan.dense_above_t is not None and t > self.plan.dense_above_t
+        # Counted here, outside a compiled forward: a counter bumped in `attention` is a Python
+        # int torch.compile guards on, which would recompile the step at every call.
+        dense = self.comp.num_layers if self.dense_step else len(self.dense_layers)
+        self.dense_calls += dense
+        self.paro_calls += self.comp.num_layers - dense
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn) -> torch.Tensor:
         if self.dense_step or layer in self.dense_layers:
-            self.dense_calls += 1
             return dense()
-        self.paro_calls += 1
         return self.backend.fn(
             q, k, v, perm=self.perms[layer], kept=self.kept[layer], kv_index=self.kv_index[layer],
             kv_count=self.kv_count[layer], block=self.plan.block_size, layout=self.layout, qk=self.qk, pv=self.pv,
