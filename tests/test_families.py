@@ -192,3 +192,21 @@ def test_step_bench_times_dense_no_attention_and_each_plan():
     plan = step_bench.synthetic_plan(loaded, grid, adapter.sequence_layout((), inputs), 0.25, 16, "fp32", "fp32")
     kept = plan.components["transformer"].slot_masks(0)
     assert kept.sum(-1).eq(4).all() and kept.diagonal(dim1=-2, dim2=-1).all()  # 4 of 16 blocks per row, diagonal kept
+
+
+def test_cli_calibrates_a_transformer_folder_of_another_family_and_refuses_its_plan_elsewhere(capsys, tmp_path):
+    """`paro calibrate` on a saved CogVideoX transformer; that plan given to a Flux transformer
+    is refused by `bench e2e` before any sampling (exit 2, one line naming both families)."""
+    import json
+
+    from test_cli import paro
+
+    build_planted_cogvideox().save_pretrained(tmp_path / "cog")
+    build_planted_flux().save_pretrained(tmp_path / "flux")
+    plan = tmp_path / "cog.plan.safetensors"
+    code, out, _ = paro(capsys, "calibrate", "--recipe", "planted", "--model", tmp_path / "cog", "--frames", 4, "--height", 16,
+                        "--width", 16, "--steps", 3, "--block-size", 16, "--out", plan, "--json")
+    assert code == 0 and (json.loads(out)["family"], json.loads(out)["text_tokens"]) == ("cogvideox", 8)
+    code, out, err = paro(capsys, "bench", "e2e", "--recipe", "planted", "--model", tmp_path / "flux", "--frames", 1, "--height", 32,
+                          "--width", 32, "--steps", 3, "--plan", plan)
+    assert code == 2 and "plan is for a cogvideox model, this run uses a flux model" in err and "dense" not in out + err

@@ -76,6 +76,7 @@ def e2e(
     ui = Output(as_json)
     loaded = load_model(r.model, r.sampling.dtype)
     grid = token_grid(loaded, r)
+    check_plan(loaded, loaded_plan, grid)  # before the dense run, not after it
     text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
         result = e2e_bench.run(loaded, r, loaded_plan, plan, grid, text, seed_, qk, pv, bar)
