@@ -1,4 +1,5 @@
-"""Sampling: paro's own flow-matching loop for bare transformers, or the diffusers pipeline.
+"""Sampling: paro's own loop for bare transformers (the family adapter gives its scheduler and
+forward inputs), or the diffusers pipeline.
 
 Attention is whatever is installed on the transformer when `sample` runs (stock, a calibration
 profiler or a plan): the loop itself knows nothing of paro.
@@ -44,7 +45,7 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
     uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
     guided = adapter.classifier_free_guidance and s.guidance > 1.0
     context = (torch.cat([uncond, cond]) if guided else cond).to(loaded.device, loaded.dtype)
-    scheduler = adapter.scheduler(s)  # both families' schedulers start from unit-variance noise
+    scheduler = adapter.scheduler(s)  # every family's starts from unit-variance noise (init_noise_sigma 1)
     scheduler.set_timesteps(s.steps, device=loaded.device)
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
