@@ -118,7 +118,6 @@ class PlanAttention:
         self.qk, self.pv = qk, pv
         self.comp = plan.components[component]
         self.backend = backend
-        self.layout = plan.layout
         self.device = device
         self.perms = torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]).to(device)
         self.dense_layers = set(plan.dense_layers)
@@ -154,12 +153,13 @@ class PlanAttention:
         self.dense_calls += dense
         self.paro_calls += self.comp.num_layers - dense
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn) -> torch.Tensor:
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
+                  layout: SequenceLayout) -> torch.Tensor:
         if self.dense_step or layer in self.dense_layers:
             return dense()
         return self.backend.fn(
             q, k, v, perm=self.perms[layer], kept=self.kept[layer], kv_index=self.kv_index[layer],
-            kv_count=self.kv_count[layer], block=self.plan.block_size, layout=self.layout, qk=self.qk, pv=self.pv,
+            kv_count=self.kv_count[layer], block=self.plan.block_size, layout=layout, qk=self.qk, pv=self.pv,
         )
 
 

@@ -159,12 +159,12 @@ class OrderProfiler:
             shape = (*self.shape, len(candidate_orders(self.tracker.grid)))
             self.recall, self.incoherence = torch.zeros(shape), torch.zeros(shape)
 
-    def attention(self, layer: int, q, k, v, dense: DenseFn):
+    def attention(self, layer: int, q, k, v, dense: DenseFn, layout):
         if self.profile:
             if self.perms is None:
                 grid, heads = self.tracker.grid, q.shape[2]
                 self.perms = torch.stack([order_permutation(o, grid).expand(heads, -1) for o in candidate_orders(grid)]).to(q.device)
-            stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=self.tracker.layout)
+            stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=layout)
             self.recall[layer] += mass_recall(stats.mass, self.density).T.cpu()
             self.incoherence[layer] += stats.incoherence.T.cpu()
             self.count[layer] += 1
@@ -200,8 +200,8 @@ class MassCollector:
             self.finish_slot()
         self.slot = slot
 
-    def attention(self, layer: int, q, k, v, dense: DenseFn):
-        mass = block_statistics(q, k, perms=self.perms[layer][None], block=self.block, layout=self.layout).mass[0]
+    def attention(self, layer: int, q, k, v, dense: DenseFn, layout):
+        mass = block_statistics(q, k, perms=self.perms[layer][None], block=self.block, layout=layout).mass[0]
         self.sum[layer] += mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         self.count[layer] += 1
         return dense()

@@ -35,8 +35,10 @@ class AttentionHandler(Protocol):
         """Called before each transformer forward with its token grid, where its text tokens sit
         in self-attention and its normalised timestep."""
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn) -> torch.Tensor:
-        """Self-attention of `layer` on (B, S, H, D) tensors; `dense()` runs the stock call."""
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
+                  layout: SequenceLayout) -> torch.Tensor:
+        """Self-attention of `layer` on (B, S, H, D) tensors laid out as `layout` (the forward's, or
+        a batch element's text without its padding); `dense()` runs the stock call."""
 
 
 class _State:
@@ -102,13 +104,16 @@ class AttentionInterceptor:
         self.transformer.set_attn_processor(self.stock)
 
     def _pre_hook(self, module, args, kwargs):
-        self.handler.on_forward(self.adapter.token_grid(module, args, kwargs), self.adapter.sequence_layout(args, kwargs),
-                                self.adapter.normalised_timestep(args, kwargs))
+        self.layout = self.adapter.sequence_layout(args, kwargs)
+        self.text_lengths = self.adapter.valid_text_lengths(args, kwargs)
+        self.handler.on_forward(self.adapter.token_grid(module, args, kwargs), self.layout, self.adapter.normalised_timestep(args, kwargs))
 
     def _take_layer(self, query, key, attn_mask) -> int | None:
-        """The marked layer if this is its self-attention call (each marked invocation makes one)."""
+        """The marked layer if this is its self-attention call (each marked invocation makes one).
+        A mask is only taken where the forward's text is padded (the adapter's
+        `valid_text_lengths`): then it is that padding, and `_dispatch` removes it."""
         layer = self.state.layer
-        if layer is None or key.shape != query.shape or attn_mask is not None:
+        if layer is None or key.shape != query.shape or (attn_mask is not None and self.text_lengths is None):
             return None
         self.state.layer = None
         return layer
@@ -118,7 +123,26 @@ class AttentionInterceptor:
             return self.original(query, key, value, *args, **kwargs)
 
         layer = self._take_layer(query, key, kwargs.get("attn_mask"))
-        return dense() if layer is None else self.handler.attention(layer, query, key, value, dense)
+        if layer is None:
+            return dense()
+        if kwargs.get("attn_mask") is None:
+            return self.handler.attention(layer, query, key, value, dense, self.layout)
+        return self._unpadded(layer, query, key, value, args, {**kwargs, "attn_mask": None})
+
+    def _unpadded(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
+        """A call whose text (after the video) is padded, per batch element: the video and its
+        real text tokens go to the handler; the padding's query rows attend, as the stock masked
+        call has them, to the real keys (a dense call of at most the text's length)."""
+        text, n = self.layout.text_len, query.shape[1] - self.layout.text_len
+        out = torch.empty_like(query)
+        for b, length in enumerate(self.text_lengths):
+            real = slice(0, n + length)
+            q, k, v = (x[b : b + 1, real] for x in (query, key, value))
+            out[b : b + 1, real] = self.handler.attention(
+                layer, q, k, v, lambda q=q, k=k, v=v: self.original(q, k, v, *args, **kwargs), SequenceLayout(length, text_first=False))
+            if length < text:
+                out[b : b + 1, n + length :] = self.original(query[b : b + 1, n + length :], k, v, *args, **kwargs)
+        return out
 
     def _sdpa(self, query, key, value, attn_mask=None, *args, **kwargs):
         stock = self.original.scaled_dot_product_attention
@@ -130,7 +154,7 @@ class AttentionInterceptor:
         if layer is None:
             return stock(query, key, value, attn_mask, *args, **kwargs)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        return self.handler.attention(layer, q, k, v, dense).transpose(1, 2)
+        return self.handler.attention(layer, q, k, v, dense, self.layout).transpose(1, 2)
 
 
 _PARO_FUNCTIONAL = "torch.nn.functional, paro's scaled_dot_product_attention"

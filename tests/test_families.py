@@ -13,19 +13,22 @@ from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import ADAPTERS, adapter_for
 from paro_cli.models.loading import LoadedModel
 from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
-                                     build_planted_transformer)
+                                     build_planted_hunyuanvideo, build_planted_transformer)
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
 
-BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox, "flux": build_planted_flux}
+BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox, "flux": build_planted_flux,
+            "hunyuanvideo": build_planted_hunyuanvideo}
 # The transformer's input (bare transformers: no VAE): 256 tokens, a 4x8x8 grid for the video
 # families, a 16x16 image for Flux (latent positions packed 2x2).
 VIDEO = {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16}
 IMAGE = {"geometry.frames": 1, "geometry.height": 32, "geometry.width": 32}
-GRID = {"wan": (4, 8, 8), "cogvideox": (4, 8, 8), "flux": (1, 16, 16)}
-TEXT = {"wan": (0, "none"), "cogvideox": (8, "prefix"), "flux": (24, "prefix")}  # paro's prompt encoder: 24 tokens
+GRID = {"wan": (4, 8, 8), "cogvideox": (4, 8, 8), "flux": (1, 16, 16), "hunyuanvideo": (4, 8, 8)}
+# text tokens in self-attention (paro's prompt encoder pads to 24; CogVideoX's to 8 here)
+TEXT = {"wan": (0, "none"), "cogvideox": (8, "prefix"), "flux": (24, "prefix"), "hunyuanvideo": (24, "suffix")}
 IMAGE_ORDERS = [[o.replace("F", "") for o in layer] for layer in PLANTED_FLUX_ORDERS]  # F has size 1 in an image
-ORDERS = {"wan": [list(o) for o in PLANTED_ORDERS], "cogvideox": [list(o) for o in PLANTED_ORDERS], "flux": IMAGE_ORDERS}
+ORDERS = {"wan": [list(o) for o in PLANTED_ORDERS], "cogvideox": [list(o) for o in PLANTED_ORDERS], "flux": IMAGE_ORDERS,
+          "hunyuanvideo": [list(o) for o in PLANTED_ORDERS]}
 
 
 def small(family, **overrides):
@@ -52,7 +55,7 @@ class Recorder:
     def on_forward(self, grid, layout, t):
         self.forwards.append((grid, layout.text_len, round(t, 3)))
 
-    def attention(self, layer, q, k, v, dense):
+    def attention(self, layer, q, k, v, dense, layout):
         self.calls.append((layer, tuple(q.shape)))
         return dense()
 
@@ -63,14 +66,16 @@ def test_interception_is_transparent_and_reversible(planted):
     recorder = Recorder()
     with AttentionInterceptor(planted.transformer, planted.adapter, recorder):
         seen = sample(planted, recipe, ["a red circle"], [0], decode=False)
-    assert torch.equal(seen, stock)
+    padded = planted.family == "hunyuanvideo"  # its 21 padding tokens leave the calls: float rounding moves
+    assert rel_l2(seen, stock) <= 1e-6 if padded else torch.equal(seen, stock)
     assert torch.equal(sample(planted, recipe, ["a red circle"], [0], decode=False), stock)
     text = TEXT[planted.family][0]
     assert {f[:2] for f in recorder.forwards} == {(GRID[planted.family], text)}
     assert len({f[2] for f in recorder.forwards}) == 2  # one normalised timestep per step
     assert [c[0] for c in recorder.calls] == [0, 1] * 2  # both self-attention layers, each step
-    batch = 1 if planted.family == "flux" else 2  # Flux is guidance-distilled: no CFG batch
-    assert {c[1] for c in recorder.calls} == {(batch, 256 + text, 2, planted.adapter.head_dim(planted.transformer))}
+    batch = 2 if planted.adapter.classifier_free_guidance else 1  # Flux and HunyuanVideo: guidance-distilled
+    seen_text = 3 if padded else text  # "a red circle": the handler sees the real tokens only
+    assert {c[1] for c in recorder.calls} == {(batch, 256 + seen_text, 2, planted.adapter.head_dim(planted.transformer))}
 
 
 def test_density_one_plan_equals_stock_model(planted):
@@ -79,9 +84,10 @@ def test_density_one_plan_equals_stock_model(planted):
     recipe = small(planted.family, **{"sparsity.density": 1.0})
     plan = calibrate(planted, recipe)
     assert plan.family == planted.family and plan.components["transformer"].achieved_density.min() == 1.0
-    stock = sample(planted, recipe, ["a blue square"], [1], decode=False)
+    prompts = ["a blue square", "a green triangle moving left on a plain background"]  # texts of two lengths
+    stock = sample(planted, recipe, prompts, [1, 2], decode=False)
     with use_plan(planted, plan, plan.grid, "torch") as handler:
-        out = sample(planted, recipe, ["a blue square"], [1], decode=False)
+        out = sample(planted, recipe, prompts, [1, 2], decode=False)
     assert handler.paro_calls == 4 * 2 and handler.dense_calls == 0  # every step and layer through the plan
     assert rel_l2(out, stock) <= 1e-5
 
@@ -108,6 +114,9 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
     with pytest.raises(PlanError, match="plan is for a flux model, this run uses a cogvideox model"):
         with use_plan(loaded["cogvideox"], plans["flux"], plans["flux"].grid, "torch"):
             pass
+    with pytest.raises(PlanError, match="plan is for a hunyuanvideo model, this run uses a wan model"):
+        with use_plan(loaded["wan"], plans["hunyuanvideo"], plans["hunyuanvideo"].grid, "torch"):
+            pass
     # the same CogVideoX model called with 6 text tokens instead of the plan's 8
     cog = loaded["cogvideox"]
     inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16), (4, 8, 8), 1.0)
@@ -118,17 +127,19 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
 
 @pytest.mark.parametrize("recipe,grid", [("wan2.1-t2v-1.3b", (21, 30, 52)), ("wan2.1-t2v-14b", (21, 45, 80)),
                                          ("cogvideox-5b", (13, 30, 45)), ("cogvideox-2b", (13, 30, 45)),
-                                         ("flux.1-dev", (1, 64, 64)), ("flux.1-schnell", (1, 64, 64))])
+                                         ("flux.1-dev", (1, 64, 64)), ("flux.1-schnell", (1, 64, 64)),
+                                         ("hunyuanvideo", (33, 45, 80))])
 def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
     """The shipped recipes' geometry through each family's pipeline rules (VAE factors 4 and 8,
     as the real pipelines have; a stand-in pipeline, since the real one needs transformers)."""
     import inspect
     from types import SimpleNamespace
 
-    from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, WanTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
     r = load_recipe(recipe)
-    cls = {"wan": WanTransformer3DModel, "cog": CogVideoXTransformer3DModel, "flu": FluxTransformer2DModel}[recipe[:3]]
+    cls = {"wan": WanTransformer3DModel, "cog": CogVideoXTransformer3DModel, "flu": FluxTransformer2DModel,
+           "hun": HunyuanVideoTransformer3DModel}[recipe[:3]]
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
     transformer = SimpleNamespace(config=SimpleNamespace(**defaults))  # the full-size config, no weights
     pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8, transformer=transformer)
@@ -162,7 +173,8 @@ def test_pipeline_geometry_must_fit_the_vae_and_patch():
 
 @pytest.mark.parametrize("name,layers,heads,head_dim", [("wan2.1-t2v-1.3b", 30, 12, 128), ("wan2.1-t2v-14b", 40, 40, 128),
                                                         ("cogvideox-5b", 42, 48, 64), ("cogvideox-2b", 30, 30, 64),
-                                                        ("flux.1-dev", 57, 24, 128), ("flux.1-schnell", 57, 24, 128)])
+                                                        ("flux.1-dev", 57, 24, 128), ("flux.1-schnell", 57, 24, 128),
+                                                        ("hunyuanvideo", 60, 24, 128)])
 def test_full_size_architectures_have_the_published_shapes(name, layers, heads, head_dim):
     """Built on the meta device (no memory): what `paro bench e2e --architecture` times."""
     from paro_cli.models.architectures import build_architecture
@@ -210,3 +222,26 @@ def test_cli_calibrates_a_transformer_folder_of_another_family_and_refuses_its_p
     code, out, err = paro(capsys, "bench", "e2e", "--recipe", "planted", "--model", tmp_path / "flux", "--frames", 1, "--height", 32,
                           "--width", 32, "--steps", 3, "--plan", plan)
     assert code == 2 and "plan is for a cogvideox model, this run uses a flux model" in err and "dense" not in out + err
+
+
+def test_padded_text_rows_attend_as_in_the_stock_model():
+    """HunyuanVideo masks padded text out of attention's keys; paro drops it from each batch
+    element's call and gives the padding's own query rows the stock result (attention over the
+    real keys). The double-stream block's text output, padding rows included, is the stock one."""
+    model = build_planted_hunyuanvideo()
+    adapter = adapter_for(model)
+    encoder = adapter.prompt_encoder(model)
+    context = encoder(["a red circle", "a blue square moving up on a striped background"])
+    inputs = adapter.forward_inputs(model, torch.randn(2, 4, 4, 16, 16), torch.tensor(700.0), context, (4, 8, 8), 6.0)
+    outputs = []
+    hook = model.transformer_blocks[0].register_forward_hook(lambda module, args, out: outputs.append(out[1]))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            with AttentionInterceptor(model, adapter, Recorder()):
+                model(**inputs)
+    finally:
+        hook.remove()
+    stock, seen = outputs
+    assert inputs["encoder_attention_mask"].sum(1).tolist() == [3, 9]  # 21 and 15 padding tokens
+    assert rel_l2(seen, stock) <= 1e-5

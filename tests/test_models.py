@@ -54,7 +54,7 @@ class Recorder:
     def on_forward(self, grid, layout, t):
         self.forwards.append((grid, t))
 
-    def attention(self, layer, q, k, v, dense):
+    def attention(self, layer, q, k, v, dense, layout):
         self.calls.append((layer, tuple(q.shape)))
         return dense()
 
@@ -152,7 +152,7 @@ def test_loading_errors(tmp_path):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(ModelError, match="UNet2DModel.*supported: CogVideoXTransformer3DModel, FluxTransformer2DModel, WanTransformer3DModel"):
+    with pytest.raises(ModelError, match="UNet2DModel.*supported: CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel"):
         load_model(str(tmp_path / "unet"))
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
@@ -200,8 +200,8 @@ def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
     backend = select_backend("torch", torch.device("cpu"), torch.float32, 12, 16, "fp32", "fp32")
 
     class Recording(PlanAttention):
-        def attention(self, layer, q, k, v, dense):
-            out = super().attention(layer, q, k, v, dense)
+        def attention(self, layer, q, k, v, dense, layout):
+            out = super().attention(layer, q, k, v, dense, layout)
             self.seen.append((self.slot, layer, q, k, v, out))
             return out
 

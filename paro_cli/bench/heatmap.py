@@ -39,9 +39,10 @@ class _QKCapture:
     def on_forward(self, grid, layout, t):
         self.current = self.tracker.see(grid, layout, t)
 
-    def attention(self, layer: int, q, k, v, dense: DenseFn):
+    def attention(self, layer: int, q, k, v, dense: DenseFn, layout):
         if layer == self.layer and self.current == self.step and self.qk is None:
             self.qk = (q[-1].detach().float().cpu(), k[-1].detach().float().cpu())  # last batch row: conditional branch
+            self.layout = layout
         return dense()
 
 
@@ -81,7 +82,7 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     capture = _QKCapture(layer, step)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
         sample(loaded, recipe, [prompt], [seed], decode=False)
-    layout = capture.tracker.layout
+    layout = capture.layout
     q, k = (layout.split(x, dim=0)[1] for x in capture.qk)  # visual tokens only: the plan orders those
     attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)
     order = comp.orders[layer][head]

@@ -16,9 +16,11 @@ import torch
 from ..errors import ModelError
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
+from .hunyuanvideo import HunyuanVideoAdapter
 from .wan import WanAdapter
 
-ADAPTERS = {adapter.transformer_class: adapter for adapter in (WanAdapter(), CogVideoXAdapter(), FluxAdapter())}
+ADAPTERS = {adapter.transformer_class: adapter
+            for adapter in (WanAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(), FluxAdapter())}
 
 
 def adapter_for(transformer: torch.nn.Module):

@@ -2,8 +2,8 @@
 
 Speed does not depend on the weights, so `paro bench e2e --architecture` times real models'
 denoising steps without downloading them. Each entry is a diffusers class, the config fields
-that differ from that class's defaults (diffusers' defaults are Wan2.1-14B, CogVideoX-2B and
-FLUX.1-schnell), the shipped recipe whose geometry it runs at, the pipeline's VAE factors
+that differ from that class's defaults (diffusers' defaults are Wan2.1-14B, CogVideoX-2B,
+HunyuanVideo and FLUX.1-schnell), the shipped recipe whose geometry it runs at, the pipeline's VAE factors
 (temporal, spatial) and the text tokens its pipeline feeds the transformer. Each runs at the
 geometry of the shipped recipe of the same name.
 """
@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "cogvideox-2b": Architecture("CogVideoXTransformer3DModel", text_tokens=226),
     "cogvideox-5b": Architecture("CogVideoXTransformer3DModel", {"num_attention_heads": 48, "num_layers": 42,
                                                                  "use_rotary_positional_embeddings": True}, text_tokens=226),
+    "hunyuanvideo": Architecture("HunyuanVideoTransformer3DModel", text_tokens=256),
     "flux.1-dev": Architecture("FluxTransformer2DModel", {"guidance_embeds": True}, vae_factors=(1, 8)),
     "flux.1-schnell": Architecture("FluxTransformer2DModel", vae_factors=(1, 8), text_tokens=256),
 }

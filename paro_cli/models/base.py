@@ -48,6 +48,11 @@ class TransformerAdapter:
         return {"negative_prompt": sampling.negative_prompt, "height": geometry.height, "width": geometry.width,
                 "num_frames": geometry.frames, "guidance_scale": sampling.guidance}
 
+    def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int] | None:
+        """Real text tokens per batch element where the forward pads its text and masks the
+        padding out of self-attention (HunyuanVideo); None where nothing is padded."""
+        return None
+
     def normalised_timestep(self, args: tuple, kwargs: dict) -> float:
         """Timestep in [0, 1] (1 = pure noise); where one comes per token (Wan 2.2 TI2V), the max."""
         return float(torch.as_tensor(forward_input(args, kwargs, "timestep", self.timestep_position)).max()) / self.num_train_timesteps

@@ -129,3 +129,27 @@ def build_planted_flux(seed: int = 0):
     """A small FluxTransformer2DModel with planted image-image attention in both kinds of block."""
     return _planted("FluxTransformer2DModel", PLANTED_FLUX_CONFIG,
                     lambda t: [block.attn for block in (*t.transformer_blocks, *t.single_transformer_blocks)], PLANTED_FLUX_ORDERS, seed)
+
+
+PLANTED_HUNYUAN_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=24,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    patch_size=2,
+    patch_size_t=1,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_theta=10000.0,  # each axis's RoPE frequencies as the planted Wan model's
+    rope_axes_dim=(8, 8, 8),
+)
+
+
+def build_planted_hunyuanvideo(seed: int = 0):
+    """A small HunyuanVideoTransformer3DModel (text after the video, padded) with the Wan model's
+    planted orders in its double- and single-stream blocks."""
+    return _planted("HunyuanVideoTransformer3DModel", PLANTED_HUNYUAN_CONFIG,
+                    lambda t: [block.attn for block in (*t.transformer_blocks, *t.single_transformer_blocks)], PLANTED_ORDERS, seed)

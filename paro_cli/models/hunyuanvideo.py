@@ -1,0 +1,94 @@
+"""HunyuanVideo (HunyuanVideoTransformer3DModel): joint self-attention over [video, text].
+
+Both kinds of block attend over the patchified video, frame-major, followed by the text tokens,
+through `dispatch_attention_fn` after RoPE on the video part; double-stream blocks are layers
+0..n-1 of a plan, single-stream ones n... The pipeline pads every prompt to the same length and
+masks the padding out of attention's keys; paro runs each batch element on its video and its
+real text tokens only (intercept.py), so a plan records the padded length. The model is
+guidance-distilled: the guidance scale is an input, not a second (CFG) batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.layout import SequenceLayout
+
+from .base import TransformerAdapter, check_pixel_multiple, forward_input
+from .prompt_encoder import HashPromptEncoder
+
+
+class HunyuanVideoAdapter(TransformerAdapter):
+    family = "hunyuanvideo"
+    transformer_class = "HunyuanVideoTransformer3DModel"
+    timestep_position = 1
+    classifier_free_guidance = False
+
+    @property
+    def call_site(self):
+        from diffusers.models.transformers import transformer_hunyuan_video
+
+        return transformer_hunyuan_video, "dispatch_attention_fn"
+
+    def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
+        return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
+                + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
+
+    def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        p = transformer.config.patch_size
+        return (transformer.config.patch_size_t, p, p)
+
+    def token_grid_of_input(self, transformer: torch.nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F', H', W') for an input of shape (B, C, F, H, W)."""
+        p_t, p, _ = self.divisors(transformer)
+        return (shape[2] // p_t, shape[3] // p, shape[4] // p)
+
+    def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
+        return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 2).shape[1], text_first=False)
+
+    def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int]:
+        """The real tokens of each prompt: the model keeps the first ones of each row's mask."""
+        return forward_input(args, kwargs, "encoder_attention_mask", 3).sum(dim=1).tolist()
+
+    def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
+        """Latent (B, C, F, H, W) a HunyuanVideo pipeline samples: height and width multiples of
+        16, frames rounded down to 4k + 1."""
+        t, s = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
+        check_pixel_multiple(geometry, "HunyuanVideo")
+        return (1, pipeline.transformer.config.in_channels, (geometry.frames - 1) // t + 1, geometry.height // s, geometry.width // s)
+
+    def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
+        """Each axis's RoPE dims in a head: (t, h, w) = rope_axes_dim."""
+        t, h, w = transformer.config.rope_axes_dim
+        return {"F": slice(0, t), "H": slice(t, t + h), "W": slice(t + h, t + h + w)}
+
+    # paro's own sampling loop for a bare transformer (runner._builtin_sample)
+
+    def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
+        return HashPromptEncoder(transformer.config.text_embed_dim)
+
+    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+        return (transformer.config.in_channels, frames, height, width)
+
+    def scheduler(self, sampling):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
+
+    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        return x
+
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
+                       guidance: float) -> dict:
+        """The prompt encoder zero-pads: its real tokens are the non-zero rows (at least one, as
+        the pipeline keeps one for the empty prompt). The pooled embedding: as for Flux, the mean
+        of the real token embeddings, cut or zero-padded to pooled_projection_dim."""
+        batch, pooled_dim = x.shape[0], transformer.config.pooled_projection_dim
+        mask = context.abs().sum(dim=-1) > 0
+        mask[:, 0] = True
+        pooled = (context * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        pooled = torch.nn.functional.pad(pooled, (0, max(0, pooled_dim - pooled.shape[-1])))[:, :pooled_dim]
+        embeds_guidance = transformer.config.guidance_embeds
+        return {"hidden_states": x, "timestep": t.expand(batch), "encoder_hidden_states": context,
+                "encoder_attention_mask": mask.to(torch.int64), "pooled_projections": pooled,
+                "guidance": torch.full((batch,), guidance * 1000.0, device=x.device) if embeds_guidance else None}
