@@ -22,6 +22,13 @@ def check_pixel_multiple(geometry, family: str, multiple: int = 16) -> None:
                               f"use {size // multiple * multiple or multiple}")
 
 
+def stream_block_layers(transformer: torch.nn.Module) -> list[str]:
+    """Processor keys of MMDiT-style models (Flux, HunyuanVideo): the double-stream blocks'
+    joint attention, then the single-stream blocks'."""
+    return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
+            + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
+
+
 class TransformerAdapter:
     num_train_timesteps = 1000
     classifier_free_guidance = True  # False: guidance-distilled (Flux), guidance goes in as an input
@@ -52,6 +59,22 @@ class TransformerAdapter:
         """Real text tokens per batch element where the forward pads its text and masks the
         padding out of self-attention (HunyuanVideo); None where nothing is padded."""
         return None
+
+    # paro's own sampling loop for a bare transformer (runner._builtin_sample): flow matching on
+    # (C, F, H, W) inputs unless the family says otherwise
+
+    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
+        """One sample's input for an input of that many frames and pixels."""
+        return (transformer.config.in_channels, frames, height, width)
+
+    def scheduler(self, sampling):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
+
+    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The loop's result as (B, C, F, H, W)."""
+        return x
 
     def normalised_timestep(self, args: tuple, kwargs: dict) -> float:
         """Timestep in [0, 1] (1 = pure noise); where one comes per token (Wan 2.2 TI2V), the max."""

@@ -15,7 +15,7 @@ import torch
 from kernels.layout import SequenceLayout
 
 from ..errors import RecipeError
-from .base import TransformerAdapter, check_pixel_multiple, forward_input
+from .base import TransformerAdapter, check_pixel_multiple, forward_input, stream_block_layers
 from .prompt_encoder import HashPromptEncoder
 
 
@@ -33,8 +33,7 @@ class FluxAdapter(TransformerAdapter):
         return transformer_flux, "dispatch_attention_fn"
 
     def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
-        return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
-                + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
+        return stream_block_layers(transformer)
 
     def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         return (1, 2, 2)  # latents are packed in 2x2 patches
@@ -79,11 +78,6 @@ class FluxAdapter(TransformerAdapter):
 
     def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
         return HashPromptEncoder(transformer.config.joint_attention_dim)
-
-    def scheduler(self, sampling):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
 
     def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Packed (B, rows * cols, 4 C) as (B, C, 1, 2 rows, 2 cols)."""

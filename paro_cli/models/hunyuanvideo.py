@@ -14,7 +14,7 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import TransformerAdapter, check_pixel_multiple, forward_input
+from .base import TransformerAdapter, check_pixel_multiple, forward_input, stream_block_layers
 from .prompt_encoder import HashPromptEncoder
 
 
@@ -31,8 +31,7 @@ class HunyuanVideoAdapter(TransformerAdapter):
         return transformer_hunyuan_video, "dispatch_attention_fn"
 
     def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
-        return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
-                + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
+        return stream_block_layers(transformer)
 
     def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
         p = transformer.config.patch_size
@@ -66,17 +65,6 @@ class HunyuanVideoAdapter(TransformerAdapter):
 
     def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
         return HashPromptEncoder(transformer.config.text_embed_dim)
-
-    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
-        return (transformer.config.in_channels, frames, height, width)
-
-    def scheduler(self, sampling):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
-
-    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        return x
 
     def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
                        guidance: float) -> dict:

@@ -65,19 +65,6 @@ class WanAdapter(TransformerAdapter):
     def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
         return HashPromptEncoder(transformer.config.text_dim)
 
-    def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
-        """One sample's input (C, F, H, W) for an input of that many frames and pixels."""
-        return (transformer.config.in_channels, frames, height, width)
-
-    def scheduler(self, sampling):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
-
-    def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """The loop's result as (B, C, F, H, W)."""
-        return x
-
     def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
                        guidance: float) -> dict:
         """Keyword arguments of one denoising forward on batch x at scheduler timestep t."""
