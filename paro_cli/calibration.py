@@ -122,11 +122,15 @@ def _same_input(expected_grid, expected_layout: SequenceLayout, grid, layout: Se
 
 
 class StepTracker:
-    """Turns the normalised timesteps seen by forward calls into step indices (CFG-safe), and
-    holds the token grid and text layout of the first call (later calls must match)."""
+    """The denoising step of each forward call, counted by the sampler's end-of-step callback
+    (`step_done`), not told apart by timestep: a pipeline may pass timesteps in bf16, where two
+    steps near t = 1 round to one value; and one step may run several forwards (CFG passes).
+    Records each step's normalised timestep, and the token grid and text layout of the first
+    call (later calls must match)."""
 
     def __init__(self):
         self.timesteps: list[float] = []
+        self.step = 0
         self.grid: tuple[int, int, int] | None = None
         self.layout: SequenceLayout | None = None
 
@@ -134,9 +138,12 @@ class StepTracker:
         if self.grid is None:
             self.grid, self.layout = tuple(grid), layout
         _same_input(self.grid, self.layout, grid, layout)
-        if not self.timesteps or abs(self.timesteps[-1] - t) > 1e-9:
+        if len(self.timesteps) == self.step:  # the step's first forward
             self.timesteps.append(t)
-        return len(self.timesteps) - 1
+        return self.step
+
+    def step_done(self) -> None:
+        self.step += 1
 
 
 class OrderProfiler:
@@ -170,6 +177,9 @@ class OrderProfiler:
             self.count[layer] += 1
         return dense()
 
+    def step_done(self) -> None:
+        self.tracker.step_done()
+
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.count.clamp_min(1)[:, None, None]
         return self.recall / n, self.incoherence / n
@@ -191,11 +201,14 @@ class MassCollector:
         self.sum = torch.zeros(layers, heads, nb, nb, device=device)
         self.count = torch.zeros(layers)
         self.slot: int | None = None
+        self.step = 0  # the same sampling as pass 1: its steps, counted the same way
+
+    def step_done(self) -> None:
+        self.step += 1
 
     def on_forward(self, grid, layout, t):
         _same_input(self.grid, self.layout, grid, layout)
-        step = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
-        slot = self.slots[step]
+        slot = self.slots[min(self.step, len(self.slots) - 1)]
         if self.slot is not None and slot != self.slot:
             self.finish_slot()
         self.slot = slot
@@ -245,7 +258,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     profiler = OrderProfiler(layers, heads, sp.block_size, sp.density, profiled_steps(steps, cal.order_steps))
     progress.start("profiling orders", steps)
     with AttentionInterceptor(transformer, adapter, profiler):
-        runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
+        runner.sample(loaded, recipe, prompts, seeds, on_step=lambda i: (profiler.step_done(), progress.step(i)), decode=False)
     recall, incoherence = profiler.scores()
     chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
     orders = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
@@ -255,7 +268,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     collector = MassCollector(orders, grid, timesteps, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
     progress.start("building masks", steps)
     with AttentionInterceptor(transformer, adapter, collector):
-        runner.sample(loaded, recipe, prompts, seeds, on_step=progress.step, decode=False)
+        runner.sample(loaded, recipe, prompts, seeds, on_step=lambda i: (collector.step_done(), progress.step(i)), decode=False)
     collector.finish_slot()
 
     masks = collector.masks

@@ -108,3 +108,17 @@ def test_restricted_orders_are_obeyed_and_checked(demo_model):
         load_recipe("planted", {"calibration.orders": ["FHX"]})
     with pytest.raises(RecipeError, match="not an order of this grid"):
         calibrate(demo_model, load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}))
+
+
+def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
+    """Two steps whose timesteps round to one bf16 value stay two steps; the forwards of one
+    step (e.g. CFG passes) share it."""
+    from kernels.layout import SequenceLayout
+    from paro_cli.calibration import StepTracker
+
+    tracker, layout = StepTracker(), SequenceLayout(0)
+    seen = []
+    for t in (1.0, 1.0, 0.99):  # steps 0 and 1 share a timestep
+        seen += [tracker.see((2, 4, 4), layout, t), tracker.see((2, 4, 4), layout, t)]  # two forwards each
+        tracker.step_done()
+    assert seen == [0, 0, 1, 1, 2, 2] and tracker.timesteps == [1.0, 1.0, 0.99]

@@ -93,9 +93,13 @@ def test_density_one_plan_equals_stock_model(planted):
 
 
 def test_planted_orders_are_found(planted):
-    plan = calibrate(planted, small(planted.family))
+    recipe = small(planted.family)
+    plan = calibrate(planted, recipe)
     assert plan.components["transformer"].orders == ORDERS[planted.family]
     assert (plan.text_tokens, plan.text_position) == TEXT[planted.family]
+    stock = sample(planted, recipe, ["a red circle"], [0], decode=False)
+    with use_plan(planted, plan, plan.grid, "torch"):  # the plan at density 0.3 really runs: the output moves
+        assert rel_l2(sample(planted, recipe, ["a red circle"], [0], decode=False), stock) > 1e-4
 
 
 def test_plans_are_refused_by_other_families_and_text_layouts():
@@ -245,3 +249,29 @@ def test_padded_text_rows_attend_as_in_the_stock_model():
     stock, seen = outputs
     assert inputs["encoder_attention_mask"].sum(1).tolist() == [3, 9]  # 21 and 15 padding tokens
     assert rel_l2(seen, stock) <= 1e-5
+
+
+def test_pipeline_masks_in_the_model_dtype_are_counted_as_integers():
+    """HunyuanVideo pipelines pass the text mask in the transformer's dtype."""
+    model = build_planted_hunyuanvideo()
+    adapter = adapter_for(model)
+    context = adapter.prompt_encoder(model)(["a red circle", "a blue square moving up"])
+    inputs = adapter.forward_inputs(model, torch.randn(2, 4, 4, 16, 16), torch.tensor(700.0), context, (4, 8, 8), 6.0)
+    with torch.no_grad():
+        stock = model(**inputs, return_dict=False)[0]
+        with AttentionInterceptor(model, adapter, Recorder()):
+            seen = model(**{**inputs, "encoder_attention_mask": inputs["encoder_attention_mask"].float()}, return_dict=False)[0]
+    assert adapter.valid_text_lengths((), {"encoder_attention_mask": inputs["encoder_attention_mask"].bfloat16()}) == [3, 5]
+    assert rel_l2(seen, stock) <= 1e-6
+
+
+def test_flux_calls_with_more_image_tokens_than_the_grid_are_refused():
+    from paro_cli.errors import ModelError
+
+    adapter = ADAPTERS["FluxTransformer2DModel"]
+    ids = torch.zeros(16, 16, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    kwargs = {"hidden_states": torch.zeros(1, 512, 16), "img_ids": ids.reshape(-1, 3)}  # a reference image's tokens appended
+    with pytest.raises(ModelError, match="512 image tokens on a 16x16 grid"):
+        adapter.token_grid(None, (), kwargs)
+    assert adapter.token_grid(None, (), {**kwargs, "hidden_states": torch.zeros(1, 256, 16)}) == (1, 16, 16)

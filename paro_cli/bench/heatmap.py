@@ -81,7 +81,7 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     step = recipe.sampling.steps // 2
     capture = _QKCapture(layer, step)
     with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
-        sample(loaded, recipe, [prompt], [seed], decode=False)
+        sample(loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done(), decode=False)
     layout = capture.layout
     q, k = (layout.split(x, dim=0)[1] for x in capture.qk)  # visual tokens only: the plan orders those
     attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)

@@ -88,7 +88,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         progress(f"timing {label}")
         return {"variant": label, **row, **_time(step, repeats, sync)}
 
-    rows = []
+    rows, interceptor = [], None
     try:
         rows.append(timed("dense", density=1.0, qk=None, pv=None))
         with AttentionInterceptor(tr, adapter, _NoAttention()):
@@ -109,7 +109,10 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
                 progress(f"timing paro d={density} {qk}/{pv}")
                 rows.append({"variant": f"paro {chosen.name}", "density": density, "qk": qk, "pv": pv, **_time(step, repeats, sync)})
             interceptor.__exit__(None, None, None)
+            interceptor = None
     finally:
+        if interceptor is not None:  # a timing failed: leave diffusers as it was
+            interceptor.__exit__(None, None, None)
         tr.forward = stock_forward
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:

@@ -36,7 +36,7 @@ ARCHITECTURES = {
                                                                  "use_rotary_positional_embeddings": True}, text_tokens=226),
     "hunyuanvideo": Architecture("HunyuanVideoTransformer3DModel", text_tokens=256),
     "flux.1-dev": Architecture("FluxTransformer2DModel", {"guidance_embeds": True}, vae_factors=(1, 8)),
-    "flux.1-schnell": Architecture("FluxTransformer2DModel", vae_factors=(1, 8), text_tokens=256),
+    "flux.1-schnell": Architecture("FluxTransformer2DModel", vae_factors=(1, 8)),  # FluxPipeline's default 512 text tokens
 }
 
 

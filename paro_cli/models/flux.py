@@ -14,7 +14,7 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from ..errors import RecipeError
+from ..errors import ModelError, RecipeError
 from .base import TransformerAdapter, check_pixel_multiple, forward_input, stream_block_layers
 from .prompt_encoder import HashPromptEncoder
 
@@ -42,6 +42,10 @@ class FluxAdapter(TransformerAdapter):
         """(1, rows, columns) from the image tokens' position ids (row in column 1, column in 2)."""
         ids = forward_input(args, kwargs, "img_ids", 4)
         rows, cols = (int(x) + 1 for x in ids.reshape(-1, 3)[:, 1:].amax(dim=0).tolist())
+        tokens = forward_input(args, kwargs, "hidden_states", 0).shape[1]
+        if rows * cols != tokens:
+            raise ModelError(f"FLUX.1 call with {tokens} image tokens on a {rows}x{cols} grid (e.g. Kontext reference images)",
+                             "paro plans plain text-to-image FLUX.1 calls only")
         return (1, rows, cols)
 
     def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:

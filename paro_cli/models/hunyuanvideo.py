@@ -46,8 +46,9 @@ class HunyuanVideoAdapter(TransformerAdapter):
         return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 2).shape[1], text_first=False)
 
     def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int]:
-        """The real tokens of each prompt: the model keeps the first ones of each row's mask."""
-        return forward_input(args, kwargs, "encoder_attention_mask", 3).sum(dim=1).tolist()
+        """The real tokens of each prompt: the model keeps the first ones of each row's mask
+        (which pipelines pass in the model's dtype: counted as integers, as the model does)."""
+        return forward_input(args, kwargs, "encoder_attention_mask", 3).sum(dim=1, dtype=torch.int).tolist()
 
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
         """Latent (B, C, F, H, W) a HunyuanVideo pipeline samples: height and width multiples of
