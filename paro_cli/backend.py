@@ -114,23 +114,32 @@ class PlanAttention:
     """
 
     def __init__(self, plan: Plan, component: str, backend: AttentionBackend, device: torch.device, qk: str, pv: str):
-        self.plan = plan
+        self.component = component
         self.qk, self.pv = qk, pv
-        self.comp = plan.components[component]
         self.backend = backend
         self.device = device
-        self.perms = torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]).to(device)
-        self.dense_layers = set(plan.dense_layers)
-        # The current slot's masks, in buffers that are refilled in place when the slot changes:
-        # a compiled graph or a captured CUDA graph keeps reading the same tensors.
-        layers, heads, nb = self.comp.num_layers, self.comp.num_heads, plan.num_blocks
+        # Orders and the current slot's masks live in buffers that are refilled in place (when
+        # the slot or the plan changes): a compiled graph or a captured CUDA graph keeps reading
+        # the same tensors.
+        comp = plan.components[component]
+        layers, heads, nb, n = comp.num_layers, comp.num_heads, plan.num_blocks, plan.grid[0] * plan.grid[1] * plan.grid[2]
+        self.perms = torch.zeros(layers, heads, n, dtype=torch.long, device=device)
         self.kept = torch.zeros(layers, heads, nb, nb, dtype=torch.bool, device=device)
         self.kv_index = torch.zeros(layers, heads, nb, nb, dtype=torch.int32, device=device)
         self.kv_count = torch.zeros(layers, heads, nb, dtype=torch.int32, device=device)
-        self.slot: int | None = None
         self.dense_step = False
         self.paro_calls = 0
         self.dense_calls = 0
+        self.use(plan)
+
+    def use(self, plan: Plan) -> None:
+        """Run `plan` from the next forward on: a plan of the same model, grid and block size
+        (e.g. another density), in the same buffers."""
+        self.plan = plan
+        self.comp = plan.components[self.component]
+        self.perms.copy_(torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]))
+        self.dense_layers = set(plan.dense_layers)
+        self.slot: int | None = None  # masks are loaded at the next forward
 
     @property
     def calls(self) -> dict[str, int]:

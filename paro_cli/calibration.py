@@ -128,11 +128,10 @@ class StepTracker:
     Records each step's normalised timestep, and the token grid and text layout of the first
     call (later calls must match)."""
 
-    def __init__(self):
+    def __init__(self, grid: tuple[int, int, int] | None = None, layout: SequenceLayout | None = None):
         self.timesteps: list[float] = []
         self.step = 0
-        self.grid: tuple[int, int, int] | None = None
-        self.layout: SequenceLayout | None = None
+        self.grid, self.layout = grid, layout  # None: the first call's
 
     def see(self, grid: tuple[int, int, int], layout: SequenceLayout, t: float) -> int:
         if self.grid is None:
@@ -188,10 +187,11 @@ class OrderProfiler:
 class MassCollector:
     """Pass 2 handler: block mass in the chosen orders, reduced to masks slot by slot."""
 
-    def __init__(self, orders: list[list[str]], grid, timesteps: list[float], slots: list[int], block: int,
-                 density: float, dense_layers: set[int], layout: SequenceLayout, device: torch.device):
-        self.grid, self.timesteps, self.slots = tuple(grid), timesteps, slots
-        self.block, self.density, self.dense_layers, self.layout = block, density, dense_layers, layout
+    def __init__(self, orders: list[list[str]], grid, slots: list[int], block: int, density: float, dense_layers: set[int],
+                 layout: SequenceLayout, device: torch.device):
+        self.grid, self.slots = tuple(grid), slots
+        self.block, self.density, self.dense_layers = block, density, dense_layers
+        self.tracker = StepTracker(self.grid, layout)  # pass 1's input, its steps counted the same way
         self.perms = torch.stack([head_permutations(o, self.grid) for o in orders]).to(device)
         self.n = self.grid[0] * self.grid[1] * self.grid[2]
         nb = num_blocks(self.n, block)
@@ -201,14 +201,12 @@ class MassCollector:
         self.sum = torch.zeros(layers, heads, nb, nb, device=device)
         self.count = torch.zeros(layers)
         self.slot: int | None = None
-        self.step = 0  # the same sampling as pass 1: its steps, counted the same way
 
     def step_done(self) -> None:
-        self.step += 1
+        self.tracker.step_done()
 
     def on_forward(self, grid, layout, t):
-        _same_input(self.grid, self.layout, grid, layout)
-        slot = self.slots[min(self.step, len(self.slots) - 1)]
+        slot = self.slots[min(self.tracker.see(grid, layout, t), len(self.slots) - 1)]
         if self.slot is not None and slot != self.slot:
             self.finish_slot()
         self.slot = slot
@@ -265,7 +263,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
 
     timesteps, layout = profiler.tracker.timesteps, profiler.tracker.layout
     slots = slot_of_steps(len(timesteps), sp.slots)
-    collector = MassCollector(orders, grid, timesteps, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
+    collector = MassCollector(orders, grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
     progress.start("building masks", steps)
     with AttentionInterceptor(transformer, adapter, collector):
         runner.sample(loaded, recipe, prompts, seeds, on_step=lambda i: (collector.step_done(), progress.step(i)), decode=False)

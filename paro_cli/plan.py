@@ -187,10 +187,6 @@ class Plan:
                 "calibrate with this pipeline's text length (e.g. its max_sequence_length)",
             )
 
-    @property
-    def layout(self) -> SequenceLayout:
-        return SequenceLayout(self.text_tokens, self.text_position != "suffix")
-
     def check_grid(self, grid: tuple[int, int, int]) -> None:
         if tuple(grid) != tuple(self.grid):
             raise PlanError(

@@ -16,12 +16,12 @@ import time
 import torch
 
 from kernels.layout import num_blocks
-from kernels.orders import candidate_orders, head_permutations
+from kernels.orders import candidate_orders
 
 from ..backend import PlanAttention, select_backend
 from ..intercept import AttentionInterceptor
 from ..models import config_fingerprint
-from ..plan import ComponentPlan, Plan, pack_bits
+from ..plan import ComponentPlan, Plan, pack_bits, text_position
 from .kernel import random_kept
 
 
@@ -51,7 +51,7 @@ def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv
                               target_density=torch.full_like(achieved, density), achieved_density=achieved,
                               recall=torch.ones(layers, heads, len(names)), incoherence=torch.zeros(layers, heads, len(names)))
     return Plan(model_id=loaded.model_id, family=loaded.family, grid=grid, text_tokens=layout.text_len,
-                text_position="none" if layout.text_len == 0 else "prefix" if layout.text_first else "suffix", block_size=block,
+                text_position=text_position(layout), block_size=block,
                 density=density, slot_policy="single", slot_bounds=[], calibration_timesteps=[0.5], dense_above_t=None, dense_layers=[],
                 qk=qk, pv=pv, prompts=[], seeds=[], components={"transformer": component})
 
@@ -88,31 +88,24 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         progress(f"timing {label}")
         return {"variant": label, **row, **_time(step, repeats, sync)}
 
-    rows, interceptor = [], None
+    rows = []
     try:
         rows.append(timed("dense", density=1.0, qk=None, pv=None))
         with AttentionInterceptor(tr, adapter, _NoAttention()):
             rows.append(timed("no attention", density=None, qk=None, pv=None))
         for qk, pv in pairs:
             chosen = select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, qk, pv)
-            handler = None
-            for density in densities:
-                plan = synthetic_plan(loaded, grid, layout, density, block, qk, pv)
-                if handler is None:
-                    handler = PlanAttention(plan, "transformer", chosen, loaded.device, qk, pv)
-                    interceptor = AttentionInterceptor(tr, adapter, handler).__enter__()
-                    if compiled:
-                        tr.forward = torch.compile(stock_forward, fullgraph=True)
-                else:  # the same buffers, refilled: a compiled step keeps reading them
-                    handler.plan, handler.comp, handler.slot = plan, plan.components["transformer"], None
-                    handler.perms.copy_(torch.stack([head_permutations(o, grid) for o in handler.comp.orders]))
-                progress(f"timing paro d={density} {qk}/{pv}")
-                rows.append({"variant": f"paro {chosen.name}", "density": density, "qk": qk, "pv": pv, **_time(step, repeats, sync)})
-            interceptor.__exit__(None, None, None)
-            interceptor = None
+            plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]
+            handler = PlanAttention(plans[0], "transformer", chosen, loaded.device, qk, pv)
+            with AttentionInterceptor(tr, adapter, handler):
+                if compiled:
+                    tr.forward = torch.compile(stock_forward, fullgraph=True)
+                for plan in plans:
+                    handler.use(plan)  # the same buffers, refilled: a compiled step keeps reading them
+                    progress(f"timing paro d={plan.density} {qk}/{pv}")
+                    rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv,
+                                 **_time(step, repeats, sync)})
     finally:
-        if interceptor is not None:  # a timing failed: leave diffusers as it was
-            interceptor.__exit__(None, None, None)
         tr.forward = stock_forward
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:
