@@ -189,5 +189,11 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handler = PlanAttention(plan, "transformer", chosen, loaded.device, qk, pv)
-    with AttentionInterceptor(loaded.transformer, loaded.adapter, handler):
+    with AttentionInterceptor(loaded.transformer, loaded.adapter, handler, fuse_norm_rope=fuses_norm_rope(chosen)):
         yield handler
+
+
+def fuses_norm_rope(backend: AttentionBackend) -> bool:
+    """Whether runs on `backend` also fuse the QK norm and RoPE (intercept.py): with the Triton
+    kernels, i.e. on a GPU in bf16/fp16; the torch path stays the stock processors."""
+    return backend.name == "triton"

@@ -14,6 +14,10 @@ Two call sites exist (the adapter names its family's, see models/__init__.py):
   inside diffusers' legacy attention processors (CogVideoX); `F` is rebound to a stand-in for
   torch.nn.functional that differs only in that function.
 Handlers always see (B, S, H, D).
+
+With `fuse_norm_rope`, the marked layers run the adapter's fused processor where the family has
+one (the stock processor with its QK norm and RoPE as one Triton kernel, models/*.py) instead of
+the stock one: the same attention call, less eager work around it.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ def _marker_class(stock_class: type) -> type:
 class AttentionInterceptor:
     """Context manager routing a transformer's self-attention calls to `handler`."""
 
-    def __init__(self, transformer: torch.nn.Module, adapter, handler: AttentionHandler):
+    def __init__(self, transformer: torch.nn.Module, adapter, handler: AttentionHandler, fuse_norm_rope: bool = False):
         self.transformer = transformer
         self.adapter = adapter
         self.handler = handler
+        self.fuse_norm_rope = fuse_norm_rope
         self.state = _State()
 
     def __enter__(self) -> "AttentionInterceptor":
@@ -91,7 +96,9 @@ class AttentionInterceptor:
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
-            processors[key] = _marker_class(type(self.stock[key]))(self.stock[key], i, self.state)
+            fused = self.fuse_norm_rope and self.adapter.norm_rope_processor
+            processor = fused(self.stock[key]) if fused else self.stock[key]
+            processors[key] = _marker_class(type(processor))(processor, i, self.state)
         self.transformer.set_attn_processor(processors)
         setattr(module, name, self._dispatch if name == "dispatch_attention_fn" else _functional_with(self._sdpa))
         self.hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)

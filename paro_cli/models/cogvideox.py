@@ -14,8 +14,41 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import TransformerAdapter, check_pixel_multiple, forward_input
+from .base import TransformerAdapter, check_pixel_multiple, eager_inference, forward_input
 from .prompt_encoder import HashPromptEncoder
+
+
+class CogVideoXNormRopeProcessor:
+    """attn1's stock CogVideoXAttnProcessor2_0 with norm_q/norm_k (LayerNorm per head) and the
+    video tokens' RoPE as one kernel each for q and k; the rest, F.scaled_dot_product_attention
+    on (B, H, S, D) included, as diffusers has it. Masked, traced or differentiated calls, or
+    another norm, run the stock processor."""
+
+    def __init__(self, stock):
+        self.stock = stock
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        if (attention_mask is not None or not isinstance(attn.norm_q, torch.nn.LayerNorm) or attn.norm_q.weight is None
+                or not eager_inference()):
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models import attention_processor
+
+        from kernels.norm_rope import norm_rope
+
+        text = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        query, key = (norm_rope(proj(hidden_states), heads=attn.heads, norm="layer", per_head=True, weight=norm.weight,
+                                bias=norm.bias, eps=norm.eps, cos=cos, sin=sin, rope_start=text)
+                      for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
+        value = attn.to_v(hidden_states)
+        batch, seq_len, channels = query.shape
+        out = attention_processor.F.scaled_dot_product_attention(
+            *(x.view(batch, seq_len, attn.heads, -1).transpose(1, 2) for x in (query, key, value)), attn_mask=None,
+            dropout_p=0.0, is_causal=False)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, seq_len, channels)))
+        return out[:, text:], out[:, :text]
 
 
 def _centred_crop(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -31,6 +64,7 @@ def _centred_crop(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[i
 class CogVideoXAdapter(TransformerAdapter):
     family = "cogvideox"
     transformer_class = "CogVideoXTransformer3DModel"
+    norm_rope_processor = CogVideoXNormRopeProcessor
     timestep_position = 2
 
     @property
