@@ -109,7 +109,6 @@ class _Stock:
         return dense()
 
 
-@interpreted
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
 def test_fused_processor_equals_stock(family, monkeypatch):
     import kernels.norm_rope
@@ -117,13 +116,13 @@ def test_fused_processor_equals_stock(family, monkeypatch):
     from paro_cli.models import adapter_for
     from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
 
-    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DTYPE)
+    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, DTYPE)
     adapter = adapter_for(model)
     grid = (2, 4, 4)
     tr_input = torch.randn(2, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
-                           generator=torch.Generator().manual_seed(0)).to(DTYPE)
-    context = torch.randn(2, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DTYPE)
-    kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0), context, grid, 5.0)
+                           generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    context = torch.randn(2, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
     with torch.no_grad():
         stock = model(**kwargs, return_dict=False)[0]
         calls = []
