@@ -62,13 +62,16 @@ def check(name, case, seed=0, cos_none=False):
     kw = dict(heads=heads, norm=norm, per_head=per_head, weight=weight, bias=bias, eps=1e-6,
               cos=None if cos_none else cos, sin=None if cos_none else sin, rope_start=text)
     out, want = norm_rope(x, **kw), reference(x, **kw)
-    # the kernel rounds where the reference does; only fp32 sums against float64 ones can move a
-    # value across a rounding boundary, by one unit
-    ulp = want.double().abs().clamp_min(1e-3) * torch.finfo(x.dtype).eps
-    assert ((out.double() - want.double()).abs() <= ulp).all(), name
-    assert (out != want).float().mean() < 0.02, name
+    normed = reference(x, **{**kw, "cos": None, "sin": None}).double()
+    # The kernel rounds where the reference does; fp32 sums against float64 ones move a rounded
+    # norm output by at most a unit (eps of its pair's size), which RoPE then carries into both
+    # outputs of the pair, plus the output's own rounding.
+    pair = normed.unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, dim=-1)
+    eps = torch.finfo(x.dtype).eps
+    assert ((out.double() - want.double()).abs() <= eps * (want.double().abs() + 2 * pair) + 1e-6).all(), name
+    assert (out != want).float().mean() < 1e-3, name
     if not cos_none:  # the rotation is there to see
-        assert rel_l2(out, reference(x, **{**kw, "cos": None, "sin": None})) > 0.1, name
+        assert rel_l2(out, normed) > 0.1, name
 
 
 @interpreted
