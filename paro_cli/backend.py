@@ -21,7 +21,7 @@ from kernels.reference import paro_attention_reference
 
 from . import __version__
 from .errors import BackendError
-from .intercept import AttentionInterceptor, DenseFn
+from .intercept import DenseFn, intercept_components
 from .plan import Plan
 
 
@@ -178,9 +178,38 @@ def check_plan(loaded, plan: Plan, grid: tuple[int, int, int]) -> None:
     plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid)
 
 
+@dataclass
+class PlanRun:
+    """The handlers applying a plan inside `use_plan`, one per component of the model."""
+
+    handlers: dict[str, PlanAttention]
+
+    @property
+    def backend(self) -> AttentionBackend:
+        return next(iter(self.handlers.values())).backend
+
+    @property
+    def qk(self) -> str:
+        return next(iter(self.handlers.values())).qk
+
+    @property
+    def pv(self) -> str:
+        return next(iter(self.handlers.values())).pv
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Self-attention calls run through the plan and dense, over every component."""
+        total: dict[str, int] = {}
+        for handler in self.handlers.values():
+            for kind, n in handler.calls.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+
 @contextlib.contextmanager
-def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: str | None = None, pv: str | None = None) -> Iterator[PlanAttention]:
-    """Run `loaded`'s self-attention through `plan` inside the block; stock attention after.
+def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: str | None = None, pv: str | None = None) -> Iterator[PlanRun]:
+    """Run `loaded`'s self-attention through `plan` inside the block (each transformer through
+    its component: Wan 2.2 has two); stock attention after.
 
     Checks the plan against the model and geometry and the backend against the device first.
     qk / pv override the plan's precision.
@@ -188,9 +217,9 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     check_plan(loaded, plan, grid)
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
-    handler = PlanAttention(plan, "transformer", chosen, loaded.device, qk, pv)
-    with AttentionInterceptor(loaded.transformer, loaded.adapter, handler, fuse_norm_rope=fuses_norm_rope(chosen)):
-        yield handler
+    handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv) for name in loaded.components}
+    with intercept_components(loaded, handlers, fuse_norm_rope=fuses_norm_rope(chosen)):
+        yield PlanRun(handlers)
 
 
 def fuses_norm_rope(backend: AttentionBackend) -> bool:

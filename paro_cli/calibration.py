@@ -23,7 +23,7 @@ from kernels.stats import block_statistics, mass_recall
 
 from . import runner
 from .errors import ParoError, RecipeError
-from .intercept import AttentionInterceptor, DenseFn
+from .intercept import DenseFn, intercept_components
 from .models.loading import LoadedModel
 from .plan import ComponentPlan, Plan, pack_bits, text_position
 from .recipe import Recipe
@@ -125,11 +125,11 @@ class StepTracker:
     """The denoising step of each forward call, counted by the sampler's end-of-step callback
     (`step_done`), not told apart by timestep: a pipeline may pass timesteps in bf16, where two
     steps near t = 1 round to one value; and one step may run several forwards (CFG passes).
-    Records each step's normalised timestep, and the token grid and text layout of the first
-    call (later calls must match)."""
+    Records the normalised timestep of each step it sees (a Wan 2.2 expert sees only its own
+    steps), and the token grid and text layout of the first call (later calls must match)."""
 
     def __init__(self, grid: tuple[int, int, int] | None = None, layout: SequenceLayout | None = None):
-        self.timesteps: list[float] = []
+        self.timesteps: dict[int, float] = {}
         self.step = 0
         self.grid, self.layout = grid, layout  # None: the first call's
 
@@ -137,8 +137,7 @@ class StepTracker:
         if self.grid is None:
             self.grid, self.layout = tuple(grid), layout
         _same_input(self.grid, self.layout, grid, layout)
-        if len(self.timesteps) == self.step:  # the step's first forward
-            self.timesteps.append(t)
+        self.timesteps.setdefault(self.step, t)  # the step's first forward
         return self.step
 
     def step_done(self) -> None:
@@ -217,6 +216,14 @@ class MassCollector:
         self.count[layer] += 1
         return dense()
 
+    def finish(self) -> torch.Tensor:
+        """Masks (slots, layers, heads, nb, nb) after the pass; slots the transformer never ran
+        (another expert's steps) stay dense."""
+        if self.slot is not None and not self.done[self.slot]:
+            self.finish_slot()
+        self.masks[~self.done] = True
+        return self.masks
+
     def finish_slot(self) -> None:
         for layer in range(self.sum.shape[0]):
             if layer in self.dense_layers or self.count[layer] == 0:
@@ -237,50 +244,63 @@ class CalibrationProgress:
 
 
 def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress | None = None) -> Plan:
-    """Profile the model on the recipe's prompts and seeds and return its plan."""
+    """Profile the model on the recipe's prompts and seeds and return its plan: one component
+    per transformer (Wan 2.2's two experts each get theirs, from the steps each one runs)."""
     progress = progress or CalibrationProgress()
     sp, cal = recipe.sparsity, recipe.calibration
     prompts = [p for p in cal.prompts for _ in cal.seeds]
     seeds = [s for _ in cal.prompts for s in cal.seeds]
-    transformer, adapter = loaded.transformer, loaded.adapter
-    layers = len(adapter.attention_layers(transformer))
-    heads = adapter.num_heads(transformer)
-    bad = [i for i in sp.dense_layers if i >= layers]
+    adapter, components = loaded.adapter, loaded.components
+    layers = {name: len(adapter.attention_layers(tr)) for name, tr in components.items()}
+    bad = [i for i in sp.dense_layers if i >= min(layers.values())]
     if bad:
-        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {layers} (0..{layers - 1})", "fix the recipe")
+        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {min(layers.values())} (0..{min(layers.values()) - 1})",
+                        "fix the recipe")
     grid = runner.token_grid(loaded, recipe)
     names = candidate_orders(grid)
     allowed = allowed_orders(cal.orders, names)
     steps = recipe.sampling.steps
 
-    profiler = OrderProfiler(layers, heads, sp.block_size, sp.density, profiled_steps(steps, cal.order_steps))
-    progress.start("profiling orders", steps)
-    with AttentionInterceptor(transformer, adapter, profiler):
-        runner.sample(loaded, recipe, prompts, seeds, on_step=lambda i: (profiler.step_done(), progress.step(i)), decode=False)
-    recall, incoherence = profiler.scores()
-    chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
-    orders = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
+    def run_pass(name: str, handlers: dict) -> None:
+        progress.start(name, steps)
+        with intercept_components(loaded, handlers):
+            runner.sample(loaded, recipe, prompts, seeds, decode=False,
+                          on_step=lambda i: ([h.step_done() for h in handlers.values()], progress.step(i)))
 
-    timesteps, layout = profiler.tracker.timesteps, profiler.tracker.layout
+    profiled = profiled_steps(steps, cal.order_steps)
+    profilers = {name: OrderProfiler(layers[name], adapter.num_heads(tr), sp.block_size, sp.density, profiled)
+                 for name, tr in components.items()}
+    run_pass("profiling orders", profilers)
+    orders, scores = {}, {}
+    for name, profiler in profilers.items():
+        if profiler.count.sum() == 0:
+            raise ParoError(f"no profiled step ran the model's {name}", "profile more steps: raise calibration.order_steps")
+        scores[name] = recall, incoherence = profiler.scores()
+        chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
+        orders[name] = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
+
+    schedule = {step: t for profiler in profilers.values() for step, t in profiler.tracker.timesteps.items()}
+    timesteps = [schedule[i] for i in sorted(schedule)]
+    layout = next(p.tracker.layout for p in profilers.values() if p.tracker.layout is not None)
     slots = slot_of_steps(len(timesteps), sp.slots)
-    collector = MassCollector(orders, grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
-    progress.start("building masks", steps)
-    with AttentionInterceptor(transformer, adapter, collector):
-        runner.sample(loaded, recipe, prompts, seeds, on_step=lambda i: (collector.step_done(), progress.step(i)), decode=False)
-    collector.finish_slot()
-
-    masks = collector.masks
-    achieved = masks.float().mean(dim=(-1, -2))
-    component = ComponentPlan(
-        config_fingerprint=loaded.fingerprints()["transformer"],
-        orders=orders,
-        packed_masks=pack_bits(masks),
-        num_blocks=masks.shape[-1],
-        target_density=torch.full_like(achieved, sp.density),
-        achieved_density=achieved,
-        recall=recall,
-        incoherence=incoherence,
-    )
+    collectors = {name: MassCollector(orders[name], grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
+                  for name in components}
+    run_pass("building masks", collectors)
+    fingerprints = loaded.fingerprints()
+    plans = {}
+    for name, collector in collectors.items():
+        masks = collector.finish()
+        achieved = masks.float().mean(dim=(-1, -2))
+        plans[name] = ComponentPlan(
+            config_fingerprint=fingerprints[name],
+            orders=orders[name],
+            packed_masks=pack_bits(masks),
+            num_blocks=masks.shape[-1],
+            target_density=torch.full_like(achieved, sp.density),
+            achieved_density=achieved,
+            recall=scores[name][0],
+            incoherence=scores[name][1],
+        )
     return Plan(
         model_id=loaded.model_id,
         family=loaded.family,
@@ -298,5 +318,5 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
         pv=recipe.precision.pv,
         prompts=list(cal.prompts),
         seeds=list(cal.seeds),
-        components={"transformer": component},
+        components=plans,
     )

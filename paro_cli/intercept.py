@@ -15,6 +15,10 @@ Two call sites exist (the adapter names its family's, see models/__init__.py):
   torch.nn.functional that differs only in that function.
 Handlers always see (B, S, H, D).
 
+Several transformers of one family may be intercepted at once (Wan 2.2's two experts): the call
+site is then shared, and each call goes to the interceptor whose marked layer is running
+(`_ROUTES`). `intercept_components` installs one per component of a loaded model.
+
 With `fuse_norm_rope`, the marked layers run the adapter's fused processor where the family has
 one (the stock processor with its QK norm and RoPE as one Triton kernel, models/*.py) instead of
 the stock one: the same attention call, less eager work around it.
@@ -22,9 +26,10 @@ the stock one: the same attention call, less eager work around it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -90,9 +95,10 @@ class AttentionInterceptor:
 
     def __enter__(self) -> "AttentionInterceptor":
         module, name = self.adapter.call_site
-        self.original = getattr(module, name)
-        if getattr(self.original, "__name__", None) == _PARO_FUNCTIONAL or isinstance(getattr(self.original, "__self__", None), AttentionInterceptor):
-            raise RuntimeError("paro attention is already installed on this model family; nest nothing")
+        self.route = (id(module), name)
+        active = _ROUTES.setdefault(self.route, [])
+        if any(i.transformer is self.transformer for i in active):
+            raise RuntimeError("paro attention is already installed on this transformer; nest nothing")
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
@@ -100,14 +106,24 @@ class AttentionInterceptor:
             processor = fused(self.stock[key]) if fused else self.stock[key]
             processors[key] = _marker_class(type(processor))(processor, i, self.state)
         self.transformer.set_attn_processor(processors)
-        setattr(module, name, self._dispatch if name == "dispatch_attention_fn" else _functional_with(self._sdpa))
+        if active:  # another transformer of the family (Wan 2.2's second) holds the call site
+            self.original = active[0].original
+        else:
+            self.original = getattr(module, name)
+            sdpa = name != "dispatch_attention_fn"
+            setattr(module, name, _functional_with(_router(self.route, sdpa)) if sdpa else _router(self.route, sdpa))
+        active.append(self)
         self.hook = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
         self.hook.remove()
-        module, name = self.adapter.call_site
-        setattr(module, name, self.original)
+        active = _ROUTES[self.route]
+        active.remove(self)
+        if not active:
+            module, name = self.adapter.call_site
+            setattr(module, name, self.original)
+            del _ROUTES[self.route]
         self.transformer.set_attn_processor(self.stock)
 
     def _pre_hook(self, module, args, kwargs):
@@ -164,13 +180,40 @@ class AttentionInterceptor:
         return self.handler.attention(layer, q, k, v, dense, self.layout).transpose(1, 2)
 
 
-_PARO_FUNCTIONAL = "torch.nn.functional, paro's scaled_dot_product_attention"
+# Call site (id(module), name) -> the interceptors installed on it, in order. Transformers of one
+# family call attention through the same module-level name; the one whose marked layer is
+# running owns the call.
+_ROUTES: dict[tuple[int, str], list[AttentionInterceptor]] = {}
+
+
+def _router(route: tuple[int, str], sdpa: bool) -> Callable:
+    """The function installed at a call site: hands a call to the interceptor whose transformer's
+    marked layer is running, anything else to the stock function."""
+
+    def routed(*args, **kwargs):
+        active = _ROUTES[route]
+        for interceptor in active:
+            if interceptor.state.layer is not None:
+                return (interceptor._sdpa if sdpa else interceptor._dispatch)(*args, **kwargs)
+        original = active[0].original
+        return (original.scaled_dot_product_attention if sdpa else original)(*args, **kwargs)
+
+    return routed
+
+
+@contextlib.contextmanager
+def intercept_components(loaded, handlers: dict, fuse_norm_rope: bool = False) -> Iterator[dict]:
+    """Each of `loaded`'s transformers (its components: Wan 2.2 has two) routed to its handler."""
+    with contextlib.ExitStack() as stack:
+        for name, transformer in loaded.components.items():
+            stack.enter_context(AttentionInterceptor(transformer, loaded.adapter, handlers[name], fuse_norm_rope))
+        yield handlers
 
 
 def _functional_with(sdpa) -> types.ModuleType:
     """A module with torch.nn.functional's names and `sdpa` as scaled_dot_product_attention (a
     module, not an object with __getattr__, so that torch.compile reads it as it reads F)."""
-    module = types.ModuleType(_PARO_FUNCTIONAL)
+    module = types.ModuleType("torch.nn.functional, paro's scaled_dot_product_attention")
     module.__dict__.update({k: v for k, v in vars(torch.nn.functional).items() if not k.startswith("__")})
     module.scaled_dot_product_attention = sdpa
     return module

@@ -168,6 +168,10 @@ class Plan:
         """Refuse a plan made for another model or geometry."""
         if family != self.family:
             raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
+        extra = [name for name in self.components if name not in fingerprints]
+        if extra:
+            raise PlanError(f"plan has a component {extra[0]!r} this model lacks (it has {', '.join(fingerprints)})",
+                            "calibrate a plan for this model")
         for name, fp in fingerprints.items():
             if name not in self.components:
                 raise PlanError(f"plan has no component {name!r} (it has {', '.join(self.components)})", "calibrate a plan for this model")

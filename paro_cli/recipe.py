@@ -23,6 +23,7 @@ from .errors import RecipeError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 EMBEDDED_MODEL = "embedded"  # the trained demo model shipped in paro_cli/demo/weights
 PLANTED_MODEL = "planted"  # random weights with planted attention: calibration's known answers
+PLANTED_EXPERTS_MODEL = "planted-experts"  # two planted Wan transformers switched at a boundary, as Wan 2.2
 
 Backend = Literal["auto", "triton", "torch"]
 SlotPolicy = Literal["half", "single"]
@@ -42,6 +43,8 @@ class Geometry:
 class Sampling:
     steps: int = 10
     guidance: float = 5.0
+    # Guidance of the low-noise expert where a model has two (Wan 2.2 A14B); None: `guidance`.
+    guidance_2: float | None = None
     flow_shift: float = 3.0
     negative_prompt: str = ""
     dtype: Dtype = "auto"
@@ -96,6 +99,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "geometry.width": (lambda v: v >= 1, "an integer >= 1"),
     "sampling.steps": (lambda v: v >= 1, "an integer >= 1"),
     "sampling.guidance": (lambda v: v >= 0, "a number >= 0"),
+    "sampling.guidance_2": (lambda v: v is None or v >= 0, "null or a number >= 0"),
     "sampling.flow_shift": (lambda v: v > 0, "a number > 0"),
     "sampling.fps": (lambda v: v >= 1, "an integer >= 1"),
     "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),

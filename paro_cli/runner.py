@@ -49,10 +49,12 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
     scheduler.set_timesteps(s.steps, device=loaded.device)
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x
-        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context, grid, s.guidance), return_dict=False)[0].float()
+        tr = loaded.transformer_at(t)
+        guidance = s.guidance if tr is loaded.transformer or s.guidance_2 is None else s.guidance_2
+        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context, grid, guidance), return_dict=False)[0].float()
         if guided:
             v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + s.guidance * (v_cond - v_uncond)
+            v = v_uncond + guidance * (v_cond - v_uncond)
         x = scheduler.step(v, t, x, return_dict=False)[0]
         if on_step:
             on_step(i)
@@ -85,6 +87,9 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if recipe.sampling.guidance_2 is not None and loaded.transformer_2 is None:
+        raise RecipeError(f"sampling.guidance_2 is for models with two experts (Wan 2.2 A14B), {loaded.model_id} has one transformer",
+                          "remove sampling.guidance_2")
     if loaded.pipeline is not None:
         frames = _pipeline_sample(loaded, recipe, prompts, seeds, on_step, decode)
         return torch.from_numpy((frames * 255).round().astype("uint8")) if decode else frames

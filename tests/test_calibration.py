@@ -121,4 +121,4 @@ def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
     for t in (1.0, 1.0, 0.99):  # steps 0 and 1 share a timestep
         seen += [tracker.see((2, 4, 4), layout, t), tracker.see((2, 4, 4), layout, t)]  # two forwards each
         tracker.step_done()
-    assert seen == [0, 0, 1, 1, 2, 2] and tracker.timesteps == [1.0, 1.0, 0.99]
+    assert seen == [0, 0, 1, 1, 2, 2] and tracker.timesteps == {0: 1.0, 1: 1.0, 2: 0.99}

@@ -42,7 +42,7 @@ def test_compiled_transformer_with_paro_backend_matches_eager(mode):
     from paro_cli.backend import use_plan
 
     model, loaded, plan, grid, step = tiny_wan_with_plan()
-    with use_plan(loaded, plan, grid, "triton") as handler:
+    with use_plan(loaded, plan, grid, "triton") as run:
         eager = [step(900.0), step(100.0)]  # two timestep slots
         model.forward = torch.compile(model.forward, fullgraph=True, mode=mode)  # hooks stay outside the graph
         # (CUDA graph outputs are overwritten by the next replay: keep copies.) The third step
@@ -51,7 +51,7 @@ def test_compiled_transformer_with_paro_backend_matches_eager(mode):
         compiled = [step(900.0).clone()]
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled += [step(t).clone() for t in (100.0, 900.0, 100.0, 900.0)]
-        assert handler.paro_calls == 14
+        assert run.calls == {"paro": 14}
     for a, b in zip(compiled, eager * 3):
         assert rel_l2(a, b) <= 1e-2
     assert rel_l2(eager[0], eager[1]) > 1e-3  # the slots really differ
@@ -124,10 +124,10 @@ def test_compiled_cogvideox_with_paro_backend_matches_eager():
             return model(**adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context, plan.grid, 1.0), return_dict=False)[0]
 
     dense = step(900)
-    with use_plan(loaded, plan, plan.grid, "triton") as handler:
+    with use_plan(loaded, plan, plan.grid, "triton") as run:
         eager = step(900)
         model.forward = torch.compile(model.forward, fullgraph=True)
         compiled = step(900)
-        assert handler.paro_calls == 4
+        assert run.calls == {"paro": 4}
     assert rel_l2(compiled, eager) <= 1e-2
     assert rel_l2(eager, dense) > 1e-3  # the plan really ran (density 0.5, 8-bit)

@@ -18,7 +18,7 @@ from kernels.orders import order_permutation
 
 from ..calibration import StepTracker
 from ..fileio import atomic_path, check_output_file
-from ..intercept import AttentionInterceptor, DenseFn
+from ..intercept import DenseFn, intercept_components
 from ..plan import Plan
 from ..runner import sample
 
@@ -80,14 +80,17 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
         raise ValueError(f"layer {layer} / head {head} outside the plan's {comp.num_layers} layers x {comp.num_heads} heads")
     step = recipe.sampling.steps // 2
     capture = _QKCapture(layer, step)
-    with AttentionInterceptor(loaded.transformer, loaded.adapter, capture):
+    with intercept_components(loaded, dict.fromkeys(loaded.components, capture)):  # whichever expert runs the step
         sample(loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done(), decode=False)
+    t = capture.tracker.timesteps[step]
+    ran = loaded.transformer_at(t * loaded.adapter.num_train_timesteps)
+    comp = plan.components[next(name for name, tr in loaded.components.items() if tr is ran)]
     layout = capture.layout
     q, k = (layout.split(x, dim=0)[1] for x in capture.qk)  # visual tokens only: the plan orders those
     attn = torch.softmax(q[:, head] @ k[:, head].T / q.shape[-1] ** 0.5, dim=-1)
     order = comp.orders[layer][head]
     perm = order_permutation(order, plan.grid)
-    kept = comp.slot_masks(plan.slot_of(capture.tracker.timesteps[step]))[layer, head]
+    kept = comp.slot_masks(plan.slot_of(t))[layer, head]
     out_dir.mkdir(parents=True, exist_ok=True)
     before, after = out_dir / f"attention_l{layer}_h{head}_before.png", out_dir / f"attention_l{layer}_h{head}_after.png"
     reordered, n = attn[perm][:, perm], attn.shape[0]

@@ -1,7 +1,8 @@
 """Loading a model named by a recipe: the embedded demo, a local folder, or a hub id.
 
 - "embedded": the trained demo model (paro_cli/demo/weights, a transformer folder as below).
-- "planted": the planted-attention model (models/planted.py), built from config.
+- "planted": the planted-attention model (models/planted.py), built from config;
+  "planted-experts": two of them switched at a timestep boundary, as Wan 2.2's two experts.
 - a folder with config.json (a transformer saved alone by `save_pretrained`): built from its
   config, weights loaded strictly from its safetensors; sampled by paro's own loop with the
   offline prompt encoder sized to the model's text_dim.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..recipe import EMBEDDED_MODEL, PLANTED_MODEL
+from ..recipe import EMBEDDED_MODEL, PLANTED_EXPERTS_MODEL, PLANTED_MODEL
 from . import ADAPTERS, adapter_for, config_fingerprint
 from .prompt_encoder import HashPromptEncoder
 
@@ -38,6 +39,10 @@ class LoadedModel:
     dtype: torch.dtype
     pipeline: Any = None
     prompt_encoder: HashPromptEncoder | None = None
+    # Wan 2.2's low-noise expert: it runs the steps below boundary_ratio * the training
+    # timesteps, `transformer` the ones above (as WanPipeline switches them)
+    transformer_2: torch.nn.Module | None = None
+    boundary_ratio: float | None = None
 
     @property
     def family(self) -> str:
@@ -45,7 +50,16 @@ class LoadedModel:
 
     @property
     def components(self) -> dict[str, torch.nn.Module]:
-        return {"transformer": self.transformer}
+        """The transformers a plan has one component for, by their pipeline names."""
+        if self.transformer_2 is None:
+            return {"transformer": self.transformer}
+        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
+
+    def transformer_at(self, t) -> torch.nn.Module:
+        """The transformer that runs the step at scheduler timestep t."""
+        if self.transformer_2 is None or t >= self.boundary_ratio * self.adapter.num_train_timesteps:
+            return self.transformer
+        return self.transformer_2
 
     def fingerprints(self) -> dict[str, str]:
         return {name: config_fingerprint(m) for name, m in self.components.items()}
@@ -123,10 +137,16 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
 def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None = None) -> LoadedModel:
     device = device or resolve_device()
     dtype = resolve_dtype(dtype_name, device)
+    experts = {}
     if spec == PLANTED_MODEL:
         from .planted import build_planted_transformer
 
         transformer, pipeline = build_planted_transformer(), None
+    elif spec == PLANTED_EXPERTS_MODEL:
+        from .planted import build_planted_experts
+
+        (transformer, expert_2, boundary), pipeline = build_planted_experts(), None
+        experts = {"transformer_2": expert_2, "boundary_ratio": boundary}
     elif spec == EMBEDDED_MODEL:
         transformer, pipeline = _load_transformer_folder(EMBEDDED_WEIGHTS), None
     else:
@@ -134,16 +154,20 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
             pipeline = _load_pipeline(spec, dtype)
             transformer = pipeline.transformer
+            if getattr(pipeline, "transformer_2", None) is not None:  # Wan 2.2 A14B
+                experts = {"transformer_2": pipeline.transformer_2, "boundary_ratio": pipeline.config.boundary_ratio}
         elif (path / "config.json").is_file():
             transformer, pipeline = _load_transformer_folder(path), None
         elif path.is_dir():
             raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
         else:
-            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', a local diffusers folder or a hub id like org/name")
+            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', 'planted-experts', a local diffusers folder or a hub id like org/name")
     adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
-    cast_transformer(transformer, device, dtype)
+    for model in (transformer, experts.get("transformer_2")):
+        if model is not None:
+            cast_transformer(model, device, dtype)
     encoder = None if pipeline is not None else adapter.prompt_encoder(transformer)
-    return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder)
+    return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder, **experts)

@@ -84,6 +84,19 @@ def build_planted_transformer(seed: int = 0):
     return _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], PLANTED_ORDERS, seed)
 
 
+# The second expert of "planted-experts": other orders, so each expert's plan is told apart.
+PLANTED_EXPERT_2_ORDERS = (("WHF", "FHW"), ("HFW", "FWH"))
+PLANTED_BOUNDARY = 0.5
+
+
+def build_planted_experts(seed: int = 0):
+    """(high-noise expert, low-noise expert, boundary ratio): two planted Wan transformers that
+    a sampler switches between at the boundary, as Wan 2.2 A14B's pipeline does."""
+    second = _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], PLANTED_EXPERT_2_ORDERS,
+                      seed + 1)
+    return build_planted_transformer(seed), second, PLANTED_BOUNDARY
+
+
 PLANTED_COGVIDEOX_CONFIG = dict(
     num_attention_heads=2,
     attention_head_dim=32,

@@ -66,6 +66,12 @@ class WanAdapter(TransformerAdapter):
         """Text reaches Wan only through cross-attention: self-attention is video alone."""
         return SequenceLayout(text_len=0)
 
+    def pipeline_call_kwargs(self, sampling, geometry) -> dict:
+        kwargs = super().pipeline_call_kwargs(sampling, geometry)
+        if sampling.guidance_2 is not None:
+            kwargs["guidance_scale_2"] = sampling.guidance_2
+        return kwargs
+
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
         """Latent (B, C, F, H, W) a Wan pipeline samples for a pixel geometry, with its rules:
         height and width multiples of 16 (else it refuses), frames rounded down to 4k + 1."""

@@ -1,0 +1,113 @@
+"""Two transformers switched at a timestep boundary (Wan 2.2 A14B's experts), on CPU with the
+"planted-experts" model: two planted Wan transformers with different planted orders. One plan
+holds a component per expert, each calibrated on the steps its expert runs."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import rel_l2
+from paro_cli.backend import use_plan
+from paro_cli.calibration import calibrate, slot_of_steps
+from paro_cli.cli import main
+from paro_cli.errors import PlanError
+from paro_cli.intercept import AttentionInterceptor, intercept_components
+from paro_cli.models.loading import load_model
+from paro_cli.models.planted import PLANTED_BOUNDARY, PLANTED_EXPERT_2_ORDERS, PLANTED_ORDERS
+from paro_cli.recipe import load_recipe
+from paro_cli.runner import sample
+
+SMALL = {"model": "planted-experts", "sampling.steps": 4, "sparsity.block_size": 16, "geometry.frames": 4, "geometry.height": 16,
+         "geometry.width": 16}
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return load_model("planted-experts")
+
+
+class Recorder:
+    def __init__(self):
+        self.timesteps = []
+
+    def on_forward(self, grid, layout, t):
+        self.timesteps.append(t)
+
+    def attention(self, layer, q, k, v, dense, layout):
+        return dense()
+
+
+def test_each_expert_runs_its_side_of_the_boundary_and_the_call_site_is_restored(experts):
+    from diffusers.models.transformers import transformer_wan
+
+    stock_fn = transformer_wan.dispatch_attention_fn
+    recipe = load_recipe("planted", SMALL)
+    handlers = {"transformer": Recorder(), "transformer_2": Recorder()}
+    with intercept_components(experts, handlers):
+        with pytest.raises(RuntimeError, match="already installed"):
+            AttentionInterceptor(experts.transformer_2, experts.adapter, Recorder()).__enter__()
+        sample(experts, recipe, ["a red circle"], [0], decode=False)
+    assert transformer_wan.dispatch_attention_fn is stock_fn
+    high, low = handlers["transformer"].timesteps, handlers["transformer_2"].timesteps
+    assert high and low and min(high) >= PLANTED_BOUNDARY > max(low)
+
+
+def test_each_expert_gets_its_planted_orders_and_masks_of_its_own_steps(experts):
+    recipe = load_recipe("planted", SMALL)
+    plan = calibrate(experts, recipe)
+    assert sorted(plan.components) == ["transformer", "transformer_2"]
+    assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
+    assert plan.components["transformer_2"].orders == [list(o) for o in PLANTED_EXPERT_2_ORDERS]
+    slots = slot_of_steps(recipe.sampling.steps, recipe.sparsity.slots)
+    for name, runs in (("transformer", lambda t: t >= PLANTED_BOUNDARY), ("transformer_2", lambda t: t < PLANTED_BOUNDARY)):
+        own = {slot for slot, t in zip(slots, plan.calibration_timesteps) if runs(t)}
+        density = plan.components[name].achieved_density  # (slots, layers, heads)
+        for slot in range(density.shape[0]):
+            assert (density[slot] < 0.6).all() if slot in own else (density[slot] == 1).all(), (name, slot)
+
+
+def test_density_one_plan_equals_stock_and_splits_calls_between_experts(experts):
+    recipe = load_recipe("planted", {**SMALL, "sparsity.density": 1.0})
+    plan = calibrate(experts, recipe)
+    stock = sample(experts, recipe, ["a blue square"], [3], decode=False)
+    with use_plan(experts, plan, plan.grid, "torch") as run:
+        out = sample(experts, recipe, ["a blue square"], [3], decode=False)
+    calls = {name: h.calls["paro"] for name, h in run.handlers.items()}
+    assert sum(calls.values()) == 4 * 2 and all(calls.values())  # 4 steps x 2 layers, both experts used
+    assert rel_l2(out, stock) <= 1e-5
+
+
+def test_plans_are_refused_across_one_and_two_transformers(experts, demo_model, demo_calibration):
+    recipe = load_recipe("planted", SMALL)
+    plan = calibrate(experts, recipe)
+    with pytest.raises(PlanError, match="transformer_2' this model lacks"):
+        plan.check_run(family="wan", fingerprints=demo_model.fingerprints(), grid=plan.grid)
+    single = demo_calibration[1]
+    with pytest.raises(PlanError, match="no component 'transformer_2'"):
+        single.check_run(family="wan", fingerprints=experts.fingerprints(), grid=single.grid)
+
+
+def test_cli_calibrates_and_generates_with_two_experts(capsys, tmp_path):
+    plan = tmp_path / "experts.safetensors"
+    args = ["--recipe", "planted", "--model", "planted-experts", "--steps", "3"]
+    with pytest.raises(SystemExit) as done:
+        main(["calibrate", *args, "--out", str(plan), "--json"])
+    assert done.value.code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(report["components"]) == ["transformer", "transformer_2"]
+    with pytest.raises(SystemExit) as done:
+        main(["generate", *args, "--plan", str(plan), "--out", str(tmp_path / "v.gif"), "--json"])
+    assert done.value.code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["attention_calls"] == {"paro": 3 * 2}
+
+
+def test_guidance_2_needs_two_experts(demo_model, experts):
+    from paro_cli.errors import RecipeError
+
+    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2, "sampling.guidance_2": 1.0})
+    with pytest.raises(RecipeError, match="guidance_2"):
+        sample(demo_model, recipe, ["a red circle"], [0], decode=False)
+    low_guided = sample(experts, recipe, ["a red circle"], [0], decode=False)
+    assert not torch.equal(low_guided, sample(experts, load_recipe("planted", {**SMALL, "sampling.steps": 2}), ["a red circle"], [0],
+                                              decode=False))
