@@ -45,7 +45,8 @@ class Sampling:
     guidance: float = 5.0
     # Guidance of the low-noise expert where a model has two (Wan 2.2 A14B); None: `guidance`.
     guidance_2: float | None = None
-    flow_shift: float = 3.0
+    # Flow-matching shift; None: a pipeline keeps its scheduler's, paro's own loop uses 3.
+    flow_shift: float | None = None
     negative_prompt: str = ""
     dtype: Dtype = "auto"
     fps: int = 8
@@ -100,7 +101,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampling.steps": (lambda v: v >= 1, "an integer >= 1"),
     "sampling.guidance": (lambda v: v >= 0, "a number >= 0"),
     "sampling.guidance_2": (lambda v: v is None or v >= 0, "null or a number >= 0"),
-    "sampling.flow_shift": (lambda v: v > 0, "a number > 0"),
+    "sampling.flow_shift": (lambda v: v is None or v > 0, "null or a number > 0"),
     "sampling.fps": (lambda v: v >= 1, "an integer >= 1"),
     "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),
     "calibration.seeds": (lambda v: len(v) >= 1, "a non-empty list of integers"),

@@ -61,8 +61,21 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
     return x
 
 
+def with_flow_shift(scheduler, shift: float):
+    """`scheduler` with the recipe's flow shift where it has a fixed one (Wan's UniPC
+    `flow_shift`, HunyuanVideo's flow-matching `shift`); unchanged where it has none (CogVideoX's
+    DDIM) or shifts by resolution itself (FLUX.1's dynamic shifting)."""
+    config = scheduler.config
+    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config and not config.get("use_dynamic_shifting") else None
+    if key is None or config[key] == shift:
+        return scheduler
+    return type(scheduler).from_config(config, **{key: shift})
+
+
 def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None, decode: bool):
     s, g = recipe.sampling, recipe.geometry
+    if s.flow_shift is not None:
+        loaded.pipeline.scheduler = with_flow_shift(loaded.pipeline.scheduler, s.flow_shift)
 
     def callback(pipe, i, t, kwargs):
         if on_step:

@@ -24,7 +24,7 @@ SMALL = {"model": "planted-experts", "sampling.steps": 4, "sparsity.block_size":
 
 @pytest.fixture(scope="module")
 def experts():
-    return load_model("planted-experts")
+    return load_model("planted-experts", "float32", torch.device("cpu"))
 
 
 class Recorder:
@@ -111,3 +111,17 @@ def test_guidance_2_needs_two_experts(demo_model, experts):
     low_guided = sample(experts, recipe, ["a red circle"], [0], decode=False)
     assert not torch.equal(low_guided, sample(experts, load_recipe("planted", {**SMALL, "sampling.steps": 2}), ["a red circle"], [0],
                                               decode=False))
+
+
+@pytest.mark.gpu
+def test_two_experts_on_the_triton_backend():
+    """bf16 on the GPU: 8-bit plans per expert through the Triton kernels (and the fused norm +
+    RoPE processors), each expert's calls through its own component."""
+    experts = load_model("planted-experts", "bfloat16", torch.device("cuda"))
+    recipe = load_recipe("planted", {**SMALL, "sparsity.block_size": 32, "precision.qk": "int8", "precision.pv": "fp8", "backend": "triton"})
+    plan = calibrate(experts, recipe)  # (the orders found are checked on CPU, at 16-token blocks)
+    dense = sample(experts, recipe, ["a red circle"], [0], decode=False)
+    with use_plan(experts, plan, plan.grid, "triton") as run:
+        out = sample(experts, recipe, ["a red circle"], [0], decode=False)
+    assert run.backend.name == "triton" and all(h.calls["paro"] for h in run.handlers.values())
+    assert torch.isfinite(out).all() and 1e-4 < rel_l2(out, dense) < 0.3

@@ -80,7 +80,7 @@ class TransformerAdapter:
     def scheduler(self, sampling):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler(shift=sampling.flow_shift)
+        return FlowMatchEulerDiscreteScheduler(shift=3.0 if sampling.flow_shift is None else sampling.flow_shift)
 
     def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The loop's result as (B, C, F, H, W)."""
