@@ -98,10 +98,11 @@ def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight:
         raise ValueError("cos/sin rows must be contiguous and strided alike")
     x = x.contiguous()
     out = torch.empty_like(x)
+    block_h, block_j = triton.next_power_of_2(heads), triton.next_power_of_2(dim // 2)
+    warps = max(4, min(16, block_h * block_j // 512))  # 4 at Wan2.1-1.3B's and CogVideoX's rows (measured); more for wider ones
     _norm_rope_kernel[(batch * seq_len,)](
         x, out, weight, bias if bias is not None else weight, cos, sin, seq_len, rope_start, eps, cos.stride(0),
-        HEADS=heads, HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_J=triton.next_power_of_2(dim // 2), RMS=norm == "rms", PER_HEAD=per_head,
-        HAS_BIAS=bias is not None, num_warps=4,
+        HEADS=heads, HALF=dim // 2, BLOCK_H=block_h, BLOCK_J=block_j, RMS=norm == "rms", PER_HEAD=per_head,
+        HAS_BIAS=bias is not None, num_warps=warps,
     )
     return out

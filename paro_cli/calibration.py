@@ -273,9 +273,13 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     run_pass("profiling orders", profilers)
     orders, scores = {}, {}
     for name, profiler in profilers.items():
-        if profiler.count.sum() == 0:
-            raise ParoError(f"no profiled step ran the model's {name}", "profile more steps: raise calibration.order_steps")
+        if not profiler.tracker.timesteps:  # an expert this schedule never runs: first allowed order, masks all dense
+            scores[name] = torch.zeros(*profiler.shape, len(names)), torch.zeros(*profiler.shape, len(names))
+            orders[name] = [[names[allowed[0]]] * profiler.shape[1] for _ in range(profiler.shape[0])]
+            continue
         scores[name] = recall, incoherence = profiler.scores()
+        if profiler.count.sum() == 0:
+            raise ParoError(f"no profiled step ran the model's {name}", "profile more steps: raise calibration.order_steps, or null for all")
         chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], sp.density, recipe.quantised)
         orders[name] = [[names[allowed[i]] for i in row] for row in chosen.tolist()]
 

@@ -50,6 +50,16 @@ class AttentionHandler(Protocol):
         a batch element's text without its padding); `dense()` runs the stock call."""
 
 
+class StockAttention:
+    """Handler that runs every call's stock attention (e.g. to time the fused processors alone)."""
+
+    def on_forward(self, grid, layout, t) -> None:
+        pass
+
+    def attention(self, layer, q, k, v, dense: DenseFn, layout) -> torch.Tensor:
+        return dense()
+
+
 class _State:
     layer: int | None = None
 
@@ -103,7 +113,8 @@ class AttentionInterceptor:
         processors = dict(self.stock)
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
             fused = self.fuse_norm_rope and self.adapter.norm_rope_processor
-            processor = fused(self.stock[key]) if fused else self.stock[key]
+            stock = self.stock[key]
+            processor = fused(stock) if fused and type(stock).__name__ == fused.replaces else stock  # never over a custom one
             processors[key] = _marker_class(type(processor))(processor, i, self.state)
         self.transformer.set_attn_processor(processors)
         if active:  # another transformer of the family (Wan 2.2's second) holds the call site
@@ -120,6 +131,8 @@ class AttentionInterceptor:
         self.hook.remove()
         active = _ROUTES[self.route]
         active.remove(self)
+        if _RUNNING.get(self.route) is self:
+            del _RUNNING[self.route]
         if not active:
             module, name = self.adapter.call_site
             setattr(module, name, self.original)
@@ -127,6 +140,7 @@ class AttentionInterceptor:
         self.transformer.set_attn_processor(self.stock)
 
     def _pre_hook(self, module, args, kwargs):
+        _RUNNING[self.route] = self
         self.layout = self.adapter.sequence_layout(args, kwargs)
         self.text_lengths = self.adapter.valid_text_lengths(args, kwargs)
         self.handler.on_forward(self.adapter.token_grid(module, args, kwargs), self.layout, self.adapter.normalised_timestep(args, kwargs))
@@ -180,34 +194,36 @@ class AttentionInterceptor:
         return self.handler.attention(layer, q, k, v, dense, self.layout).transpose(1, 2)
 
 
-# Call site (id(module), name) -> the interceptors installed on it, in order. Transformers of one
-# family call attention through the same module-level name; the one whose marked layer is
-# running owns the call.
+# Call site (id(module), name) -> the interceptors installed on it, in order, and the one whose
+# transformer's forward runs now (set by its pre-hook). Transformers of one family call attention
+# through the same module-level name; the running one owns the calls. A module-level dict, not
+# state on the processors: torch.compile guards on it, so a compiled forward traced for one
+# expert is not reused for the other (both are the same class and code).
 _ROUTES: dict[tuple[int, str], list[AttentionInterceptor]] = {}
+_RUNNING: dict[tuple[int, str], AttentionInterceptor] = {}
 
 
 def _router(route: tuple[int, str], sdpa: bool) -> Callable:
-    """The function installed at a call site: hands a call to the interceptor whose transformer's
-    marked layer is running, anything else to the stock function."""
+    """The function installed at a call site: hands a call to the running transformer's
+    interceptor when one of its marked layers makes it, anything else to the stock function."""
 
     def routed(*args, **kwargs):
-        active = _ROUTES[route]
-        for interceptor in active:
-            if interceptor.state.layer is not None:
-                return (interceptor._sdpa if sdpa else interceptor._dispatch)(*args, **kwargs)
-        original = active[0].original
+        interceptor = _RUNNING.get(route)
+        if interceptor is not None and interceptor.state.layer is not None:
+            return (interceptor._sdpa if sdpa else interceptor._dispatch)(*args, **kwargs)
+        original = _ROUTES[route][0].original
         return (original.scaled_dot_product_attention if sdpa else original)(*args, **kwargs)
 
     return routed
 
 
 @contextlib.contextmanager
-def intercept_components(loaded, handlers: dict, fuse_norm_rope: bool = False) -> Iterator[dict]:
+def intercept_components(loaded, handlers: dict, fuse_norm_rope: bool = False) -> Iterator[None]:
     """Each of `loaded`'s transformers (its components: Wan 2.2 has two) routed to its handler."""
     with contextlib.ExitStack() as stack:
         for name, transformer in loaded.components.items():
             stack.enter_context(AttentionInterceptor(transformer, loaded.adapter, handlers[name], fuse_norm_rope))
-        yield handlers
+        yield
 
 
 def _functional_with(sdpa) -> types.ModuleType:

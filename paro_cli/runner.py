@@ -63,8 +63,9 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
 
 def with_flow_shift(scheduler, shift: float):
     """`scheduler` with the recipe's flow shift where it has a fixed one (Wan's UniPC
-    `flow_shift`, HunyuanVideo's flow-matching `shift`); unchanged where it has none (CogVideoX's
-    DDIM) or shifts by resolution itself (FLUX.1's dynamic shifting)."""
+    `flow_shift`, the `shift` of HunyuanVideo's and FLUX.1-schnell's flow matching); unchanged
+    where it has none (CogVideoX's DDIM) or shifts by resolution itself (FLUX.1-dev's dynamic
+    shifting)."""
     config = scheduler.config
     key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config and not config.get("use_dynamic_shifting") else None
     if key is None or config[key] == shift:
@@ -74,22 +75,26 @@ def with_flow_shift(scheduler, shift: float):
 
 def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None, decode: bool):
     s, g = recipe.sampling, recipe.geometry
-    if s.flow_shift is not None:
-        loaded.pipeline.scheduler = with_flow_shift(loaded.pipeline.scheduler, s.flow_shift)
 
     def callback(pipe, i, t, kwargs):
         if on_step:
             on_step(i)
         return {}
 
-    out = loaded.pipeline(
-        prompt=prompts,
-        num_inference_steps=s.steps,
-        generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
-        output_type="np" if decode else "latent",
-        callback_on_step_end=callback,
-        **loaded.adapter.pipeline_call_kwargs(s, g),
-    )
+    shipped = loaded.pipeline.scheduler
+    if s.flow_shift is not None:
+        loaded.pipeline.scheduler = with_flow_shift(shipped, s.flow_shift)
+    try:
+        out = loaded.pipeline(
+            prompt=prompts,
+            num_inference_steps=s.steps,
+            generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
+            output_type="np" if decode else "latent",
+            callback_on_step_end=callback,
+            **loaded.adapter.pipeline_call_kwargs(s, g),
+        )
+    finally:
+        loaded.pipeline.scheduler = shipped  # the next run starts from the pipeline's own
     return out.frames if hasattr(out, "frames") else out.images[:, None]  # images: one frame
 
 

@@ -125,3 +125,30 @@ def test_two_experts_on_the_triton_backend():
         out = sample(experts, recipe, ["a red circle"], [0], decode=False)
     assert run.backend.name == "triton" and all(h.calls["paro"] for h in run.handlers.values())
     assert torch.isfinite(out).all() and 1e-4 < rel_l2(out, dense) < 0.3
+
+
+def test_compiled_experts_each_run_their_own_plan(experts):
+    """Both experts are the same class with the same code: a compiled forward traced for the
+    first must not be reused for the second with the first's handler (backend "eager": Dynamo's
+    tracing and guards, no code generation)."""
+    recipe = load_recipe("planted", SMALL)
+    plan = calibrate(experts, recipe)
+    with use_plan(experts, plan, plan.grid, "torch"):
+        eager = sample(experts, recipe, ["a red circle"], [0], decode=False)
+        stock = {name: tr.forward for name, tr in experts.components.items()}
+        try:
+            for tr in experts.components.values():
+                tr.forward = torch.compile(tr.forward, fullgraph=True, backend="eager")
+            compiled = sample(experts, recipe, ["a red circle"], [0], decode=False)
+        finally:
+            for name, tr in experts.components.items():
+                tr.forward = stock[name]
+    assert rel_l2(compiled, eager) <= 1e-6
+
+
+def test_an_expert_the_schedule_never_runs_gets_a_dense_component(experts):
+    recipe = load_recipe("planted", {**SMALL, "sampling.steps": 1})  # the one step (t = 1) is the high-noise expert's
+    plan = calibrate(experts, recipe)
+    idle = plan.components["transformer_2"]
+    assert (idle.achieved_density == 1).all() and idle.orders == [["FHW", "FHW"]] * 2
+    assert (plan.components["transformer"].achieved_density < 0.6).all()

@@ -101,40 +101,46 @@ def test_kernel_at_full_size(shape):
     check(str(shape), shape)
 
 
-# fused processors against diffusers' stock ones, in a small bf16 model
+# fused processors against diffusers' stock ones, in a small model: in float32 they agree to
+# float rounding; in 16 bits, up to the stock path's extra roundings of intermediates
 
 
-class _Stock:
-    def on_forward(self, grid, layout, t):
-        pass
-
-    def attention(self, layer, q, k, v, dense, layout):
-        return dense()
-
-
+@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
-def test_fused_processor_equals_stock(family, monkeypatch):
+def test_fused_processor_equals_stock(family, dtype, monkeypatch):
     import kernels.norm_rope
-    from paro_cli.intercept import AttentionInterceptor
+    from paro_cli.intercept import AttentionInterceptor, StockAttention
     from paro_cli.models import adapter_for
     from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
 
-    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, DTYPE)
+    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, dtype)
     adapter = adapter_for(model)
     grid = (2, 4, 4)
     tr_input = torch.randn(2, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
-                           generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
-    context = torch.randn(2, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+                           generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    context = torch.randn(2, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
     with torch.no_grad():
         stock = model(**kwargs, return_dict=False)[0]
         calls = []
         fused_kernel = kernels.norm_rope.norm_rope
         monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
-        with AttentionInterceptor(model, adapter, _Stock(), fuse_norm_rope=True):
+        with AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
             fused = model(**kwargs, return_dict=False)[0]
-        with torch.enable_grad(), AttentionInterceptor(model, adapter, _Stock(), fuse_norm_rope=True):
+        with torch.enable_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
             traced = model(**kwargs, return_dict=False)[0]  # autograd on: the stock processor runs
     assert len(calls) == 2 * 2  # q and k of both layers, once
-    assert rel_l2(fused, stock) < 1e-2 and not torch.equal(fused, torch.zeros_like(fused))
+    assert rel_l2(fused, stock) < (1e-5 if dtype == torch.float32 else 1e-2) and not torch.equal(fused, torch.zeros_like(fused))
     assert torch.equal(traced, stock)
+
+
+def test_fused_processor_never_replaces_a_custom_one():
+    from paro_cli.intercept import AttentionInterceptor, StockAttention
+    from paro_cli.models import adapter_for
+    from paro_cli.models.planted import build_planted_transformer
+
+    model = build_planted_transformer()
+    custom = type("MyProcessor", (type(model.blocks[0].attn1.processor),), {})()
+    model.set_attn_processor(custom)
+    with AttentionInterceptor(model, adapter_for(model), StockAttention(), fuse_norm_rope=True):
+        assert type(model.blocks[0].attn1.processor.stock) is type(custom)

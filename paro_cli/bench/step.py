@@ -19,7 +19,7 @@ from kernels.layout import num_blocks
 from kernels.orders import candidate_orders
 
 from ..backend import PlanAttention, fuses_norm_rope, select_backend
-from ..intercept import AttentionInterceptor
+from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
 from .kernel import random_kept
@@ -35,17 +35,6 @@ class _NoAttention:
 
     def attention(self, layer, q, k, v, dense, layout):
         return v + 0 * (q + k)  # one elementwise pass: ~0.3 ms a call at Wan2.1-1.3B's size
-
-
-class _Dense:
-    """Handler that runs the stock attention: with the fused QK norm and RoPE, the step's
-    speed-up that is not attention's."""
-
-    def on_forward(self, grid, layout, t):
-        pass
-
-    def attention(self, layer, q, k, v, dense, layout):
-        return dense()
 
 
 def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv: str, seed: int = 0) -> Plan:
@@ -107,7 +96,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
         # the share of paro's eager speed-up that is the fused norm and RoPE (compiled, the stock processors run)
         if not compiled and adapter.norm_rope_processor is not None and any(map(fuses_norm_rope, backends.values())):
-            with AttentionInterceptor(tr, adapter, _Dense(), fuse_norm_rope=True):
+            with AttentionInterceptor(tr, adapter, StockAttention(), fuse_norm_rope=True):
                 rows.append(timed("dense, fused norm+RoPE", density=1.0, qk=None, pv=None))
         for (qk, pv), chosen in backends.items():
             plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]

@@ -24,6 +24,8 @@ class CogVideoXNormRopeProcessor:
     on (B, H, S, D) included, as diffusers has it. Masked, traced or differentiated calls, or
     another norm, run the stock processor."""
 
+    replaces = "CogVideoXAttnProcessor2_0"  # the stock class this one mirrors (intercept.py installs it over that one only)
+
     def __init__(self, stock):
         self.stock = stock
 

@@ -154,7 +154,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
             pipeline = _load_pipeline(spec, dtype)
             transformer = pipeline.transformer
-            if getattr(pipeline, "transformer_2", None) is not None:  # Wan 2.2 A14B
+            if getattr(pipeline, "transformer_2", None) is not None and pipeline.config.get("boundary_ratio") is not None:  # Wan 2.2 A14B
                 experts = {"transformer_2": pipeline.transformer_2, "boundary_ratio": pipeline.config.boundary_ratio}
         elif (path / "config.json").is_file():
             transformer, pipeline = _load_transformer_folder(path), None

@@ -20,6 +20,8 @@ class WanNormRopeProcessor:
     kernel each for q and k; the rest, dispatch_attention_fn included, as diffusers has it.
     Cross-attention, image context and traced or differentiated calls run the stock processor."""
 
+    replaces = "WanAttnProcessor"  # the stock class this one mirrors (intercept.py installs it over that one only)
+
     def __init__(self, stock):
         self.stock = stock
 
