@@ -307,6 +307,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
             achieved_density=achieved,
             recall=scores[name][0],
             incoherence=scores[name][1],
+            slots_run=None if len(components) == 1 else sorted({slots[step] for step in collector.tracker.timesteps}),
         )
     return Plan(
         model_id=loaded.model_id,

@@ -8,8 +8,9 @@ Tensors (per component, e.g. "transformer"; Wan 2.2 holds two):
   {c}.recall            float32 (layers, heads, candidates): mass recall of each candidate order
   {c}.incoherence       float32 (layers, heads, candidates)
 The header (safetensors metadata key "paro", JSON) holds everything else: versions, model,
-grid, text layout, block size, orders per (layer, head) by name, the slot map, precision and
-the calibration inputs. Plans are checked against the run they are used for; a mismatch is a
+grid, text layout, block size, orders per (layer, head) by name, the slot map (and per
+component the slots it runs, when it is one of two experts), precision and the calibration
+inputs. Plans are checked against the run they are used for; a mismatch is a
 PlanError, never a silent fallback.
 """
 
@@ -63,10 +64,19 @@ class ComponentPlan:
     achieved_density: torch.Tensor  # (slots, layers, heads)
     recall: torch.Tensor  # (layers, heads, candidates)
     incoherence: torch.Tensor  # (layers, heads, candidates)
+    # Timestep slots this transformer runs (a Wan 2.2 expert: its side of the boundary); the
+    # other slots' masks are dense fillers. None: every slot.
+    slots_run: list[int] | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.orders)
+
+    @property
+    def run_density(self) -> torch.Tensor:
+        """achieved_density (slots, layers, heads) of the slots this transformer runs (all of
+        them where it ran no calibrated step: it then runs dense)."""
+        return self.achieved_density[self.slots_run] if self.slots_run else self.achieved_density
 
     def slot_masks(self, slot: int) -> torch.Tensor:
         """Kept blocks of one timestep slot: bool (layers, heads, nb, nb)."""
@@ -116,7 +126,8 @@ class Plan:
         data["grid"] = list(self.grid)
         data["candidate_orders"] = candidate_orders(self.grid)
         data["components"] = {
-            name: {"config_fingerprint": c.config_fingerprint, "layers": c.num_layers, "heads": c.num_heads, "orders": c.orders}
+            name: {"config_fingerprint": c.config_fingerprint, "layers": c.num_layers, "heads": c.num_heads, "orders": c.orders,
+                   "slots_run": c.slots_run}
             for name, c in self.components.items()
         }
         return data
@@ -137,7 +148,7 @@ class Plan:
                 ]
                 layers.append({"layer": li, "dense": li in self.dense_layers, "heads": heads})
             data["components"][name]["per_layer"] = layers
-            data["components"][name]["mean_density"] = round(float(comp.achieved_density.mean()), 4)
+            data["components"][name]["mean_density"] = round(float(comp.run_density.mean()), 4)
         return data
 
     def layer_table(self, name: str) -> tuple[list[str], list[list]]:
@@ -145,7 +156,7 @@ class Plan:
         comp = self.components[name]
         rows = []
         for layer, orders in enumerate(comp.orders):
-            d = comp.achieved_density[:, layer]
+            d = comp.run_density[:, layer]
             rows.append([layer, "dense" if layer in self.dense_layers else "",
                          " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
                          f"{d.mean():.3f}", f"{d.min():.3f}", f"{d.max():.3f}"])
@@ -245,6 +256,8 @@ def load_plan(path: str | Path) -> Plan:
                 f"{name}.recall": (layers, heads, candidates),
                 f"{name}.incoherence": (layers, heads, candidates),
             }
+            if any(not 0 <= i < slots for i in info.get("slots_run") or []):
+                raise _damaged(path, f"component {name} runs slots {info['slots_run']}, the plan has {slots}")
             for key, shape in expected.items():
                 if key not in tensors:
                     raise _damaged(path, f"tensor {key} is missing")
@@ -259,6 +272,7 @@ def load_plan(path: str | Path) -> Plan:
                 achieved_density=tensors[f"{name}.achieved_density"],
                 recall=tensors[f"{name}.recall"],
                 incoherence=tensors[f"{name}.incoherence"],
+                slots_run=info.get("slots_run"),
             )
         fields = {k: v for k, v in header.items() if k not in ("components", "candidate_orders", "grid")}
         return Plan(grid=grid, components=components, **fields)

@@ -152,3 +152,18 @@ def test_an_expert_the_schedule_never_runs_gets_a_dense_component(experts):
     idle = plan.components["transformer_2"]
     assert (idle.achieved_density == 1).all() and idle.orders == [["FHW", "FHW"]] * 2
     assert (plan.components["transformer"].achieved_density < 0.6).all()
+
+
+def test_plan_reports_each_expert_over_the_slots_it_runs(experts, tmp_path):
+    from paro_cli.plan import load_plan
+
+    plan = calibrate(experts, load_recipe("planted", SMALL))
+    plan.save(tmp_path / "p.safetensors")
+    loaded = load_plan(tmp_path / "p.safetensors")
+    slots = slot_of_steps(4, "half")
+    high = sorted({s for s, t in zip(slots, plan.calibration_timesteps) if t >= PLANTED_BOUNDARY})
+    low = sorted({s for s, t in zip(slots, plan.calibration_timesteps) if t < PLANTED_BOUNDARY})
+    summary = loaded.summary()["components"]
+    assert (loaded.components["transformer"].slots_run, loaded.components["transformer_2"].slots_run) == (high, low)
+    for name in ("transformer", "transformer_2"):  # fillers (dense) left out of the mean
+        assert abs(summary[name]["mean_density"] - 0.3) < 0.02
