@@ -298,6 +298,10 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     plans = {}
     for name, collector in collectors.items():
         packed, achieved = collector.finish()
+        # one of two experts stores the slots it runs only (it runs the others dense)
+        slots_run = None if len(components) == 1 else sorted({slots[step] for step in collector.tracker.timesteps})
+        if slots_run is not None:
+            packed, achieved = packed[slots_run], achieved[slots_run]
         plans[name] = ComponentPlan(
             config_fingerprint=fingerprints[name],
             orders=orders[name],
@@ -307,7 +311,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
             achieved_density=achieved,
             recall=scores[name][0],
             incoherence=scores[name][1],
-            slots_run=None if len(components) == 1 else sorted({slots[step] for step in collector.tracker.timesteps}),
+            slots_run=slots_run,
         )
     return Plan(
         model_id=loaded.model_id,

@@ -5,6 +5,8 @@ Tensors (per component, e.g. "transformer"; Wan 2.2 holds two):
                         row-major over (query block, key block), most significant bit first
   {c}.target_density    float32 (slots, layers, heads)
   {c}.achieved_density  float32 (slots, layers, heads)
+                        where "slots" are the component's `slots_run` (header) when it lists
+                        them (one of two experts: the slots it runs; the others run dense)
   {c}.recall            float32 (layers, heads, candidates): mass recall of each candidate order
   {c}.incoherence       float32 (layers, heads, candidates)
 The header (safetensors metadata key "paro", JSON) holds everything else: versions, model,
@@ -58,29 +60,32 @@ class ComponentPlan:
 
     config_fingerprint: str
     orders: list[list[str]]  # [layer][head], names outermost -> innermost
-    packed_masks: torch.Tensor  # uint8 (slots, layers, heads, ceil(nb*nb/8)), see pack_bits
+    packed_masks: torch.Tensor  # uint8 (stored slots, layers, heads, ceil(nb*nb/8)), see pack_bits
     num_blocks: int
-    target_density: torch.Tensor  # (slots, layers, heads)
-    achieved_density: torch.Tensor  # (slots, layers, heads)
+    target_density: torch.Tensor  # (stored slots, layers, heads)
+    achieved_density: torch.Tensor  # (stored slots, layers, heads)
     recall: torch.Tensor  # (layers, heads, candidates)
     incoherence: torch.Tensor  # (layers, heads, candidates)
-    # Timestep slots this transformer runs (a Wan 2.2 expert: its side of the boundary); the
-    # other slots' masks are dense fillers. None: every slot.
+    # The timestep slots this transformer runs, whose masks are stored (a Wan 2.2 expert: its
+    # side of the boundary); it runs any other slot dense. None: every slot, all stored.
     slots_run: list[int] | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.orders)
 
-    @property
-    def run_density(self) -> torch.Tensor:
-        """achieved_density (slots, layers, heads) of the slots this transformer runs (all of
-        them where it ran no calibrated step: it then runs dense)."""
-        return self.achieved_density[self.slots_run] if self.slots_run else self.achieved_density
-
     def slot_masks(self, slot: int) -> torch.Tensor:
         """Kept blocks of one timestep slot: bool (layers, heads, nb, nb)."""
+        if self.slots_run is not None:
+            if slot not in self.slots_run:
+                return torch.ones(self.num_layers, self.num_heads, self.num_blocks, self.num_blocks, dtype=torch.bool)
+            slot = self.slots_run.index(slot)
         return unpack_bits(self.packed_masks[slot], (self.num_blocks, self.num_blocks))
+
+    @property
+    def run_density(self) -> torch.Tensor:
+        """Kept share (slots, layers, heads) of the slots it runs (dense where it ran none)."""
+        return self.achieved_density if len(self.achieved_density) else torch.ones(1, *self.achieved_density.shape[1:])
 
     @property
     def num_heads(self) -> int:
@@ -249,15 +254,17 @@ def load_plan(path: str | Path) -> Plan:
         for name, info in header["components"].items():
             orders = info["orders"]
             layers, heads = len(orders), len(orders[0])
+            slots_run = info.get("slots_run")
+            if slots_run is not None and (sorted(set(slots_run)) != slots_run or any(not 0 <= i < slots for i in slots_run)):
+                raise _damaged(path, f"component {name} runs slots {slots_run}, the plan has {slots}")
+            stored = slots if slots_run is None else len(slots_run)
             expected = {
-                f"{name}.masks": (slots, layers, heads, math.ceil(nb * nb / 8)),
-                f"{name}.target_density": (slots, layers, heads),
-                f"{name}.achieved_density": (slots, layers, heads),
+                f"{name}.masks": (stored, layers, heads, math.ceil(nb * nb / 8)),
+                f"{name}.target_density": (stored, layers, heads),
+                f"{name}.achieved_density": (stored, layers, heads),
                 f"{name}.recall": (layers, heads, candidates),
                 f"{name}.incoherence": (layers, heads, candidates),
             }
-            if any(not 0 <= i < slots for i in info.get("slots_run") or []):
-                raise _damaged(path, f"component {name} runs slots {info['slots_run']}, the plan has {slots}")
             for key, shape in expected.items():
                 if key not in tensors:
                     raise _damaged(path, f"tensor {key} is missing")
@@ -272,7 +279,7 @@ def load_plan(path: str | Path) -> Plan:
                 achieved_density=tensors[f"{name}.achieved_density"],
                 recall=tensors[f"{name}.recall"],
                 incoherence=tensors[f"{name}.incoherence"],
-                slots_run=info.get("slots_run"),
+                slots_run=slots_run,
             )
         fields = {k: v for k, v in header.items() if k not in ("components", "candidate_orders", "grid")}
         return Plan(grid=grid, components=components, **fields)

@@ -61,10 +61,12 @@ def test_each_expert_gets_its_planted_orders_and_masks_of_its_own_steps(experts)
     assert plan.components["transformer_2"].orders == [list(o) for o in PLANTED_EXPERT_2_ORDERS]
     slots = slot_of_steps(recipe.sampling.steps, recipe.sparsity.slots)
     for name, runs in (("transformer", lambda t: t >= PLANTED_BOUNDARY), ("transformer_2", lambda t: t < PLANTED_BOUNDARY)):
-        own = {slot for slot, t in zip(slots, plan.calibration_timesteps) if runs(t)}
-        density = plan.components[name].achieved_density  # (slots, layers, heads)
-        for slot in range(density.shape[0]):
-            assert (density[slot] < 0.6).all() if slot in own else (density[slot] == 1).all(), (name, slot)
+        own = sorted({slot for slot, t in zip(slots, plan.calibration_timesteps) if runs(t)})
+        comp = plan.components[name]
+        assert comp.slots_run == own and comp.packed_masks.shape[0] == len(own)  # its own slots stored, no fillers
+        for slot in range(plan.num_slots):
+            kept = comp.slot_masks(slot).float().mean(dim=(-1, -2))
+            assert (kept < 0.6).all() if slot in own else (kept == 1).all(), (name, slot)  # other slots run dense
 
 
 def test_density_one_plan_equals_stock_and_splits_calls_between_experts(experts):
@@ -150,11 +152,11 @@ def test_an_expert_the_schedule_never_runs_gets_a_dense_component(experts):
     recipe = load_recipe("planted", {**SMALL, "sampling.steps": 1})  # the one step (t = 1) is the high-noise expert's
     plan = calibrate(experts, recipe)
     idle = plan.components["transformer_2"]
-    assert (idle.achieved_density == 1).all() and idle.orders == [["FHW", "FHW"]] * 2
+    assert idle.slots_run == [] and idle.slot_masks(0).all() and idle.orders == [["FHW", "FHW"]] * 2
     assert (plan.components["transformer"].achieved_density < 0.6).all()
 
 
-def test_plan_reports_each_expert_over_the_slots_it_runs(experts, tmp_path):
+def test_plan_file_holds_each_experts_own_slots(experts, tmp_path):
     from paro_cli.plan import load_plan
 
     plan = calibrate(experts, load_recipe("planted", SMALL))
@@ -165,5 +167,7 @@ def test_plan_reports_each_expert_over_the_slots_it_runs(experts, tmp_path):
     low = sorted({s for s, t in zip(slots, plan.calibration_timesteps) if t < PLANTED_BOUNDARY})
     summary = loaded.summary()["components"]
     assert (loaded.components["transformer"].slots_run, loaded.components["transformer_2"].slots_run) == (high, low)
-    for name in ("transformer", "transformer_2"):  # fillers (dense) left out of the mean
+    for name in ("transformer", "transformer_2"):
         assert abs(summary[name]["mean_density"] - 0.3) < 0.02
+        for slot in range(plan.num_slots):  # the file gives back what calibration made
+            assert torch.equal(loaded.components[name].slot_masks(slot), plan.components[name].slot_masks(slot))

@@ -97,6 +97,11 @@ def test_damaged_plans_are_refused_cleanly(demo_calibration, tmp_path):
         "missing tensor": dict(drop="transformer.recall"),
         "short masks": dict(reshape="transformer.masks"),
         "other block size": dict(header=lambda h: {**h, "block_size": 32}),
+        # a component listing the slots it runs must hold masks of exactly those
+        "slots run, masks of all": dict(header=lambda h: {**h, "components": {
+            n: {**c, "slots_run": [0]} for n, c in h["components"].items()}}),
+        "slots run out of range": dict(header=lambda h: {**h, "components": {
+            n: {**c, "slots_run": list(range(1, len(h["slot_bounds"]) + 2))} for n, c in h["components"].items()}}),
     }
     for name, change in cases.items():
         bad = tmp_path / f"{name}.safetensors"
