@@ -16,8 +16,9 @@ Two call sites exist (the adapter names its family's, see models/__init__.py):
 Handlers always see (B, S, H, D).
 
 Several transformers of one family may be intercepted at once (Wan 2.2's two experts): the call
-site is then shared, and each call goes to the interceptor whose marked layer is running
-(`_ROUTES`). `intercept_components` installs one per component of a loaded model.
+site is then shared (`_ROUTES`), and each call goes to the interceptor of the transformer whose
+forward is running (`_RUNNING`). `intercept_components` installs one per component of a loaded
+model.
 
 With `fuse_norm_rope`, the marked layers run the adapter's fused processor where the family has
 one (the stock processor with its QK norm and RoPE as one Triton kernel, models/*.py) instead of
