@@ -171,3 +171,15 @@ def test_plan_file_holds_each_experts_own_slots(experts, tmp_path):
         assert abs(summary[name]["mean_density"] - 0.3) < 0.02
         for slot in range(plan.num_slots):  # the file gives back what calibration made
             assert torch.equal(loaded.components[name].slot_masks(slot), plan.components[name].slot_masks(slot))
+
+
+def test_local_window_baseline_of_an_experts_plan_covers_every_slot(experts, tmp_path):
+    from paro_cli.baselines import local_window_mask, local_window_plan
+    from paro_cli.plan import load_plan
+
+    plan = calibrate(experts, load_recipe("planted", SMALL))
+    window = local_window_plan(plan)
+    window.save(tmp_path / "w.safetensors")  # a consistent file: masks of every slot, none listed as run
+    expected = local_window_mask(plan.grid, plan.block_size, plan.density)
+    for comp in load_plan(tmp_path / "w.safetensors").components.values():
+        assert all((comp.slot_masks(slot) == expected).all() for slot in range(plan.num_slots))
