@@ -112,8 +112,8 @@ class AttentionInterceptor:
             raise RuntimeError("paro attention is already installed on this transformer; nest nothing")
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
+        fused = self.fuse_norm_rope and self.adapter.norm_rope_processor
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
-            fused = self.fuse_norm_rope and self.adapter.norm_rope_processor
             stock = self.stock[key]
             processor = fused(stock) if fused and type(stock).__name__ == fused.replaces else stock  # never over a custom one
             processors[key] = _marker_class(type(processor))(processor, i, self.state)

@@ -104,6 +104,7 @@ def test_recipes(capsys):
     (["generate", "--recipe", "planted", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
     (["bench", "e2e"], "needs a plan"),
     (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
+    (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
     args = [a.replace("OUT", str(tmp_path)).replace("PLAN", str(plan_file)) for a in args]

@@ -79,9 +79,14 @@ def _planted(class_name: str, config: dict, attentions, orders, seed: int, pair_
     return transformer.eval()
 
 
+def _planted_wan(orders, seed: int):
+    """A Wan transformer of PLANTED_CONFIG with `orders` planted into its blocks' self-attention."""
+    return _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], orders, seed)
+
+
 def build_planted_transformer(seed: int = 0):
     """The planted model ("planted"): a Wan transformer."""
-    return _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], PLANTED_ORDERS, seed)
+    return _planted_wan(PLANTED_ORDERS, seed)
 
 
 # The second expert of "planted-experts": other orders, so each expert's plan is told apart.
@@ -92,9 +97,7 @@ PLANTED_BOUNDARY = 0.5
 def build_planted_experts(seed: int = 0):
     """(high-noise expert, low-noise expert, boundary ratio): two planted Wan transformers that
     a sampler switches between at the boundary, as Wan 2.2 A14B's pipeline does."""
-    second = _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], PLANTED_EXPERT_2_ORDERS,
-                      seed + 1)
-    return build_planted_transformer(seed), second, PLANTED_BOUNDARY
+    return _planted_wan(PLANTED_ORDERS, seed), _planted_wan(PLANTED_EXPERT_2_ORDERS, seed + 1), PLANTED_BOUNDARY
 
 
 PLANTED_COGVIDEOX_CONFIG = dict(
