@@ -1,12 +1,12 @@
 """Query/key normalisation and rotary embedding in one pass (Triton).
 
 Between a transformer's q/k projections and its attention, diffusers runs the QK norm and RoPE
-as a dozen eager elementwise kernels with float32 intermediates; fusing them took 73 ms off an
-eager Wan2.1-1.3B step and 255 ms off a CogVideoX-5B one on the H100 (BENCHMARKS.md), a tenth
-and a fifth of those steps once attention is sparse. This kernel reads each projected token
-row once and writes it once, with the stock arithmetic: the norm in float32, rounded to the
-model's dtype (the stock norm's output), then RoPE in float32 on interleaved pairs
-(x[2j], x[2j+1]), rounded again:
+as a dozen eager elementwise kernels with float32 intermediates, and inductor, under
+torch.compile, as two or three kernels that write each pair's halves apart (stride 2): 0.76 ms
+per q or k at Wan2.1-1.3B's size on the H100, where this kernel takes 0.16 ms (BENCHMARKS.md).
+It reads each projected token row once and writes it once, with the stock arithmetic: the norm
+in float32, rounded to the model's dtype (the stock norm's output), then RoPE in float32 on
+interleaved pairs (x[2j], x[2j+1]), rounded again:
 
     out[2j]   = x[2j] cos[2j]     - x[2j+1] sin[2j]
     out[2j+1] = x[2j+1] cos[2j+1] + x[2j] sin[2j+1]
@@ -26,53 +26,68 @@ import triton
 import triton.language as tl
 
 NORMS = ("rms", "layer")
+TILE, WARPS = 2048, 2  # elements and warps per program (H100 sweep: 160-165 us a call at Wan2.1-1.3B's and CogVideoX-5B's q)
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, out_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, seq_len, rope_start, eps, cos_row_stride,
-                      HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr, RMS: tl.constexpr,
-                      PER_HEAD: tl.constexpr, HAS_BIAS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # one token of one batch element
-    h = tl.arange(0, BLOCK_H)[:, None]
-    j = tl.arange(0, BLOCK_J)[None, :]
-    live = (h < HEADS) & (j < HALF)
-    even = row * (HEADS * 2 * HALF) + h * (2 * HALF) + 2 * j
-    xe = tl.load(x_ptr + even, mask=live, other=0.0).to(tl.float32)
-    xo = tl.load(x_ptr + even + 1, mask=live, other=0.0).to(tl.float32)
+def _norm_rope_kernel(x_ptr, out_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, n_rows, rows_per_token, seq_len, rope_start, eps,
+                      cos_row_stride, CHUNK: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_D: tl.constexpr, RMS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """ROWS rows of CHUNK consecutive heads of one token (a row-wide norm: all of its heads) as
+    a contiguous [ROWS, BLOCK_H, BLOCK_D] tile, split into the even and odd channels of each pair
+    in registers: loads and stores stay contiguous and wide, and a token's cos/sin row is read
+    once per chunk of heads."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)[:, None, None]
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    live = (r < n_rows) & (h < CHUNK) & (d < DIM)
+    offs = r * (CHUNK * DIM) + h * DIM + d
+    x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
 
-    # normalisation, in float32, over a head (axis 1) or the whole row
-    n = 2 * HALF if PER_HEAD else 2 * HALF * HEADS
-    if not RMS:
-        if PER_HEAD:
-            mean = (tl.sum(xe, 1) + tl.sum(xo, 1))[:, None] / n
-        else:
-            mean = tl.sum(tl.sum(xe, 1) + tl.sum(xo, 1), 0) / n
-        xe = tl.where(live, xe - mean, 0.0)
-        xo = tl.where(live, xo - mean, 0.0)
+    # normalisation in float32, over each head (axis 2) or the whole row
     if PER_HEAD:
-        var = (tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1))[:, None] / n
+        n = DIM
+        if not RMS:
+            x = tl.where(live, x - (tl.sum(x, 2) / n)[:, :, None], 0.0)
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, 2) / n + eps))[:, :, None]
+        w_offs = d
     else:
-        var = tl.sum(tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1), 0) / n
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w_even = 2 * j if PER_HEAD else h * (2 * HALF) + 2 * j
-    ye = xe * rstd * tl.load(w_ptr + w_even, mask=live, other=0.0).to(tl.float32)
-    yo = xo * rstd * tl.load(w_ptr + w_even + 1, mask=live, other=0.0).to(tl.float32)
+        n = CHUNK * DIM
+        if not RMS:
+            x = tl.where(live, x - tl.sum(tl.sum(x, 2), 1)[:, None, None] / n, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, 2), 1)[:, None, None] / n + eps)
+        w_offs = h * DIM + d
+    y = x * rstd * tl.load(w_ptr + w_offs, mask=live, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        ye += tl.load(b_ptr + w_even, mask=live, other=0.0).to(tl.float32)
-        yo += tl.load(b_ptr + w_even + 1, mask=live, other=0.0).to(tl.float32)
-    ye = ye.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stock norm's output
-    yo = yo.to(out_ptr.dtype.element_ty).to(tl.float32)
+        y += tl.load(b_ptr + w_offs, mask=live, other=0.0).to(tl.float32)
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the stock norm's output
 
-    # RoPE; tokens before rope_start read cos 1, sin 0 (and stay as normed)
-    pos = (row % seq_len) - rope_start
-    rotated = live & (j * 0 + pos >= 0)  # pos >= 0, as a block
-    table = pos * cos_row_stride + 2 * j
-    cos_e = tl.load(cos_ptr + table, mask=rotated, other=1.0).to(tl.float32)
-    cos_o = tl.load(cos_ptr + table + 1, mask=rotated, other=1.0).to(tl.float32)
-    sin_e = tl.load(sin_ptr + table, mask=rotated, other=0.0).to(tl.float32)
-    sin_o = tl.load(sin_ptr + table + 1, mask=rotated, other=0.0).to(tl.float32)
-    tl.store(out_ptr + even, (ye * cos_e - yo * sin_e).to(out_ptr.dtype.element_ty), mask=live)
-    tl.store(out_ptr + even + 1, (yo * cos_o + ye * sin_o).to(out_ptr.dtype.element_ty), mask=live)
+    # RoPE on pairs (2j, 2j+1); tokens before rope_start read cos 1, sin 0 (and stay as normed)
+    pos = (r // rows_per_token) % seq_len - rope_start  # [ROWS, 1, 1]
+    rotated = (pos >= 0) & (r < n_rows) & (d < DIM)
+    table = pos * cos_row_stride + d
+    cos = tl.load(cos_ptr + table, mask=rotated, other=1.0).to(tl.float32)  # [ROWS, 1, BLOCK_D]
+    sin = tl.load(sin_ptr + table, mask=rotated, other=0.0).to(tl.float32)
+    ye, yo = tl.split(tl.reshape(y, [ROWS, BLOCK_H, BLOCK_D // 2, 2]))
+    cos_e, cos_o = tl.split(tl.reshape(cos, [ROWS, 1, BLOCK_D // 2, 2]))
+    sin_e, sin_o = tl.split(tl.reshape(sin, [ROWS, 1, BLOCK_D // 2, 2]))
+    out = tl.reshape(tl.join(ye * cos_e - yo * sin_e, yo * cos_o + ye * sin_o), [ROWS, BLOCK_H, BLOCK_D])
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def launch_shape(heads: int, dim: int, per_head: bool, tile: int) -> tuple[int, int, int, int]:
+    """(CHUNK, BLOCK_H, BLOCK_D, ROWS): heads per row (all for a row-wide norm; for a per-head
+    norm the largest power of two dividing `heads` that fits the tile, so no lane is masked)
+    and rows per program, about `tile` elements."""
+    block_d = max(2, triton.next_power_of_2(dim))
+    if per_head:
+        chunk = 1
+        while heads % (2 * chunk) == 0 and 2 * chunk * block_d <= tile:
+            chunk *= 2
+        block_h = chunk
+    else:
+        chunk, block_h = heads, triton.next_power_of_2(heads)
+    return chunk, block_h, block_d, max(1, tile // (block_h * block_d))
 
 
 def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -99,11 +114,11 @@ def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight:
         raise ValueError("cos/sin rows must be contiguous and strided alike")
     x = x.contiguous()
     out = torch.empty_like(x)
-    block_h, block_j = triton.next_power_of_2(heads), triton.next_power_of_2(dim // 2)
-    warps = max(4, min(16, block_h * block_j // 512))  # 4 at Wan2.1-1.3B's and CogVideoX's rows (measured); more for wider ones
-    _norm_rope_kernel[(batch * seq_len,)](
-        x, out, weight, bias if bias is not None else weight, cos, sin, seq_len, rope_start, eps, cos.stride(0),
-        HEADS=heads, HALF=dim // 2, BLOCK_H=block_h, BLOCK_J=block_j, RMS=norm == "rms", PER_HEAD=per_head,
-        HAS_BIAS=bias is not None, num_warps=warps,
+    chunk, block_h, block_d, rows = launch_shape(heads, dim, per_head, TILE)
+    n_rows = batch * seq_len * heads // chunk
+    _norm_rope_kernel[(triton.cdiv(n_rows, rows),)](
+        x, out, weight, bias if bias is not None else weight, cos, sin, n_rows, heads // chunk, seq_len, rope_start, eps,
+        cos.stride(0), CHUNK=chunk, DIM=dim, ROWS=rows, BLOCK_H=block_h, BLOCK_D=block_d, RMS=norm == "rms",
+        PER_HEAD=per_head, HAS_BIAS=bias is not None, num_warps=WARPS,
     )
     return out

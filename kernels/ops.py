@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import norm_rope as _norm_rope
 from .layout import SequenceLayout
 from .triton_attention import paro_attention_triton
 
@@ -26,3 +27,19 @@ def attention(
 @attention.register_fake
 def _(q, k, v, perm, kv_index, kv_count, block, text_len, text_first, qk, pv, scale):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("paro::norm_rope", mutates_args=())
+def norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    heads: int, norm: str, per_head: bool, eps: float, rope_start: int,
+) -> torch.Tensor:
+    """kernels.norm_rope.norm_rope, as an op: under torch.compile it replaces the norm and RoPE
+    kernels inductor would generate, which write the rotated pairs apart (stride 2)."""
+    return _norm_rope.norm_rope(x, heads=heads, norm=norm, per_head=per_head, weight=weight, bias=bias, eps=eps, cos=cos,
+                                sin=sin, rope_start=rope_start)
+
+
+@norm_rope.register_fake
+def _(x, weight, bias, cos, sin, heads, norm, per_head, eps, rope_start):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -22,7 +22,7 @@ model.
 
 With `fuse_norm_rope`, the marked layers run the adapter's fused processor where the family has
 one (the stock processor with its QK norm and RoPE as one Triton kernel, models/*.py) instead of
-the stock one: the same attention call, less eager work around it.
+the stock one: the same attention call, less work around it (eager or compiled).
 """
 
 from __future__ import annotations

@@ -128,10 +128,39 @@ def test_fused_processor_equals_stock(family, dtype, monkeypatch):
         with AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
             fused = model(**kwargs, return_dict=False)[0]
         with torch.enable_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
-            traced = model(**kwargs, return_dict=False)[0]  # autograd on: the stock processor runs
+            differentiated = model(**kwargs, return_dict=False)[0]  # autograd on: the stock processor runs
     assert len(calls) == 2 * 2  # q and k of both layers, once
     assert rel_l2(fused, stock) < (1e-5 if dtype == torch.float32 else 1e-2) and not torch.equal(fused, torch.zeros_like(fused))
-    assert torch.equal(traced, stock)
+    assert torch.equal(differentiated, stock)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_fused_processor_under_compile(family, monkeypatch):
+    """torch.compile(fullgraph=True) traces the fused processor with the kernel as one opaque
+    op (its fake gives the output's shape; AOT tracing runs it): no graph break, the kernel runs
+    in the compiled step, the output is the eager fused one."""
+    import kernels.norm_rope
+    from paro_cli.intercept import AttentionInterceptor, StockAttention
+    from paro_cli.models import adapter_for
+    from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
+
+    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, DTYPE)
+    adapter = adapter_for(model)
+    grid = (2, 4, 4)
+    tr_input = torch.randn(1, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
+                           generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    context = torch.randn(1, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
+    kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
+    calls = []
+    fused_kernel = kernels.norm_rope.norm_rope
+    monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    with torch.no_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
+        eager = model(**kwargs, return_dict=False)[0]
+        del calls[:]
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        compiled = model(**kwargs, return_dict=False)[0]
+    assert len(calls) == 2 * 2
+    assert torch.equal(compiled, eager)
 
 
 def test_fused_processor_never_replaces_a_custom_one():

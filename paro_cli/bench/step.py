@@ -94,8 +94,8 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         with AttentionInterceptor(tr, adapter, _NoAttention()):
             rows.append(timed("no attention", density=None, qk=None, pv=None))
         backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
-        # the share of paro's eager speed-up that is the fused norm and RoPE (compiled, the stock processors run)
-        if not compiled and adapter.norm_rope_processor is not None and any(map(fuses_norm_rope, backends.values())):
+        # the share of paro's speed-up that is the fused norm and RoPE
+        if adapter.norm_rope_processor is not None and any(map(fuses_norm_rope, backends.values())):
             with AttentionInterceptor(tr, adapter, StockAttention(), fuse_norm_rope=True):
                 rows.append(timed("dense, fused norm+RoPE", density=1.0, qk=None, pv=None))
         for (qk, pv), chosen in backends.items():

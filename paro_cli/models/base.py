@@ -29,13 +29,6 @@ def stream_block_layers(transformer: torch.nn.Module) -> list[str]:
             + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
 
 
-def eager_inference() -> bool:
-    """Whether a fused processor may run its Triton prologue: not under torch.compile (inductor
-    fuses the stock norm and RoPE itself, and traces them) and not with autograd on (the kernel
-    has no backward)."""
-    return not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-
-
 class TransformerAdapter:
     num_train_timesteps = 1000
     classifier_free_guidance = True  # False: guidance-distilled (Flux), guidance goes in as an input

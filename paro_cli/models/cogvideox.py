@@ -14,35 +14,36 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import TransformerAdapter, check_pixel_multiple, eager_inference, forward_input
+from .base import TransformerAdapter, check_pixel_multiple, forward_input
 from .prompt_encoder import HashPromptEncoder
 
 
 class CogVideoXNormRopeProcessor:
     """attn1's stock CogVideoXAttnProcessor2_0 with norm_q/norm_k (LayerNorm per head) and the
-    video tokens' RoPE as one kernel each for q and k; the rest, F.scaled_dot_product_attention
-    on (B, H, S, D) included, as diffusers has it. Masked, traced or differentiated calls, or
-    another norm, run the stock processor."""
+    video tokens' RoPE as one kernel each for q and k (torch.ops.paro.norm_rope: one opaque call
+    under torch.compile too); the rest, F.scaled_dot_product_attention on (B, H, S, D) included,
+    as diffusers has it. Masked or differentiated calls (the kernel has no backward), or another
+    norm, run the stock processor."""
 
     replaces = "CogVideoXAttnProcessor2_0"  # the stock class this one mirrors (intercept.py installs it over that one only)
 
     def __init__(self, stock):
+        import kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
+
         self.stock = stock
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
         if (attention_mask is not None or not isinstance(attn.norm_q, torch.nn.LayerNorm) or attn.norm_q.weight is None
-                or not eager_inference()):
+                or torch.is_grad_enabled()):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models import attention_processor
-
-        from kernels.norm_rope import norm_rope
 
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        query, key = (norm_rope(proj(hidden_states), heads=attn.heads, norm="layer", per_head=True, weight=norm.weight,
-                                bias=norm.bias, eps=norm.eps, cos=cos, sin=sin, rope_start=text)
+        query, key = (torch.ops.paro.norm_rope(proj(hidden_states), norm.weight, norm.bias, cos, sin, attn.heads, "layer", True,
+                                               norm.eps, text)
                       for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
         value = attn.to_v(hidden_states)
         batch, seq_len, channels = query.shape

@@ -11,31 +11,33 @@ import torch
 
 from kernels.layout import SequenceLayout
 
-from .base import TransformerAdapter, check_pixel_multiple, eager_inference
+from .base import TransformerAdapter, check_pixel_multiple
 from .prompt_encoder import HashPromptEncoder
 
 
 class WanNormRopeProcessor:
     """attn1's stock WanAttnProcessor with norm_q/norm_k (RMSNorm over all heads) and RoPE as one
-    kernel each for q and k; the rest, dispatch_attention_fn included, as diffusers has it.
-    Cross-attention, image context and traced or differentiated calls run the stock processor."""
+    kernel each for q and k (torch.ops.paro.norm_rope: one opaque call under torch.compile too);
+    the rest, dispatch_attention_fn included, as diffusers has it. Cross-attention, image context
+    and differentiated calls (the kernel has no backward) run the stock processor."""
 
     replaces = "WanAttnProcessor"  # the stock class this one mirrors (intercept.py installs it over that one only)
 
     def __init__(self, stock):
+        import kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
+
         self.stock = stock
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if encoder_hidden_states is not None or rotary_emb is None or attn.add_k_proj is not None or not eager_inference():
+        if encoder_hidden_states is not None or rotary_emb is None or attn.add_k_proj is not None or torch.is_grad_enabled():
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         from diffusers.models.transformers import transformer_wan
 
-        from kernels.norm_rope import norm_rope
-
         query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)
-        query, key = (norm_rope(x, heads=attn.heads, norm="rms", per_head=False, weight=norm.weight, bias=None, eps=norm.eps,
-                                cos=rotary_emb[0], sin=rotary_emb[1]) for x, norm in ((query, attn.norm_q), (key, attn.norm_k)))
+        query, key = (torch.ops.paro.norm_rope(x, norm.weight, None, rotary_emb[0], rotary_emb[1], attn.heads, "rms", False,
+                                               norm.eps, 0)
+                      for x, norm in ((query, attn.norm_q), (key, attn.norm_k)))
         out = transformer_wan.dispatch_attention_fn(
             *(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value)), attn_mask=attention_mask, dropout_p=0.0,
             is_causal=False, backend=self.stock._attention_backend, parallel_config=self.stock._parallel_config)
