@@ -29,16 +29,16 @@ class CogVideoXNormRopeProcessor:
 
     def __init__(self, stock):
         import kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
+        from diffusers.models import attention_processor
 
         self.stock = stock
+        self.functional_site = attention_processor  # whose F the stock processor calls (dynamo refuses the import in __call__)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
         if (attention_mask is not None or not isinstance(attn.norm_q, torch.nn.LayerNorm) or attn.norm_q.weight is None
                 or torch.is_grad_enabled()):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models import attention_processor
-
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
@@ -47,7 +47,7 @@ class CogVideoXNormRopeProcessor:
                       for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
         value = attn.to_v(hidden_states)
         batch, seq_len, channels = query.shape
-        out = attention_processor.F.scaled_dot_product_attention(
+        out = self.functional_site.F.scaled_dot_product_attention(
             *(x.view(batch, seq_len, attn.heads, -1).transpose(1, 2) for x in (query, key, value)), attn_mask=None,
             dropout_p=0.0, is_causal=False)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, seq_len, channels)))
