@@ -63,6 +63,39 @@ def test_generate_writes_a_playable_video(capsys, tmp_path, plan_file, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
+def test_generate_compiled_equals_eager(capsys, tmp_path, plan_file, monkeypatch):
+    """--compile runs the transformer's forward through torch.compile (graph breaks allowed),
+    the plan still applied; the hooks outside the graph still pick each step's slot."""
+    from torch._dynamo.utils import counters
+
+    real_compile, compiles = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or real_compile(fn, backend="aot_eager", **kw))  # no C++ build on CPU
+    args = ["generate", "--plan", plan_file, "--qk", "int4", "--prompt", "a blue square moving up", "--seed", "3", *FAST, "--json"]
+    code, stdout, _ = paro(capsys, *args, "--out", tmp_path / "e.png")
+    assert code == 0 and not json.loads(stdout)["compiled"] and not compiles
+    counters.clear()
+    code, stdout, _ = paro(capsys, *args, "--compile", "--out", tmp_path / "c.png")
+    data = json.loads(stdout)
+    assert code == 0 and data["compiled"] and compiles == [{"fullgraph": False}] and counters["stats"]["unique_graphs"] >= 1
+    assert data["attention_calls"] == {"paro": 3 * 2}
+    assert paro(capsys, *[a for a in args if a not in (plan_file, "--plan", "--qk", "int4")], "--out", tmp_path / "d.png")[0] == 0
+    eager, compiled, dense = (iio.imread(tmp_path / name).astype(int) for name in ("e.png", "c.png", "d.png"))
+    # int4 QK shows the plan in the pixels; compiled, it runs as in eager mode
+    assert (eager != dense).mean() > 0.01 and (eager != compiled).mean() <= 0.1 * (eager != dense).mean()
+
+
+def test_compiled_forwards_are_put_back():
+    """Inside the block forward is compiled; after it, a class forward is the class's again and
+    an instance-level one (accelerate's offload wrapper sets one) is the same object."""
+    from paro_cli.compiled import compiled_forwards
+
+    plain, wrapped = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    own = wrapped.forward = lambda x: x
+    with compiled_forwards([plain, wrapped], fullgraph=True):
+        assert "forward" in vars(plain) and wrapped.forward is not own
+    assert "forward" not in vars(plain) and wrapped.forward is own
+
+
 def test_generate_without_plan_is_dense(capsys, tmp_path):
     code, stdout, _ = paro(capsys, "generate", *FAST, "--out", tmp_path / "d.png")
     assert code == 0 and "dense attention" in stdout

@@ -190,20 +190,26 @@ def test_full_size_architectures_have_the_published_shapes(name, layers, heads, 
     load_recipe(name)  # the geometry it runs at
 
 
-def test_step_bench_times_dense_no_attention_and_each_plan():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_bench_times_dense_no_attention_and_each_plan(compiled, monkeypatch):
     """The architecture step bench on a small planted model (CPU, torch backend): one row per
-    variant, the synthetic plans at their density, every paro call through the plan."""
+    variant, the synthetic plans at their density, every paro call through the plan; compiled,
+    one fresh fullgraph compile per variant, and the stock forward back after."""
     from paro_cli.bench import step as step_bench
     from paro_cli.models.architectures import ARCHITECTURES  # noqa: F401  (the CLI's table imports)
+
+    real_compile, compiles = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or real_compile(fn, backend="aot_eager", **kw))  # no C++ build on CPU
 
     model = build_planted_cogvideox()
     adapter = adapter_for(model)
     loaded = LoadedModel("planted-cogvideox", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
     grid = (4, 8, 8)
     inputs = adapter.forward_inputs(model, torch.randn(2, 4, 4, 16, 16), torch.tensor(500.0), torch.randn(2, 8, 16), grid, 6.0)
-    result = step_bench.run(loaded, inputs, grid, [0.5, 0.25], [("fp32", "fp32")], 16, False, 1, "torch")
+    result = step_bench.run(loaded, inputs, grid, [0.5, 0.25], [("fp32", "fp32")], 16, compiled, 1, "torch")
     assert [(r["variant"], r["density"]) for r in result["rows"]] == [("dense", 1.0), ("no attention", None), ("paro torch", 0.5),
                                                                      ("paro torch", 0.25)]
+    assert compiles == ([{"fullgraph": True}] * 3 if compiled else []) and "forward" not in vars(model)
     assert result["text_tokens"] == 8 and result["batch"] == 2 and all(r["ms"] > 0 for r in result["rows"])
     plan = step_bench.synthetic_plan(loaded, grid, adapter.sequence_layout((), inputs), 0.25, 16, "fp32", "fp32")
     kept = plan.components["transformer"].slot_masks(0)

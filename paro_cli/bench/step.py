@@ -10,6 +10,7 @@ mask buffers refilled in place, so a compiled step is compiled once per precisio
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -19,6 +20,7 @@ from kernels.layout import num_blocks
 from kernels.orders import candidate_orders
 
 from ..backend import PlanAttention, fuses_norm_rope, select_backend
+from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
@@ -76,41 +78,37 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     layout = adapter.sequence_layout((), inputs)
-    stock_forward = tr.forward
 
     def step():
         with torch.no_grad():
             tr(**inputs, return_dict=False)
 
-    def timed(label: str, **row) -> dict:
-        if compiled:
-            tr.forward = torch.compile(stock_forward, fullgraph=True)
-        progress(f"timing {label}")
-        return {"variant": label, **row, **_time(step, repeats, sync)}
+    def maybe_compiled():
+        """A fresh compile per variant (each installs other processors and handlers)."""
+        return compiled_forwards([tr], fullgraph=True) if compiled else contextlib.nullcontext()
 
-    rows = []
-    try:
-        rows.append(timed("dense", density=1.0, qk=None, pv=None))
-        with AttentionInterceptor(tr, adapter, _NoAttention()):
-            rows.append(timed("no attention", density=None, qk=None, pv=None))
-        backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
-        # the share of paro's speed-up that is the fused norm and RoPE
-        if adapter.norm_rope_processor is not None and any(map(fuses_norm_rope, backends.values())):
-            with AttentionInterceptor(tr, adapter, StockAttention(), fuse_norm_rope=True):
-                rows.append(timed("dense, fused norm+RoPE", density=1.0, qk=None, pv=None))
-        for (qk, pv), chosen in backends.items():
-            plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]
-            handler = PlanAttention(plans[0], "transformer", chosen, loaded.device, qk, pv)
-            with AttentionInterceptor(tr, adapter, handler, fuse_norm_rope=fuses_norm_rope(chosen)):
-                if compiled:
-                    tr.forward = torch.compile(stock_forward, fullgraph=True)
-                for plan in plans:
-                    handler.use(plan)  # the same buffers, refilled: a compiled step keeps reading them
-                    progress(f"timing paro d={plan.density} {qk}/{pv}")
-                    rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv,
-                                 **_time(step, repeats, sync)})
-    finally:
-        tr.forward = stock_forward
+    def timed(label: str, **row) -> dict:
+        progress(f"timing {label}")
+        with maybe_compiled():
+            return {"variant": label, **row, **_time(step, repeats, sync)}
+
+    rows = [timed("dense", density=1.0, qk=None, pv=None)]
+    with AttentionInterceptor(tr, adapter, _NoAttention()):
+        rows.append(timed("no attention", density=None, qk=None, pv=None))
+    backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
+    # the share of paro's speed-up that is the fused norm and RoPE
+    if adapter.norm_rope_processor is not None and any(map(fuses_norm_rope, backends.values())):
+        with AttentionInterceptor(tr, adapter, StockAttention(), fuse_norm_rope=True):
+            rows.append(timed("dense, fused norm+RoPE", density=1.0, qk=None, pv=None))
+    for (qk, pv), chosen in backends.items():
+        plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]
+        handler = PlanAttention(plans[0], "transformer", chosen, loaded.device, qk, pv)
+        with AttentionInterceptor(tr, adapter, handler, fuse_norm_rope=fuses_norm_rope(chosen)), maybe_compiled():
+            for plan in plans:
+                handler.use(plan)  # the same buffers, refilled: a compiled step keeps reading them
+                progress(f"timing paro d={plan.density} {qk}/{pv}")
+                rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv,
+                             **_time(step, repeats, sync)})
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:
         row["speedup_vs_dense"] = dense / row["ms"]

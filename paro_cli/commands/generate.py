@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..backend import use_plan
+from ..compiled import compiled_forwards
 from ..media import check_video_path, write_video
 from ..models.loading import load_model
 from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
@@ -34,6 +35,7 @@ def command(
     pv: PvOpt = None,
     backend: BackendOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")] = Path("video.mp4"),
+    compile_: Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the transformer(s) with paro's kernels in the graph: the first steps compile (a minute or more at full size), the rest run faster.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a video with the plan's reordered, block-sparse attention (dense without --plan).
@@ -50,17 +52,20 @@ def command(
     grid = token_grid(loaded, r)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     attention = use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) if loaded_plan else contextlib.nullcontext()
+    # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole
+    compiled = compiled_forwards(loaded.components.values(), fullgraph=False) if compile_ else contextlib.nullcontext()
     start = time.perf_counter()
-    with attention as handler, ui.progress() as bar:
+    with attention as handler, compiled, ui.progress() as bar:
         bar.start("generating", r.sampling.steps)
         video = sample(loaded, r, [text], [seed_], on_step=bar.step)
     seconds = time.perf_counter() - start
     write_video(video[0].numpy(), out, r.sampling.fps)
     f, h, w, _ = video[0].shape
     mode = f"plan {plan} via {handler.backend.name} ({handler.qk}/{handler.pv})" if loaded_plan else "dense attention"
+    mode += ", compiled" if compile_ else ""
     ui.print(f"wrote [bold]{out}[/]: {f} frames {w}x{h}, {r.sampling.steps} steps in {seconds:.1f} s, {mode}")
     ui.json({
         "path": str(out), "frames": f, "height": h, "width": w, "steps": r.sampling.steps, "seconds": round(seconds, 3),
-        "prompt": text, "seed": seed_, "plan": plan, "backend": handler.backend.name if loaded_plan else None,
+        "prompt": text, "seed": seed_, "plan": plan, "backend": handler.backend.name if loaded_plan else None, "compiled": compile_,
         "attention_calls": dict(handler.calls) if loaded_plan else None,
     })
