@@ -105,26 +105,34 @@ def test_kernel_at_full_size(shape):
 # float rounding; in 16 bits, up to the stock path's extra roundings of intermediates
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
-@pytest.mark.parametrize("family", ["wan", "cogvideox"])
-def test_fused_processor_equals_stock(family, dtype, monkeypatch):
+def planted_step(family, dtype, batch, monkeypatch):
+    """A small planted model of `family`, one forward's inputs, and the list each fused-kernel
+    call appends to."""
     import kernels.norm_rope
-    from paro_cli.intercept import AttentionInterceptor, StockAttention
     from paro_cli.models import adapter_for
     from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
 
     model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, dtype)
     adapter = adapter_for(model)
     grid = (2, 4, 4)
-    tr_input = torch.randn(2, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
+    tr_input = torch.randn(batch, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
                            generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
-    context = torch.randn(2, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    context = torch.randn(batch, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
+    calls = []
+    fused_kernel = kernels.norm_rope.norm_rope
+    monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    return model, adapter, kwargs, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DTYPE])
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_fused_processor_equals_stock(family, dtype, monkeypatch):
+    from paro_cli.intercept import AttentionInterceptor, StockAttention
+
+    model, adapter, kwargs, calls = planted_step(family, dtype, 2, monkeypatch)
     with torch.no_grad():
         stock = model(**kwargs, return_dict=False)[0]
-        calls = []
-        fused_kernel = kernels.norm_rope.norm_rope
-        monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
         with AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
             fused = model(**kwargs, return_dict=False)[0]
         with torch.enable_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
@@ -139,21 +147,9 @@ def test_fused_processor_under_compile(family, monkeypatch):
     """torch.compile(fullgraph=True) traces the fused processor with the kernel as one opaque
     op (its fake gives the output's shape; AOT tracing runs it): no graph break, the kernel runs
     in the compiled step, the output is the eager fused one."""
-    import kernels.norm_rope
     from paro_cli.intercept import AttentionInterceptor, StockAttention
-    from paro_cli.models import adapter_for
-    from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
 
-    model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, DTYPE)
-    adapter = adapter_for(model)
-    grid = (2, 4, 4)
-    tr_input = torch.randn(1, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
-                           generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
-    context = torch.randn(1, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)
-    kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
-    calls = []
-    fused_kernel = kernels.norm_rope.norm_rope
-    monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    model, adapter, kwargs, calls = planted_step(family, DTYPE, 1, monkeypatch)
     with torch.no_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
         eager = model(**kwargs, return_dict=False)[0]
         del calls[:]
