@@ -26,7 +26,10 @@ import triton
 import triton.language as tl
 
 NORMS = ("rms", "layer")
-TILE, WARPS = 2048, 2  # elements and warps per program (H100 sweep: 160-165 us a call at Wan2.1-1.3B's and CogVideoX-5B's q)
+# Elements per program, at least (a row-wide norm takes a whole row), and elements per warp: the
+# H100 sweep found 2048 on 2 warps within 2% of the best at Wan2.1-1.3B's and CogVideoX-5B's q
+# (160-165 us a call); wider rows (Wan 14B's 40 heads: 8192) get more warps, not more registers.
+TILE, PER_WARP = 2048, 1024
 
 
 @triton.jit
@@ -119,6 +122,6 @@ def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight:
     _norm_rope_kernel[(triton.cdiv(n_rows, rows),)](
         x, out, weight, bias if bias is not None else weight, cos, sin, n_rows, heads // chunk, seq_len, rope_start, eps,
         cos.stride(0), CHUNK=chunk, DIM=dim, ROWS=rows, BLOCK_H=block_h, BLOCK_D=block_d, RMS=norm == "rms",
-        PER_HEAD=per_head, HAS_BIAS=bias is not None, num_warps=WARPS,
+        PER_HEAD=per_head, HAS_BIAS=bias is not None, num_warps=min(16, max(2, rows * block_h * block_d // PER_WARP)),
     )
     return out

@@ -19,8 +19,14 @@ import torch
 def compiled_forwards(transformers: Iterable[torch.nn.Module], fullgraph: bool) -> Iterator[None]:
     """Each transformer's forward through torch.compile inside the block; as it was after (an
     instance-level forward, e.g. accelerate's offload wrapper, is put back too).
-    fullgraph: a graph break is an error (what the step bench checks) rather than a split."""
+    fullgraph: a graph break is an error (what the step bench checks) rather than a split.
+
+    Each block starts from an empty compile cache: dynamo keeps compiled code on the code object,
+    and diffusers' transformers share one (the decorator wrapping their forwards), whose entries
+    are capped at 8. Blocks that each installed other processors or handlers (the step bench's
+    variants) would otherwise fill it, and a fullgraph compile past the cap fails."""
     saved = [(tr, vars(tr).get("forward")) for tr in transformers]
+    torch.compiler.reset()
     try:
         for tr, _ in saved:
             tr.forward = torch.compile(tr.forward, fullgraph=fullgraph)

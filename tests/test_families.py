@@ -206,10 +206,13 @@ def test_step_bench_times_dense_no_attention_and_each_plan(compiled, monkeypatch
     loaded = LoadedModel("planted-cogvideox", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
     grid = (4, 8, 8)
     inputs = adapter.forward_inputs(model, torch.randn(2, 4, 4, 16, 16), torch.tensor(500.0), torch.randn(2, 8, 16), grid, 6.0)
-    result = step_bench.run(loaded, inputs, grid, [0.5, 0.25], [("fp32", "fp32")], 16, compiled, 1, "torch")
-    assert [(r["variant"], r["density"]) for r in result["rows"]] == [("dense", 1.0), ("no attention", None), ("paro torch", 0.5),
-                                                                     ("paro torch", 0.25)]
-    assert compiles == ([{"fullgraph": True}] * 3 if compiled else []) and "forward" not in vars(model)
+    # compiled: more variants than dynamo keeps compiled entries of one code object (8)
+    pairs = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("int8", "fp8"), ("fp8", "fp8"), ("int4", "int8"), ("int8", "bf16")]
+    pairs = pairs if compiled else pairs[:1]
+    result = step_bench.run(loaded, inputs, grid, [0.5, 0.25], pairs, 16, compiled, 1, "torch")
+    assert [(r["variant"], r["density"], r["qk"]) for r in result["rows"]] == [("dense", 1.0, None), ("no attention", None, None)] + [
+        ("paro torch", density, qk) for qk, _ in pairs for density in (0.5, 0.25)]
+    assert compiles == [{"fullgraph": True}] * (2 + len(pairs)) * compiled and "forward" not in vars(model)
     assert result["text_tokens"] == 8 and result["batch"] == 2 and all(r["ms"] > 0 for r in result["rows"])
     plan = step_bench.synthetic_plan(loaded, grid, adapter.sequence_layout((), inputs), 0.25, 16, "fp32", "fp32")
     kept = plan.components["transformer"].slot_masks(0)

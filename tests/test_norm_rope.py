@@ -49,6 +49,7 @@ CASES = {  # name: (batch, tokens, heads, dim, norm, per_head, bias, text before
     "wan: RMS over all heads": (2, 37, 3, 16, "rms", False, False, 0),
     "cogvideox: LayerNorm per head, text prefix": (2, 29, 5, 8, "layer", True, True, 7),
     "odd sizes: 24-dim heads, RMS per head": (1, 19, 2, 24, "rms", True, False, 3),
+    "LayerNorm per head, 4 heads to a row of the tile, text prefix": (2, 21, 4, 8, "layer", True, True, 5),
 }
 
 

@@ -84,7 +84,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
             tr(**inputs, return_dict=False)
 
     def maybe_compiled():
-        """A fresh compile per variant (each installs other processors and handlers)."""
+        """A fresh compile per variant (each installs other processors and handlers; see compiled_forwards)."""
         return compiled_forwards([tr], fullgraph=True) if compiled else contextlib.nullcontext()
 
     def timed(label: str, **row) -> dict:
