@@ -45,7 +45,7 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
     uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
     guided = adapter.classifier_free_guidance and s.guidance > 1.0
     context = (torch.cat([uncond, cond]) if guided else cond).to(loaded.device, loaded.dtype)
-    scheduler = adapter.scheduler(s)  # every family's starts from unit-variance noise (init_noise_sigma 1)
+    scheduler = adapter.scheduler(tr, s)  # every family's starts from unit-variance noise (init_noise_sigma 1)
     scheduler.set_timesteps(s.steps, device=loaded.device)
     for i, t in enumerate(scheduler.timesteps):
         x_in = torch.cat([x, x]) if guided else x

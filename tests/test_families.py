@@ -284,3 +284,20 @@ def test_flux_calls_with_more_image_tokens_than_the_grid_are_refused():
     with pytest.raises(ModelError, match="512 image tokens on a 16x16 grid"):
         adapter.token_grid(None, (), kwargs)
     assert adapter.token_grid(None, (), {**kwargs, "hidden_states": torch.zeros(1, 256, 16)}) == (1, 16, 16)
+
+
+@pytest.mark.parametrize("rope,shift", [(True, 1.0), (False, 3.0)])
+def test_cogvideox_bare_loop_schedules_as_the_shipped_pipelines(rope, shift):
+    """paro's own loop for a bare CogVideoX transformer uses the scheduler the hub pipelines
+    ship (CogVideoX-5B and 1.5 with RoPE: SNR shift 1; 2B without: 3), so a calibration there
+    sees the pipelines' noise levels."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from paro_cli.models.planted import PLANTED_COGVIDEOX_CONFIG
+
+    model = CogVideoXTransformer3DModel(**{**PLANTED_COGVIDEOX_CONFIG, "use_rotary_positional_embeddings": rope})
+    config = adapter_for(model).scheduler(model, load_recipe("planted").sampling).config
+    shipped = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True,
+               "snr_shift_scale": shift, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+               "set_alpha_to_one": True, "clip_sample": False, "steps_offset": 0}
+    assert {key: config[key] for key in shipped} == shipped

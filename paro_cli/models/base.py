@@ -70,7 +70,7 @@ class TransformerAdapter:
         """One sample's input for an input of that many frames and pixels."""
         return (transformer.config.in_channels, frames, height, width)
 
-    def scheduler(self, sampling):
+    def scheduler(self, transformer: torch.nn.Module, sampling):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler(shift=3.0 if sampling.flow_shift is None else sampling.flow_shift)

@@ -116,11 +116,16 @@ class CogVideoXAdapter(TransformerAdapter):
     def input_shape(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, ...]:
         return (frames, transformer.config.in_channels, height, width)
 
-    def scheduler(self, sampling):
-        """DDIM with v-prediction on trailing timesteps, as the CogVideoX pipelines ship."""
+    def scheduler(self, transformer: torch.nn.Module, sampling):
+        """DDIM as the CogVideoX pipelines ship it: v-prediction, trailing timesteps, betas
+        rescaled to zero terminal SNR, no clipping of the predicted sample (diffusers' default
+        clips it to [-1, 1], which latents exceed), and an SNR shift of 3 for 2B (no RoPE), 1
+        for 5B and 1.5."""
         from diffusers import CogVideoXDDIMScheduler
 
-        return CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+        shift = 1.0 if transformer.config.use_rotary_positional_embeddings else 3.0
+        return CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                                      clip_sample=False, snr_shift_scale=shift)
 
     def rotary_embedding(self, transformer: torch.nn.Module, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """RoPE (cos, sin) of a token grid, placed as the 5B (centred crop) and 1.5 (slice of
