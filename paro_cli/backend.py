@@ -183,18 +183,9 @@ class PlanRun:
     """The handlers applying a plan inside `use_plan`, one per component of the model."""
 
     handlers: dict[str, PlanAttention]
-
-    @property
-    def backend(self) -> AttentionBackend:
-        return next(iter(self.handlers.values())).backend
-
-    @property
-    def qk(self) -> str:
-        return next(iter(self.handlers.values())).qk
-
-    @property
-    def pv(self) -> str:
-        return next(iter(self.handlers.values())).pv
+    backend: AttentionBackend  # the backend, QK and PV precision all of them run
+    qk: str
+    pv: str
 
     @property
     def calls(self) -> dict[str, int]:
@@ -219,7 +210,7 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv) for name in loaded.components}
     with intercept_components(loaded, handlers, fuse_norm_rope=fuses_norm_rope(chosen)):
-        yield PlanRun(handlers)
+        yield PlanRun(handlers, chosen, qk, pv)
 
 
 def fuses_norm_rope(backend: AttentionBackend) -> bool:

@@ -256,10 +256,10 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     seeds = [s for _ in cal.prompts for s in cal.seeds]
     adapter, components = loaded.adapter, loaded.components
     layers = {name: len(adapter.attention_layers(tr)) for name, tr in components.items()}
-    bad = [i for i in sp.dense_layers if i >= min(layers.values())]
+    fewest = min(layers.values())
+    bad = [i for i in sp.dense_layers if i >= fewest]
     if bad:
-        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {min(layers.values())} (0..{min(layers.values()) - 1})",
-                        "fix the recipe")
+        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {fewest} (0..{fewest - 1})", "fix the recipe")
     grid = runner.token_grid(loaded, recipe)
     names = candidate_orders(grid)
     allowed = allowed_orders(cal.orders, names)

@@ -124,6 +124,12 @@ def build_planted_cogvideox(seed: int = 0):
                     PLANTED_ORDERS, seed, pair_signs=(1.0, -1.0))
 
 
+def _stream_attentions(transformer) -> list:
+    """The joint attention of each double-stream block, then of each single-stream block (Flux,
+    HunyuanVideo), in plan layer order."""
+    return [block.attn for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+
+
 PLANTED_FLUX_CONFIG = dict(
     patch_size=1,
     in_channels=16,
@@ -143,8 +149,7 @@ PLANTED_FLUX_ORDERS = (("HWF", "WHF"), ("WHF", "HWF"))
 
 def build_planted_flux(seed: int = 0):
     """A small FluxTransformer2DModel with planted image-image attention in both kinds of block."""
-    return _planted("FluxTransformer2DModel", PLANTED_FLUX_CONFIG,
-                    lambda t: [block.attn for block in (*t.transformer_blocks, *t.single_transformer_blocks)], PLANTED_FLUX_ORDERS, seed)
+    return _planted("FluxTransformer2DModel", PLANTED_FLUX_CONFIG, _stream_attentions, PLANTED_FLUX_ORDERS, seed)
 
 
 PLANTED_HUNYUAN_CONFIG = dict(
@@ -167,5 +172,4 @@ PLANTED_HUNYUAN_CONFIG = dict(
 def build_planted_hunyuanvideo(seed: int = 0):
     """A small HunyuanVideoTransformer3DModel (text after the video, padded) with the Wan model's
     planted orders in its double- and single-stream blocks."""
-    return _planted("HunyuanVideoTransformer3DModel", PLANTED_HUNYUAN_CONFIG,
-                    lambda t: [block.attn for block in (*t.transformer_blocks, *t.single_transformer_blocks)], PLANTED_ORDERS, seed)
+    return _planted("HunyuanVideoTransformer3DModel", PLANTED_HUNYUAN_CONFIG, _stream_attentions, PLANTED_ORDERS, seed)
