@@ -112,6 +112,17 @@ if _IMPORTED:
         return scale, v_scale
 
     @gluon.jit
+    def _swizzled_columns(p):
+        """P with column c moved to triton_attention._swizzle(c), as a reshape and a permute: the
+        8-bit score accumulator's registers already hold each thread's columns where the 8-bit
+        P operand wants them in that order, so the layout change that follows moves no data
+        (V's keys were stored swizzled to match)."""
+        R: gl.constexpr = p.shape[0]
+        C: gl.constexpr = p.shape[1]
+        p = gl.permute(gl.reshape(p, [R, C // 32, 2, 2, 2, 2, 2]), (0, 1, 2, 4, 5, 3, 6))
+        return gl.reshape(p, [R, C])
+
+    @gluon.jit
     def _consume(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
                  is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N,
                  QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr):
@@ -149,6 +160,7 @@ if _IMPORTED:
         acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
         o_zero = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
         kt = gl.minimum(key_tile(0, n_text_tiles, list_ptr, is_text), n_tiles - 1)
+        kt_next = gl.minimum(key_tile(gl.minimum(1, n - 1), n_text_tiles, list_ptr, is_text), n_tiles - 1)
         scale, v_next = _tile_scales(kscale_ptr, vscale_ptr, kt, score_scale, QK, PV)
         v_scale = 1.0  # any value, as acc is 0 until the first tile; not `v_next`, whose alias Triton would not carry
         for j in range(n):
@@ -170,11 +182,15 @@ if _IMPORTED:
             alpha = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             if PV == 0:
                 acc = acc * alpha
-            p_op = gl.convert_layout(p.to(pv_ty), p_layout)
+            p_op = p.to(pv_ty)
+            if PV != 0:
+                p_op = _swizzled_columns(p_op)
+            p_op = gl.convert_layout(p_op, p_layout)
 
             nxt = j + 1
-            kt = gl.minimum(key_tile(gl.minimum(nxt, n - 1), n_text_tiles, list_ptr, is_text), n_tiles - 1)
+            kt = kt_next
             scale, v_next = _tile_scales(kscale_ptr, vscale_ptr, kt, score_scale, QK, PV)
+            kt_next = gl.minimum(key_tile(gl.minimum(nxt + 1, n - 1), n_text_tiles, list_ptr, is_text), n_tiles - 1)
             mbarrier.wait(kv_ready.index(nxt % STAGES), (nxt // STAGES) & 1, pred=nxt < n)
             _acquire(turn, c, nxt)
             v_tile = v_smem.index(j % STAGES)

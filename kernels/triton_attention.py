@@ -506,7 +506,7 @@ def paro_attention_triton(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
     hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
-    launch = {} if hopper else dict(config or launch_config(block, dim, qk, pv))
+    launch = {"swizzle_v": pv_code != 0} if hopper else dict(config or launch_config(block, dim, qk, pv))
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", pv_code == FP8), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")

@@ -22,6 +22,7 @@ from kernels.reference import paro_attention_reference
 from . import __version__
 from .errors import BackendError
 from .intercept import DenseFn, intercept_components
+from .models.fused_gelu import fused_gelu_projections
 from .plan import Plan
 
 
@@ -209,11 +210,14 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv) for name in loaded.components}
-    with intercept_components(loaded, handlers, fuse_norm_rope=fuses_norm_rope(chosen)):
+    fuse = fuses(chosen)
+    with intercept_components(loaded, handlers, fuse_norm_rope=fuse), \
+            fused_gelu_projections(loaded.components.values() if fuse else ()):
         yield PlanRun(handlers, chosen, qk, pv)
 
 
-def fuses_norm_rope(backend: AttentionBackend) -> bool:
-    """Whether runs on `backend` also fuse the QK norm and RoPE (intercept.py): with the Triton
-    kernels, i.e. on a GPU in bf16/fp16; the torch path stays the stock processors."""
+def fuses(backend: AttentionBackend) -> bool:
+    """Whether runs on `backend` also fuse work around attention: the QK norm and RoPE
+    (intercept.py) and the feed-forward's tanh-GELU projections (models/fused_gelu.py). With the
+    Triton kernels, i.e. on a GPU in bf16/fp16; the torch path keeps the stock modules."""
     return backend.name == "triton"
