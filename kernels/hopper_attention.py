@@ -13,7 +13,10 @@ FlashAttention-3's schedule, which Triton's own compiler does not produce for sm
   tensor cores serve one warpgroup while the other runs its softmax.
 - setmaxnreg moves registers from the producer (24 per thread) to the consumers (240).
 - With FP8 V, each P V product goes into a fresh accumulator and is added to acc in fp32, as
-  in the portable kernel (triton_attention._accumulate says why).
+  in the portable kernel (triton_attention._accumulate says why); the add runs while the next
+  tile's score product is still in flight. FP8 P reaches that product in the registers the
+  score accumulator left it in: the prep pass stored V's keys swizzled to match (as for the
+  portable kernel), so the layout change moves no data.
 
 On the H100 this beats the portable kernel by 1.2-1.4x at head dim 128 and in 16-bit at head
 dim 64 (BENCHMARKS.md). At head dim 64 with 8-bit QK the softmax, not the tensor cores,
@@ -204,9 +207,10 @@ if _IMPORTED:
             mbarrier.arrive(turn.index(1 - c))
             if PV == 0:
                 acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
-            else:
-                pv, s_next = warpgroup_mma_wait(0, deps=[pv, s_next])
+            else:  # P V was issued first: add it in while the score product still runs
+                pv = warpgroup_mma_wait(1, deps=[pv])
                 acc = acc * alpha + pv
+                s_next = warpgroup_mma_wait(0, deps=[s_next])
             mbarrier.arrive(kv_empty.index(j % STAGES))
         return acc, l_i, v_scale
 
