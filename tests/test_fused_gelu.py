@@ -49,14 +49,7 @@ def test_exact_gelu_projections_are_left_alone():
 def test_fused_path_equals_stock(monkeypatch):
     """Through a CPU stand-in for the CUDA op: the same output as the stock module, from one
     call per projection with a (rows, in) x (in, out) product."""
-    calls = []
-
-    def addmm_gelu_tanh(bias, mat1, mat2, use_gelu):
-        calls.append((tuple(mat1.shape), tuple(mat2.shape), use_gelu))
-        return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
-
-    monkeypatch.setattr(fused_gelu, "FUSED_DEVICES", ("cpu",))
-    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu_tanh)
+    calls = fused_on_cpu(monkeypatch)
     model = build_planted_transformer()
     ff, gelu, x = feed_forward_input(model)
     with torch.no_grad():
@@ -67,6 +60,50 @@ def test_fused_path_equals_stock(monkeypatch):
                 differentiated = ff(x)  # autograd on: the stock path
     assert calls == [((12, gelu.proj.in_features), (gelu.proj.in_features, gelu.proj.out_features), True)]
     assert rel_l2(fused, stock) < 1e-6 and torch.equal(differentiated, stock)
+
+
+def fused_on_cpu(monkeypatch):
+    """Make CPU a fused device, with a stand-in for the CUDA op (the GEMM plus bias, then the
+    tanh GELU); returns the list of its calls' operand shapes."""
+    calls = []
+
+    def addmm_gelu_tanh(bias, mat1, mat2, use_gelu):
+        calls.append((tuple(mat1.shape), tuple(mat2.shape), use_gelu))
+        return F.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(fused_gelu, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu_tanh)
+    return calls
+
+
+def test_fused_path_under_compile(monkeypatch):
+    """torch.compile(fullgraph=True) traces the fused module's checks and op: no graph break."""
+    calls = fused_on_cpu(monkeypatch)
+    model = build_planted_transformer()
+    ff, _, x = feed_forward_input(model)
+    with torch.no_grad(), fused_gelu_projections([model]):
+        eager = ff(x)
+        compiled = torch.compile(ff, fullgraph=True, backend="aot_eager")(x)
+    assert len(calls) == 2 and torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_stock_path_for_lora_hooked_or_quantised_projections(monkeypatch):
+    """A fused GEMM would skip what these add in the Linear's own call."""
+    calls = fused_on_cpu(monkeypatch)
+    model = build_planted_transformer()
+    ff, gelu, x = feed_forward_input(model)
+    with torch.no_grad():
+        stock = ff(x)
+    lora = type("LoraLinear", (torch.nn.Linear,), {})(gelu.proj.in_features, gelu.proj.out_features)
+    lora.load_state_dict(gelu.proj.state_dict())
+    hooked = torch.nn.Linear(gelu.proj.in_features, gelu.proj.out_features)
+    hooked.load_state_dict(gelu.proj.state_dict())
+    hooked.forward = hooked.forward  # as accelerate's and diffusers' hooks do: an instance-level forward
+    with torch.no_grad(), fused_gelu_projections([model]):
+        for proj in (lora, hooked):
+            ff.net[0].proj = proj
+            assert torch.equal(ff(x), stock)
+    assert calls == []
 
 
 def test_cpu_runs_the_stock_path(monkeypatch):

@@ -35,14 +35,25 @@ class FusedTanhGelu(torch.nn.Module):
         self.proj = stock.proj
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
-        fusable = (hidden_states.device.type in FUSED_DEVICES and weight.device == hidden_states.device
-                   and weight.dtype == hidden_states.dtype and bias is not None and not torch.is_grad_enabled())
-        if not fusable:  # autograd, no bias, or weights elsewhere (e.g. offloaded by accelerate's hooks): the stock path
+        if not self._fusable(hidden_states):
             return F.gelu(self.proj(hidden_states), approximate="tanh")
+        weight, bias = self.proj.weight, self.proj.bias
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
         return out.view(*hidden_states.shape[:-1], out.shape[-1])
+
+    def _fusable(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the fused GEMM computes what the stock module would. Not with autograd on, a
+        subclassed Linear (a LoRA layer adds its own term in its forward), a hooked one
+        (offloading and layerwise-casting hooks, accelerate's and diffusers', replace its
+        forward to move or cast the weights), weights that are not plain tensors (quantised
+        ones) or not on the input's device and dtype, or no bias."""
+        proj = self.proj
+        weight, bias = proj.weight, proj.bias
+        return (hidden_states.device.type in FUSED_DEVICES and not torch.is_grad_enabled() and type(proj) is torch.nn.Linear
+                and "forward" not in vars(proj) and not proj._forward_hooks and not proj._forward_pre_hooks and bias is not None
+                and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (weight, bias))
+                and weight.device == hidden_states.device and weight.dtype == hidden_states.dtype)
 
 
 def _tanh_gelu_sites(transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GELU]]:
