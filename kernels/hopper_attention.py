@@ -9,14 +9,14 @@ FlashAttention-3's schedule, which Triton's own compiler does not produce for sm
   mbarriers: `kv_ready[s]` (the copy landed) and `kv_empty[s]` (both consumers are done).
 - Two consumer warpgroups each own 64 of the tile's rows and run the online softmax. At key
   tile j a consumer issues O += P_j V_j and S_{j+1} = Q K_{j+1}^T together, then waits for
-  both. Ping-pong: two `turn` mbarriers make the consumers take turns at issuing, so the
+  both (with FP8 V, for P_j V_j first: below). Ping-pong: two `turn` mbarriers make the consumers take turns at issuing, so the
   tensor cores serve one warpgroup while the other runs its softmax.
 - setmaxnreg moves registers from the producer (24 per thread) to the consumers (240).
 - With FP8 V, each P V product goes into a fresh accumulator and is added to acc in fp32, as
   in the portable kernel (triton_attention._accumulate says why); the add runs while the next
   tile's score product is still in flight. FP8 P reaches that product in the registers the
-  score accumulator left it in: the prep pass stored V's keys swizzled to match (as for the
-  portable kernel), so the layout change moves no data.
+  score accumulator left its values in (tile_order.swizzled_columns; the prep pass stored V's
+  keys swizzled to match, as for the portable kernel), so the layout change moves no data.
 
 On the H100 this beats the portable kernel by 1.2-1.4x at head dim 128 and in 16-bit at head
 dim 64 (BENCHMARKS.md). At head dim 64 with 8-bit QK the softmax, not the tensor cores,
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .tile_order import key_tile, program_tile
+from .tile_order import key_tile, program_tile, swizzled_columns
 
 try:
     from triton.experimental import gluon
@@ -115,17 +115,6 @@ if _IMPORTED:
         return scale, v_scale
 
     @gluon.jit
-    def _swizzled_columns(p):
-        """P with column c moved to triton_attention._swizzle(c), as a reshape and a permute: the
-        8-bit score accumulator's registers already hold each thread's columns where the 8-bit
-        P operand wants them in that order, so the layout change that follows moves no data
-        (V's keys were stored swizzled to match)."""
-        R: gl.constexpr = p.shape[0]
-        C: gl.constexpr = p.shape[1]
-        p = gl.permute(gl.reshape(p, [R, C // 32, 2, 2, 2, 2, 2]), (0, 1, 2, 4, 5, 3, 6))
-        return gl.reshape(p, [R, C])
-
-    @gluon.jit
     def _consume(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
                  is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N,
                  QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr):
@@ -134,7 +123,8 @@ if _IMPORTED:
 
         The loop is rotated: S_j arrives from the previous iteration, so what each iteration
         issues at once (P_j V_j and the next tile's scores) is what the other consumer's
-        softmax can hide; the next tile's index and scales are loaded while those run. The
+        softmax can hide. Tile indices are loaded an iteration ahead of their scales, so the
+        scales' loads wait for nothing and land while the products run. The
         last iteration's score product reads a stale buffer and is discarded. An empty key
         list runs one tile, whose result `_store` discards."""
         qk_ty: gl.constexpr = k_smem.dtype
@@ -187,7 +177,7 @@ if _IMPORTED:
                 acc = acc * alpha
             p_op = p.to(pv_ty)
             if PV != 0:
-                p_op = _swizzled_columns(p_op)
+                p_op = swizzled_columns(p_op)
             p_op = gl.convert_layout(p_op, p_layout)
 
             nxt = j + 1

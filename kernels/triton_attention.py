@@ -43,7 +43,7 @@ from triton.language.extra.cuda import libdevice
 from . import hopper_attention
 from .layout import SequenceLayout, num_blocks
 from .quant import MIN_AMAX, QMAX, QUERY_SCALE_ROWS, channel_shift
-from .tile_order import key_tile, program_tile
+from .tile_order import key_tile, program_tile, swizzle, swizzled_columns
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -177,25 +177,6 @@ def _ratio(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _swizzle(key):
-    """Position of a tile's key in a swizzled V tile: bits 3, 2, 1 of its index move to 1, 3,
-    2 (keys move within groups of 16). On sm_90 that is where the score accumulator's
-    registers already hold the key's column for an 8-bit wgmma operand."""
-    return (key & ~0xE) | ((key & 0x6) << 1) | ((key >> 2) & 0x2)
-
-
-@triton.jit
-def _swizzled_columns(p):
-    """P with column c moved to _swizzle(c), written as a reshape and a permute of the bits so
-    that Triton sees no data move: P then feeds an 8-bit product with a swizzled V without the
-    register shuffles that its accumulator-to-operand layout change costs otherwise."""
-    R: tl.constexpr = p.shape[0]
-    C: tl.constexpr = p.shape[1]
-    p = tl.permute(tl.reshape(p, [R, C // 32, 2, 2, 2, 2, 2]), (0, 1, 2, 4, 5, 3, 6))
-    return tl.reshape(p, [R, C])
-
-
-@triton.jit
 def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, PV_APART: tl.constexpr,
                 SWIZZLE_V: tl.constexpr):
     """acc + P V for the V tile at `v_tile` (element offsets `v_offs`, as in `_scores`), P
@@ -207,7 +188,7 @@ def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, 
     swizzled, so P's columns follow."""
     v = tl.load(v_tile + v_offs)
     if SWIZZLE_V:
-        p = _swizzled_columns(p)
+        p = swizzled_columns(p)
     if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
     else:  # FP8 (448 p uses e4m3's whole range) or 16-bit
@@ -382,7 +363,7 @@ def _prep_kernel(
     k_src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows * stride_ks + d[None, :] * stride_kd
     v_src = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows * stride_vs + d[None, :] * stride_vd
     dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
-    v_rows = tile * BLOCK + _swizzle(offs) if SWIZZLE_V else buf_rows
+    v_rows = tile * BLOCK + swizzle(offs) if SWIZZLE_V else buf_rows
     vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + v_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
@@ -436,7 +417,7 @@ def launch_config(block: int, head_dim: int, qk: str, pv: str) -> dict:
     not the tensor cores, so each tile is split between two programs of 64 rows
     (SageAttention2's sm90 kernel uses 64-row CTAs too) capped at 128 registers, which fits
     four programs per SM whose softmax and products overlap; V's keys swizzled (see
-    `_swizzle`). With 16-bit PV the same split measured 28% slower. FP8 P V products are
+    `tile_order.swizzle`). With 16-bit PV the same split measured 28% slower. FP8 P V products are
     always computed apart (see `_accumulate`)."""
     config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": format_code(pv) == FP8, "swizzle_v": False}
     if not INTERPRET and block >= 128 and head_dim <= 64 and format_code(qk) != FLOAT and format_code(pv) == FP8:
@@ -506,7 +487,7 @@ def paro_attention_triton(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
     hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
-    launch = {"swizzle_v": pv_code != 0} if hopper else dict(config or launch_config(block, dim, qk, pv))
+    launch = {"swizzle_v": pv_code == FP8} if hopper else dict(config or launch_config(block, dim, qk, pv))
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", pv_code == FP8), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")

@@ -21,7 +21,7 @@ from kernels.reference import paro_attention_reference
 
 from . import __version__
 from .errors import BackendError
-from .intercept import DenseFn, intercept_components
+from .intercept import AttentionInterceptor, DenseFn
 from .models.fused_gelu import fused_gelu_projections
 from .plan import Plan
 
@@ -210,9 +210,7 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
     handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv) for name in loaded.components}
-    fuse = fuses(chosen)
-    with intercept_components(loaded, handlers, fuse_norm_rope=fuse), \
-            fused_gelu_projections(loaded.components.values() if fuse else ()):
+    with routed(loaded.components, loaded.adapter, handlers, fuses(chosen)):
         yield PlanRun(handlers, chosen, qk, pv)
 
 
@@ -221,3 +219,15 @@ def fuses(backend: AttentionBackend) -> bool:
     (intercept.py) and the feed-forward's tanh-GELU projections (models/fused_gelu.py). With the
     Triton kernels, i.e. on a GPU in bf16/fp16; the torch path keeps the stock modules."""
     return backend.name == "triton"
+
+
+@contextlib.contextmanager
+def routed(components: dict[str, torch.nn.Module], adapter, handlers: dict, fuse: bool) -> Iterator[None]:
+    """Each transformer's self-attention routed to its handler (intercept.py), with paro's
+    fusions around attention too when `fuse` (see `fuses`)."""
+    with contextlib.ExitStack() as stack:
+        if fuse:
+            stack.enter_context(fused_gelu_projections(components.values()))
+        for name, transformer in components.items():
+            stack.enter_context(AttentionInterceptor(transformer, adapter, handlers[name], fuse_norm_rope=fuse))
+        yield

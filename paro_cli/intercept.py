@@ -219,11 +219,11 @@ def _router(route: tuple[int, str], sdpa: bool) -> Callable:
 
 
 @contextlib.contextmanager
-def intercept_components(loaded, handlers: dict, fuse_norm_rope: bool = False) -> Iterator[None]:
+def intercept_components(loaded, handlers: dict) -> Iterator[None]:
     """Each of `loaded`'s transformers (its components: Wan 2.2 has two) routed to its handler."""
     with contextlib.ExitStack() as stack:
         for name, transformer in loaded.components.items():
-            stack.enter_context(AttentionInterceptor(transformer, loaded.adapter, handlers[name], fuse_norm_rope))
+            stack.enter_context(AttentionInterceptor(transformer, loaded.adapter, handlers[name]))
         yield
 
 

@@ -87,23 +87,69 @@ def test_fused_path_under_compile(monkeypatch):
     assert len(calls) == 2 and torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_stock_path_for_lora_hooked_or_quantised_projections(monkeypatch):
-    """A fused GEMM would skip what these add in the Linear's own call."""
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass standing in for a quantised weight's."""
+
+
+def stock_variants(proj: torch.nn.Linear) -> dict:
+    """Linears computing proj's function (or, without bias, what they compute) that the fused
+    GEMM would get wrong or must not touch."""
+    def clone(cls=torch.nn.Linear, bias=True):
+        new = cls(proj.in_features, proj.out_features, bias=bias)
+        new.load_state_dict(proj.state_dict(), strict=bias)
+        return new
+
+    lora = clone(type("LoraLinear", (torch.nn.Linear,), {}))  # a LoRA layer adds its term in its forward
+    own_forward = clone()
+    own_forward.forward = own_forward.forward  # how accelerate's and diffusers' hooks install themselves
+    forward_hook = clone()
+    forward_hook.register_forward_hook(lambda module, args, out: out)
+    subclassed_weight = clone()
+    subclassed_weight.weight = torch.nn.Parameter(proj.weight.detach().clone().as_subclass(TaggedTensor))
+    return {"lora": lora, "own forward": own_forward, "forward hook": forward_hook,
+            "tensor-subclass weight": subclassed_weight, "no bias": clone(bias=False)}
+
+
+def test_stock_path_where_the_fused_gemm_would_differ(monkeypatch):
+    """LoRA-wrapped, hooked, quantised (a tensor subclass), bias-free projections and autocast
+    runs keep the stock module's own call."""
     calls = fused_on_cpu(monkeypatch)
     model = build_planted_transformer()
     ff, gelu, x = feed_forward_input(model)
-    with torch.no_grad():
-        stock = ff(x)
-    lora = type("LoraLinear", (torch.nn.Linear,), {})(gelu.proj.in_features, gelu.proj.out_features)
-    lora.load_state_dict(gelu.proj.state_dict())
-    hooked = torch.nn.Linear(gelu.proj.in_features, gelu.proj.out_features)
-    hooked.load_state_dict(gelu.proj.state_dict())
-    hooked.forward = hooked.forward  # as accelerate's and diffusers' hooks do: an instance-level forward
     with torch.no_grad(), fused_gelu_projections([model]):
-        for proj in (lora, hooked):
-            ff.net[0].proj = proj
-            assert torch.equal(ff(x), stock)
-    assert calls == []
+        stand_in, plain = ff.net[0], gelu.proj
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stand_in(x)
+        for name, proj in stock_variants(plain).items():
+            gelu.proj = stand_in.proj = proj
+            assert torch.equal(stand_in(x), F.gelu(proj(x), approximate="tanh")), name
+        assert calls == []
+        gelu.proj = stand_in.proj = plain
+        stand_in(x)  # and the plain Linear is fused, outside autocast
+    assert len(calls) == 1
+
+
+def test_hooked_gelu_modules_are_not_replaced_and_exceptions_restore():
+    model = build_planted_transformer()
+    gelus = [m for m in model.modules() if type(m) is GELU]
+    gelus[0].register_forward_hook(lambda module, args, out: out)  # a stand-in would not run it
+    with pytest.raises(KeyboardInterrupt), fused_gelu_projections([model]):
+        assert [type(m) for m in model.modules() if isinstance(m, (GELU, FusedTanhGelu))] == [GELU] + [FusedTanhGelu] * (len(gelus) - 1)
+        raise KeyboardInterrupt
+    assert [m for m in model.modules() if type(m) is GELU] == gelus
+
+
+def test_both_experts_fused_through_routed():
+    """backend.routed, which use_plan enters on the Triton backend: every transformer of the model
+    (Wan 2.2's two experts) gets the stand-ins, and they leave with it."""
+    from paro_cli.backend import routed
+    from paro_cli.intercept import StockAttention
+    from paro_cli.models.loading import load_model
+
+    experts = load_model("planted-experts", "float32", torch.device("cpu"))
+    with routed(experts.components, experts.adapter, dict.fromkeys(experts.components, StockAttention()), fuse=True):
+        assert all(any(type(m) is FusedTanhGelu for m in t.modules()) for t in experts.components.values())
+    assert not any(type(m) is FusedTanhGelu for t in experts.components.values() for m in t.modules())
 
 
 def test_cpu_runs_the_stock_path(monkeypatch):
@@ -128,6 +174,7 @@ def test_cuda_op_is_the_tanh_gelu(dtype, bound):
     stock.proj = linear
     x = 2 * torch.randn(3, 500, 256, device="cuda", dtype=dtype)
     with torch.no_grad():
+        assert FusedTanhGelu(stock)._fusable(x)
         fused = FusedTanhGelu(stock)(x)
         pre = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     assert rel_l2(fused, F.gelu(pre, approximate="tanh")) < bound

@@ -19,11 +19,11 @@ import torch
 from kernels.layout import num_blocks
 from kernels.orders import candidate_orders
 
-from ..backend import PlanAttention, fuses, select_backend
+from ..backend import PlanAttention, fuses, routed, select_backend
 from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
-from ..models.fused_gelu import fused_gelu_projections
+from ..models.fused_gelu import tanh_gelu_sites
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
 from .kernel import random_kept
 
@@ -98,15 +98,15 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         rows.append(timed("no attention", density=None, qk=None, pv=None))
     backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
     # the share of paro's speed-up that is its fusions around attention (backend.fuses)
-    if any(map(fuses, backends.values())):
-        with AttentionInterceptor(tr, adapter, StockAttention(), fuse_norm_rope=True), fused_gelu_projections([tr]):
-            rows.append(timed("dense, fused norm+RoPE+GELU", density=1.0, qk=None, pv=None))
+    fused = [name for name, present in (("norm+RoPE", adapter.norm_rope_processor is not None), ("GELU", tanh_gelu_sites(tr)))
+             if present]
+    if fused and any(map(fuses, backends.values())):
+        with routed({"transformer": tr}, adapter, {"transformer": StockAttention()}, fuse=True):
+            rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
     for (qk, pv), chosen in backends.items():
         plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]
         handler = PlanAttention(plans[0], "transformer", chosen, loaded.device, qk, pv)
-        fuse = fuses(chosen)
-        with AttentionInterceptor(tr, adapter, handler, fuse_norm_rope=fuse), fused_gelu_projections([tr] if fuse else []), \
-                maybe_compiled():
+        with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)), maybe_compiled():
             for plan in plans:
                 handler.use(plan)  # the same buffers, refilled: a compiled step keeps reading them
                 progress(f"timing paro d={plan.density} {qk}/{pv}")
