@@ -9,8 +9,9 @@ FlashAttention-3's schedule, which Triton's own compiler does not produce for sm
   mbarriers: `kv_ready[s]` (the copy landed) and `kv_empty[s]` (both consumers are done).
 - Two consumer warpgroups each own 64 of the tile's rows and run the online softmax. At key
   tile j a consumer issues O += P_j V_j and S_{j+1} = Q K_{j+1}^T together, then waits for
-  both (with FP8 V, for P_j V_j first: below). Ping-pong: two `turn` mbarriers make the consumers take turns at issuing, so the
-  tensor cores serve one warpgroup while the other runs its softmax.
+  both (with FP8 V, for P_j V_j first: below). Ping-pong: two `turn` mbarriers make the
+  consumers take turns at issuing, so the tensor cores serve one warpgroup while the other
+  runs its softmax.
 - setmaxnreg moves registers from the producer (24 per thread) to the consumers (240).
 - With FP8 V, each P V product goes into a fresh accumulator and is added to acc in fp32, as
   in the portable kernel (triton_attention._accumulate says why); the add runs while the next
