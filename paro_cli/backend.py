@@ -23,6 +23,7 @@ from . import __version__
 from .errors import BackendError
 from .intercept import AttentionInterceptor, DenseFn
 from .models.fused_gelu import fused_gelu_projections
+from .parallel import local_heads
 from .plan import Plan
 
 
@@ -114,8 +115,11 @@ class PlanAttention:
     attention for dense layers and steps.
     """
 
-    def __init__(self, plan: Plan, component: str, backend: AttentionBackend, device: torch.device, qk: str, pv: str):
+    def __init__(self, plan: Plan, component: str, backend: AttentionBackend, device: torch.device, qk: str, pv: str,
+                 heads: slice | None = None):
         self.component = component
+        # The heads this rank's calls hold (parallel.local_heads): all of them on one GPU.
+        self.heads = heads or slice(0, plan.components[component].num_heads)
         self.qk, self.pv = qk, pv
         self.backend = backend
         self.device = device
@@ -123,7 +127,8 @@ class PlanAttention:
         # the slot or the plan changes): a compiled graph or a captured CUDA graph keeps reading
         # the same tensors.
         comp = plan.components[component]
-        layers, heads, nb, n = comp.num_layers, comp.num_heads, plan.num_blocks, plan.grid[0] * plan.grid[1] * plan.grid[2]
+        layers, nb, n = comp.num_layers, plan.num_blocks, plan.grid[0] * plan.grid[1] * plan.grid[2]
+        heads = len(range(comp.num_heads)[self.heads])
         self.perms = torch.zeros(layers, heads, n, dtype=torch.long, device=device)
         self.kept = torch.zeros(layers, heads, nb, nb, dtype=torch.bool, device=device)
         self.kv_index = torch.zeros(layers, heads, nb, nb, dtype=torch.int32, device=device)
@@ -138,7 +143,7 @@ class PlanAttention:
         (e.g. another density), in the same buffers."""
         self.plan = plan
         self.comp = plan.components[self.component]
-        self.perms.copy_(torch.stack([head_permutations(orders, plan.grid) for orders in self.comp.orders]))
+        self.perms.copy_(torch.stack([head_permutations(orders[self.heads], plan.grid) for orders in self.comp.orders]))
         self.dense_layers = set(plan.dense_layers)
         self.slot: int | None = None  # masks are loaded at the next forward
 
@@ -152,7 +157,7 @@ class PlanAttention:
         slot = self.plan.slot_of(t)
         if slot != self.slot:
             self.slot = slot
-            self.kept.copy_(self.comp.slot_masks(slot))
+            self.kept.copy_(self.comp.slot_masks(slot)[:, self.heads])
             index, count = kept_block_lists(self.kept)
             self.kv_index.copy_(index)
             self.kv_count.copy_(count)
@@ -209,7 +214,8 @@ def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: s
     check_plan(loaded, plan, grid)
     qk, pv = qk or plan.qk, pv or plan.pv
     chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
-    handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv) for name in loaded.components}
+    handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv, local_heads(tr, plan.components[name].num_heads))
+                for name, tr in loaded.components.items()}
     with routed(loaded.components, loaded.adapter, handlers, fuses(chosen)):
         yield PlanRun(handlers, chosen, qk, pv)
 

@@ -12,6 +12,7 @@ follow the same trajectory:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from . import runner
 from .errors import ParoError, RecipeError
 from .intercept import DenseFn, intercept_components
 from .models.loading import LoadedModel
+from .parallel import gather_heads, local_heads
 from .plan import ComponentPlan, Plan, pack_bits, text_position
 from .recipe import Recipe
 
@@ -144,11 +146,18 @@ class StepTracker:
         self.step += 1
 
 
-class OrderProfiler:
-    """Pass 1 handler: recall and incoherence of every candidate order, every head."""
+def _all_heads(local: torch.Tensor, dim: int) -> torch.Tensor:
+    return local
 
-    def __init__(self, layers: int, heads: int, block: int, density: float, steps: set[int]):
-        self.block, self.density, self.steps = block, density, steps
+
+class OrderProfiler:
+    """Pass 1 handler: recall and incoherence of every candidate order, every head.
+
+    `heads` is how many heads its calls hold (under context parallelism, this rank's: see
+    parallel.py); `gather(local, dim)` joins every rank's along the head dim `dim`."""
+
+    def __init__(self, layers: int, heads: int, block: int, density: float, steps: set[int], gather=_all_heads):
+        self.block, self.density, self.steps, self.gather = block, density, steps, gather
         self.tracker = StepTracker()
         self.profile = False
         self.recall: torch.Tensor | None = None
@@ -179,19 +188,25 @@ class OrderProfiler:
         self.tracker.step_done()
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean recall and incoherence (layers, heads, candidates) of every head."""
         n = self.count.clamp_min(1)[:, None, None]
-        return self.recall / n, self.incoherence / n
+        return self.gather(self.recall / n, 1), self.gather(self.incoherence / n, 1)
 
 
 class MassCollector:
-    """Pass 2 handler: block mass in the chosen orders, reduced to masks slot by slot."""
+    """Pass 2 handler: block mass in the chosen orders, reduced to masks slot by slot.
+
+    Its calls hold the heads `heads` (this rank's, under context parallelism); a finished slot's
+    mass is gathered over all heads (`gather`, as OrderProfiler's) before a layer's blocks are
+    chosen, since one threshold serves all of a layer's heads."""
 
     def __init__(self, orders: list[list[str]], grid, slots: list[int], block: int, density: float, dense_layers: set[int],
-                 layout: SequenceLayout, device: torch.device):
-        self.grid, self.slots = tuple(grid), slots
+                 layout: SequenceLayout, device: torch.device, heads: slice | None = None, gather=_all_heads):
+        self.grid, self.slots, self.gather = tuple(grid), slots, gather
+        local = heads or slice(0, len(orders[0]))
         self.block, self.density, self.dense_layers = block, density, dense_layers
         self.tracker = StepTracker(self.grid, layout)  # pass 1's input, its steps counted the same way
-        self.perms = torch.stack([head_permutations(o, self.grid) for o in orders]).to(device)
+        self.perms = torch.stack([head_permutations(o[local], self.grid) for o in orders]).to(device)
         self.n = self.grid[0] * self.grid[1] * self.grid[2]
         nb = num_blocks(self.n, block)
         layers, heads, num_slots = len(orders), len(orders[0]), max(slots) + 1
@@ -202,7 +217,7 @@ class MassCollector:
         self.packed = dense.expand(num_slots, layers, -1, -1).clone()
         self.achieved = torch.ones(num_slots, layers, heads)
         self.nb = nb
-        self.sum = torch.zeros(layers, heads, nb, nb, device=device)
+        self.sum = torch.zeros(layers, len(orders[0][local]), nb, nb, device=device)
         self.count = torch.zeros(layers)
         self.slot: int | None = None
 
@@ -231,7 +246,7 @@ class MassCollector:
     def finish_slot(self) -> None:
         for layer in range(self.sum.shape[0]):
             if layer not in self.dense_layers and self.count[layer] > 0:
-                kept = select_blocks(self.sum[layer] / self.count[layer], self.density, self.n, self.block).cpu()
+                kept = select_blocks(self.gather(self.sum[layer] / self.count[layer], 0), self.density, self.n, self.block).cpu()
                 self.packed[self.slot, layer] = pack_bits(kept)
                 self.achieved[self.slot, layer] = kept.float().mean(dim=(-1, -2))
         self.slot = None
@@ -272,14 +287,18 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
                           on_step=lambda i: ([h.step_done() for h in handlers.values()], progress.step(i)))
 
     profiled = profiled_steps(steps, cal.order_steps)
-    profilers = {name: OrderProfiler(layers[name], adapter.num_heads(tr), sp.block_size, sp.density, profiled)
+    heads = {name: local_heads(tr, adapter.num_heads(tr)) for name, tr in components.items()}  # this rank's
+    gathers = {name: functools.partial(gather_heads, tr) for name, tr in components.items()}
+    profilers = {name: OrderProfiler(layers[name], len(range(adapter.num_heads(tr))[heads[name]]), sp.block_size, sp.density,
+                                     profiled, gathers[name])
                  for name, tr in components.items()}
     run_pass("profiling orders", profilers)
     orders, scores = {}, {}
     for name, profiler in profilers.items():
         if not profiler.tracker.timesteps:  # an expert this schedule never runs: first allowed order, masks all dense
-            scores[name] = torch.zeros(*profiler.shape, len(names)), torch.zeros(*profiler.shape, len(names))
-            orders[name] = [[names[allowed[0]]] * profiler.shape[1] for _ in range(profiler.shape[0])]
+            shape = (layers[name], adapter.num_heads(components[name]), len(names))
+            scores[name] = torch.zeros(shape), torch.zeros(shape)
+            orders[name] = [[names[allowed[0]]] * shape[1] for _ in range(shape[0])]
             continue
         scores[name] = recall, incoherence = profiler.scores()
         if profiler.count.sum() == 0:
@@ -291,7 +310,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     timesteps = [schedule[i] for i in sorted(schedule)]
     layout = next(p.tracker.layout for p in profilers.values() if p.tracker.layout is not None)
     slots = slot_of_steps(len(timesteps), sp.slots)
-    collectors = {name: MassCollector(orders[name], grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device)
+    collectors = {name: MassCollector(orders[name], grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout, loaded.device,
+                                      heads[name], gathers[name])
                   for name in components}
     run_pass("building masks", collectors)
     fingerprints = loaded.fingerprints()

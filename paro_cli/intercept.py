@@ -37,6 +37,8 @@ import torch
 
 from kernels.layout import SequenceLayout
 
+from .parallel import gathered_order
+
 DenseFn = Callable[[], torch.Tensor]
 
 
@@ -163,9 +165,33 @@ class AttentionInterceptor:
         layer = self._take_layer(query, key, kwargs.get("attn_mask"))
         if layer is None:
             return dense()
+        if kwargs.get("parallel_config") is not None:
+            return self._ulysses(layer, query, key, value, args, kwargs)
         if kwargs.get("attn_mask") is None:
             return self.handler.attention(layer, query, key, value, dense, self.layout)
         return self._unpadded(layer, query, key, value, args, {**kwargs, "attn_mask": None})
+
+    def _ulysses(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
+        """A call under diffusers' context parallelism, on this rank's sequence shard: diffusers'
+        own Ulysses all-to-all gives the handler this rank's heads over the whole sequence (in the
+        layout's order, see parallel.gathered_order) and takes the output back to the shard."""
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        config, local = kwargs["parallel_config"], {**kwargs, "parallel_config": None}
+        if self.layout.text_len:
+            degree = config.context_parallel_config.ulysses_degree
+            order, inverse = gathered_order(self.layout.text_len, query.shape[1] * degree, degree, self.layout.text_first, query.device)
+        else:  # visual tokens alone: the gathered sequence is already in order
+            order = inverse = None
+
+        def heads_over_sequence(ctx, q, k, v, *unused, **unused_kwargs):
+            if order is not None:
+                q, k, v = (x[:, order] for x in (q, k, v))
+            out = self.handler.attention(layer, q, k, v, lambda: self.original(q, k, v, *args, **local), self.layout)
+            return out if inverse is None else out[:, inverse]
+
+        return _templated_context_parallel_attention(query, key, value, None, 0.0, False, kwargs.get("scale"), False, False,
+                                                     forward_op=heads_over_sequence, backward_op=None, _parallel_config=config)
 
     def _unpadded(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
         """A call whose text (after the video) is padded, per batch element: the video and its

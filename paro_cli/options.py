@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .errors import ParoError
 from .recipe import Recipe, load_recipe
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `paro recipes`) or YAML path. Default: tiny.")]
@@ -24,6 +25,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout
 PlanOpt = Annotated[Optional[str], typer.Option("--plan", "-p", help="Plan file from `paro calibrate`.")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="Prompt (default: the recipe's first calibration prompt).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed (default: the recipe's first seed).")]
+GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs of this host to run on, one process each, with diffusers' Ulysses context parallelism (Wan, Flux): each GPU holds a share of the heads.")]
 
 
 def build_recipe(recipe: str | None, **flags) -> Recipe:
@@ -39,3 +41,8 @@ def build_recipe(recipe: str | None, **flags) -> Recipe:
 def prompt_and_seed(recipe: Recipe, prompt: str | None, seed: int | None) -> tuple[str, int]:
     """The --prompt/--seed given, else the recipe's first calibration prompt and seed."""
     return (recipe.calibration.prompts[0] if prompt is None else prompt, recipe.calibration.seeds[0] if seed is None else seed)
+
+
+def check_compile_gpus(compiled: bool, gpus: int) -> None:
+    if compiled and gpus > 1:
+        raise ParoError("--compile with --gpus is not supported yet", "drop --compile, or run on one GPU")

@@ -18,19 +18,21 @@ PIPED_WIDTH = 120
 
 
 class Output:
-    def __init__(self, as_json: bool = False):
-        self.as_json = as_json
+    """`silent`: prints nothing at all (a worker process other than rank 0, see parallel.py)."""
+
+    def __init__(self, as_json: bool = False, silent: bool = False):
+        self.as_json, self.silent = as_json, silent
         # Piped output (CI logs) has no terminal width; Rich would assume 80 columns and cut cells.
         piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
         self.console = Console(width=PIPED_WIDTH if piped else None)
         self.errors = Console(stderr=True)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        if not self.as_json:  # lines are left whole (soft wrap): logs and greps see them unbroken
+        if not (self.as_json or self.silent):  # lines are left whole (soft wrap): logs and greps see them unbroken
             self.console.print(*args, **{"soft_wrap": True, **kwargs})
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
-        if self.as_json:
+        if self.as_json or self.silent:
             return
         table = Table(title=title)
         for i, col in enumerate(columns):
@@ -40,7 +42,7 @@ class Output:
         self.console.print(table)
 
     def json(self, data: Any) -> None:
-        if self.as_json:
+        if self.as_json and not self.silent:
             sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @contextlib.contextmanager
@@ -49,7 +51,7 @@ class Output:
         so checks that fail before any work print nothing but their error."""
         bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.errors, disable=self.as_json,
+            console=self.errors, disable=self.as_json or self.silent,
         )
         steps = StepProgress(bar)
         try:

@@ -138,6 +138,8 @@ def test_recipes(capsys):
     (["bench", "e2e"], "needs a plan"),
     (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
     (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
+    (["generate", "--gpus", "0", "--out", "OUT/v.mp4"], "--gpus 0 is not a number of GPUs"),
+    (["generate", "--compile", "--gpus", "2", "--out", "OUT/v.mp4"], "--compile with --gpus is not supported yet"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
     args = [a.replace("OUT", str(tmp_path)).replace("PLAN", str(plan_file)) for a in args]
@@ -151,6 +153,16 @@ def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_fi
 def test_triton_backend_refused_on_cpu(capsys, tmp_path, plan_file):
     code, _, err = paro(capsys, "generate", "--recipe", "planted", "--plan", plan_file, "--backend", "triton", "--out", tmp_path / "v.mp4")
     assert code == 2 and err.startswith("error: backend 'triton' does not run on cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
+@pytest.mark.parametrize("command", [["generate", "--out", "OUT/v.mp4"], ["calibrate", "--out", "OUT/p.safetensors"],
+                                     ["bench", "e2e", "--architecture", "wan2.1-t2v-1.3b"]])
+def test_more_gpus_than_the_machine_has_is_refused(capsys, tmp_path, command):
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    code, _, err = paro(capsys, *[a.replace("OUT", str(tmp_path)) for a in command], "--gpus", "2")
+    assert code == 2 and err == f"error: --gpus 2 needs 2 CUDA GPUs, this machine has {found} (pass --gpus {found or 1} or fewer)\n"
     assert list(tmp_path.iterdir()) == []
 
 

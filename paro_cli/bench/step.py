@@ -19,11 +19,13 @@ import torch
 from kernels.layout import num_blocks
 from kernels.orders import candidate_orders
 
+from .. import parallel
 from ..backend import PlanAttention, fuses, routed, select_backend
 from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
+from ..parallel import local_heads
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
 from .kernel import random_kept
 
@@ -118,3 +120,48 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
     return {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu", "grid": list(grid),
             "text_tokens": layout.text_len, "batch": inputs["hidden_states"].shape[0], "compiled": compiled, "repeats": repeats,
             "block": block, "attention_share_dense": 1 - rest / dense, "attention_bound_speedup": dense / rest, "rows": rows}
+
+
+def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, repeats: int, backend: str,
+            progress=lambda msg: None) -> dict:
+    """Under `parallel.run` with several GPUs: the dense step and paro's per (precision, density),
+    each on one GPU (rank 0 alone, the model whole) and then on all of them (Ulysses context
+    parallelism), and how far the output of the split step lies from the one-GPU output."""
+    tr, adapter = loaded.transformer, loaded.adapter
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    layout = adapter.sequence_layout((), inputs)
+    backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
+    plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}
+
+    def output():
+        with torch.no_grad():
+            return tr(**inputs, return_dict=False)[0]
+
+    def measure(gpus: int) -> list[dict]:
+        progress(f"timing dense on {gpus} GPU(s)")
+        rows = [{"variant": "dense", "density": 1.0, "qk": None, "pv": None, **_time(output, repeats, sync), "output": output()}]
+        for pair, chosen in backends.items():
+            handler = PlanAttention(plans[pair][0], "transformer", chosen, loaded.device, *pair,
+                                    local_heads(tr, adapter.num_heads(tr)))
+            with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)):
+                for plan in plans[pair]:
+                    handler.use(plan)
+                    progress(f"timing paro d={plan.density} {pair[0]}/{pair[1]} on {gpus} GPU(s)")
+                    rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": pair[0], "pv": pair[1],
+                                 **_time(output, repeats, sync), "output": output()})
+        return rows
+
+    gpus = parallel.world_size()
+    single = measure(1) if parallel.is_primary() else None
+    torch.distributed.barrier()  # the other ranks wait while rank 0 runs the whole model alone
+    parallel.enable_ulysses(loaded, grid, layout.text_len)
+    rows = measure(gpus)
+    if single is not None:
+        for row, alone in zip(rows, single):
+            a, b = row.pop("output").double(), alone.pop("output").double()
+            row.update(ms_1gpu=alone["ms"], ms_1gpu_range=alone["ms_range"], time_vs_1gpu=row["ms"] / alone["ms"],
+                       output_rel_l2_vs_1gpu=((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
+                       output_max_abs_vs_1gpu=(a - b).abs().max().item())
+    return {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu", "gpus": gpus, "grid": list(grid),
+            "text_tokens": layout.text_len, "batch": inputs["hidden_states"].shape[0], "compiled": False, "repeats": repeats,
+            "block": block, "rows": rows}

@@ -9,13 +9,14 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from .. import parallel
 from ..backend import BACKENDS, check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
 from ..models.architectures import ARCHITECTURES
 from ..models.loading import load_model
-from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
-                       RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
+from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
+                       RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus, prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
 from ..runner import token_grid
@@ -60,29 +61,38 @@ def e2e(
     compile_: Annotated[bool, typer.Option("--compile/--eager", help="With --architecture: torch.compile the transformer (fullgraph), the dense baseline too.")] = False,
     repeats: Annotated[int, typer.Option(help="With --architecture: timed steps per variant (after two untimed ones); the median is reported.")] = 5,
     block_size: Annotated[int, typer.Option("--block-size", help="With --architecture: the synthetic plans' block size.")] = 128,
+    gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Time a full sampling run with dense attention and with the plan, on this device: per-step
     latency (median, first step excluded as warm-up), speed-up, and the output's distance from dense.
     With --architecture: one denoising step of a full-size model (random weights), dense and with
-    plans of each density and precision, and the share of the step spent in attention."""
+    plans of each density and precision, and the share of the step spent in attention; with
+    --gpus N as well, each variant's step on one GPU and on N, and their outputs' distance."""
+    check_compile_gpus(compile_, gpus)
     if architecture is not None:
-        _architecture_steps(architecture, density, precision, compile_, repeats, block_size, backend or "auto", as_json)
+        _architecture_steps(architecture, density, precision, compile_, repeats, block_size, backend or "auto", gpus, as_json)
         return
     if plan is None:
         raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`, or --architecture NAME")
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
-    loaded_plan = load_plan(plan)
-    ui = Output(as_json)
-    loaded = load_model(r.model, r.sampling.dtype)
+    parallel.run(gpus, _plan_e2e, r, load_plan(plan), plan, prompt, seed, qk, pv, as_json)
+
+
+def _plan_e2e(r, loaded_plan, plan: str, prompt, seed, qk, pv, as_json: bool) -> None:
+    """The benchmark itself, in each worker process with --gpus (rank 0 prints)."""
+    ui = Output(as_json, silent=not parallel.is_primary())
+    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
     grid = token_grid(loaded, r)
     check_plan(loaded, loaded_plan, grid)  # before the dense run, not after it
+    parallel.enable_ulysses(loaded, grid, loaded_plan.text_tokens)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
         result = e2e_bench.run(loaded, r, loaded_plan, plan, grid, text, seed_, qk, pv, bar)
+    result["gpus"] = parallel.world_size()
     ms, psnr_db = result["paro_ms_per_step"], result["psnr_db"]
     ui.table(
-        f"end to end on {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, {r.sampling.steps} steps",
+        f"end to end on {result['gpus']} x {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, {r.sampling.steps} steps",
         ["attention", "ms / step", "speed-up", "PSNR vs dense (dB)", "rel. L2 vs dense"],
         [
             ["dense (stock)", f"{result['dense_ms_per_step']:.1f}", "1.00x", "-", "-"],
@@ -93,24 +103,46 @@ def e2e(
     ui.json(result)
 
 
-def _architecture_steps(name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, as_json: bool) -> None:
+def _architecture_steps(name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, gpus: int,
+                        as_json: bool) -> None:
+    if repeats < 1:
+        raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
+    if name not in ARCHITECTURES:
+        raise ParoError(f"unknown architecture {name!r}", "choose one of " + ", ".join(ARCHITECTURES))
+    densities = check_densities(density or [0.5, 0.3, 0.2])
+    pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats)
+    parallel.run(gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json)
+
+
+def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int, block: int, backend: str, as_json: bool) -> None:
+    """The step benchmark, in each worker process with --gpus (rank 0 prints)."""
     from ..bench import step as step_bench
     from ..models.architectures import build_architecture, step_inputs
     from ..recipe import load_recipe
 
-    if repeats < 1:
-        raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
-    densities = check_densities(density or [0.5, 0.3, 0.2])
-    pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats)
-    ui = Output(as_json)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = build_architecture(name, device)
+    ui = Output(as_json, silent=not parallel.is_primary())
+    loaded = build_architecture(name, parallel.device())
     grid, inputs = step_inputs(loaded, name, load_recipe(name))
-    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    progress = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731
+    title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}"
+    if parallel.world_size() > 1:
+        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, progress)
+        result["architecture"] = name
+        ui.table(
+            f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x {result['device']} "
+            "(Ulysses) against 1",
+            ["variant", "density", "QK/PV", f"ms / step, {result['gpus']} GPUs", "ms / step, 1 GPU", "time vs 1 GPU",
+             "output rel. L2 vs 1 GPU"],
+            [[r["variant"], r["density"], "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}", f"{r['ms']:.1f}", f"{r['ms_1gpu']:.1f}",
+              f"{r['time_vs_1gpu']:.3f}x", f"{r['output_rel_l2_vs_1gpu']:.2e}"] for r in result["rows"]],
+        )
+        ui.json(result)
+        return
+    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, progress=progress)
     result["architecture"] = name
     dense = result["rows"][0]["ms"]
     ui.table(
-        f"{name} (random weights), one step, grid {'x'.join(map(str, grid))} + {result['text_tokens']} text, batch {result['batch']}, "
+        f"{title} + {result['text_tokens']} text, batch {result['batch']}, "
         f"{'compiled' if compiled else 'eager'}, on {result['device']}: attention {100 * result['attention_share_dense']:.0f}% of the dense step",
         ["variant", "density", "QK/PV", "ms / step", "range", "vs dense"],
         [[r["variant"], "-" if r["density"] is None else r["density"], "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}",

@@ -8,13 +8,15 @@ from typing import Annotated
 
 import typer
 
+from .. import parallel
 from ..calibration import CalibrationProgress, calibrate
 from ..errors import ParoError
 from ..fileio import check_output_file
 from ..models.loading import load_model
-from ..options import (BlockOpt, DensityOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
+from ..options import (BlockOpt, DensityOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
                        RecipeOpt, StepsOpt, WidthOpt, build_recipe)
 from ..output import Output
+from ..runner import token_grid
 
 
 def command(
@@ -30,6 +32,7 @@ def command(
     qk: QkOpt = None,
     pv: PvOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file to write (.safetensors).")] = Path("plan.safetensors"),
+    gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the model on the recipe's calibration prompts, pick a token order per attention head and
@@ -39,16 +42,26 @@ def command(
     if out.suffix != ".safetensors":
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
     check_output_file(out)
-    ui = Output(as_json)
-    loaded = load_model(r.model, r.sampling.dtype)
+    parallel.run(gpus, _calibrate, r, out, as_json)
+
+
+def _calibrate(r, out: Path, as_json: bool) -> None:
+    """The calibration itself, in each worker process with --gpus: every rank profiles its heads
+    (parallel.py), and all choose the same plan from the gathered statistics; rank 0 writes it."""
+    ui = Output(as_json, silent=not parallel.is_primary())
+    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
+    parallel.enable_ulysses(loaded, token_grid(loaded, r))
     start = time.perf_counter()
     with ui.progress() as bar:
         plan = calibrate(loaded, r, CalibrationProgress(bar.start, bar.step))
     seconds = time.perf_counter() - start
+    if not parallel.is_primary():
+        return
     plan.save(out)
 
     for name in plan.components:
         ui.table(f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots",
                  *plan.layer_table(name))
-    ui.print(f"wrote [bold]{out}[/] in {seconds:.1f} s")
-    ui.json({"path": str(out), "seconds": round(seconds, 3), **plan.summary()})
+    gpus = f" on {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""
+    ui.print(f"wrote [bold]{out}[/] in {seconds:.1f} s{gpus}")
+    ui.json({"path": str(out), "seconds": round(seconds, 3), "gpus": parallel.world_size(), **plan.summary()})

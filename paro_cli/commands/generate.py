@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 
+from .. import parallel
 from ..backend import use_plan
 from ..compiled import compiled_forwards
 from ..media import check_video_path, write_video
 from ..models.loading import load_model
-from ..options import (BackendOpt, FramesOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
-                       QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, prompt_and_seed)
+from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
+                       QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus,
+                       prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
 from ..runner import check_decodable, sample, token_grid
@@ -36,6 +38,7 @@ def command(
     backend: BackendOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")] = Path("video.mp4"),
     compile_: Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the transformer(s) with paro's kernels in the graph: the first steps compile (a minute or more at full size), the rest run faster.")] = False,
+    gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a video with the plan's reordered, block-sparse attention (dense without --plan).
@@ -45,11 +48,18 @@ def command(
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance,
                      qk=qk, pv=pv, backend=backend)
     check_video_path(out)
+    check_compile_gpus(compile_, gpus)
     loaded_plan = load_plan(plan) if plan else None
-    ui = Output(as_json)
-    loaded = load_model(r.model, r.sampling.dtype)
+    parallel.run(gpus, _generate, r, loaded_plan, plan, prompt, seed, qk, pv, out, compile_, as_json)
+
+
+def _generate(r, loaded_plan, plan: str | None, prompt, seed, qk, pv, out: Path, compile_: bool, as_json: bool) -> None:
+    """The run itself, in each worker process with --gpus (rank 0 writes and prints)."""
+    ui = Output(as_json, silent=not parallel.is_primary())
+    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
     check_decodable(loaded)
     grid = token_grid(loaded, r)
+    parallel.enable_ulysses(loaded, grid, loaded_plan.text_tokens if loaded_plan else 0)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     attention = use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) if loaded_plan else contextlib.nullcontext()
     # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole
@@ -59,13 +69,16 @@ def command(
         bar.start("generating", r.sampling.steps)
         video = sample(loaded, r, [text], [seed_], on_step=bar.step)
     seconds = time.perf_counter() - start
+    if not parallel.is_primary():
+        return
     write_video(video[0].numpy(), out, r.sampling.fps)
     f, h, w, _ = video[0].shape
     mode = f"plan {plan} via {handler.backend.name} ({handler.qk}/{handler.pv})" if loaded_plan else "dense attention"
     mode += ", compiled" if compile_ else ""
+    mode += f", {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""
     ui.print(f"wrote [bold]{out}[/]: {f} frames {w}x{h}, {r.sampling.steps} steps in {seconds:.1f} s, {mode}")
     ui.json({
         "path": str(out), "frames": f, "height": h, "width": w, "steps": r.sampling.steps, "seconds": round(seconds, 3),
         "prompt": text, "seed": seed_, "plan": plan, "backend": handler.backend.name if loaded_plan else None, "compiled": compile_,
-        "attention_calls": dict(handler.calls) if loaded_plan else None,
+        "gpus": parallel.world_size(), "attention_calls": dict(handler.calls) if loaded_plan else None,
     })
