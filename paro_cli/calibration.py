@@ -246,9 +246,10 @@ class MassCollector:
     def finish_slot(self) -> None:
         for layer in range(self.sum.shape[0]):
             if layer not in self.dense_layers and self.count[layer] > 0:
-                kept = select_blocks(self.gather(self.sum[layer] / self.count[layer], 0), self.density, self.n, self.block).cpu()
-                self.packed[self.slot, layer] = pack_bits(kept)
-                self.achieved[self.slot, layer] = kept.float().mean(dim=(-1, -2))
+                kept = select_blocks(self.gather(self.sum[layer] / self.count[layer], 0), self.density, self.n, self.block)
+                # packed where the mass is (a GPU): a copy of an eighth the size, no CPU pass
+                self.packed[self.slot, layer] = pack_bits(kept).cpu()
+                self.achieved[self.slot, layer] = kept.float().mean(dim=(-1, -2)).cpu()
         self.slot = None
         self.sum.zero_()
         self.count.zero_()

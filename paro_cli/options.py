@@ -10,7 +10,7 @@ from .errors import ParoError
 from .recipe import Recipe, load_recipe
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe name (see `paro recipes`) or YAML path. Default: tiny.")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="'embedded', a hub id, or a local diffusers folder (pipeline or transformer alone).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="'embedded', a hub id, a local diffusers folder (pipeline or transformer alone), or architecture:NAME (random weights, to time; geometry in latent units).")]
 FramesOpt = Annotated[Optional[int], typer.Option(help="Frames to generate (overrides geometry.frames).")]
 HeightOpt = Annotated[Optional[int], typer.Option(help="Height in pixels (overrides geometry.height).")]
 WidthOpt = Annotated[Optional[int], typer.Option(help="Width in pixels (overrides geometry.width).")]

@@ -84,6 +84,8 @@ def launch(processes: int, job: Callable[..., None], *args: Any, device_type: st
 
 def _worker(rank: int, processes: int, port: int, device_type: str, errors, job, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a share of the cores each: torch's CPU ops would otherwise run `processes` x cores threads
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=processes,

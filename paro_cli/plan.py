@@ -45,12 +45,12 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.flatten(-2).to(torch.uint8)
     pad = -flat.shape[-1] % 8
     flat = torch.nn.functional.pad(flat, (0, pad))
-    return (flat.unflatten(-1, (-1, 8)) * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+    return (flat.unflatten(-1, (-1, 8)) * _BIT_WEIGHTS.to(flat.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """uint8 (..., nbytes) -> bool (..., *shape)."""
-    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS).ne(0).flatten(-2)
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)).ne(0).flatten(-2)
     return bits[..., : shape[0] * shape[1]].unflatten(-1, shape)
 
 

@@ -139,6 +139,7 @@ def test_recipes(capsys):
     (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
     (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
     (["generate", "--gpus", "0", "--out", "OUT/v.mp4"], "--gpus 0 is not a number of GPUs"),
+    (["calibrate", "--model", "architecture:wan9", "--out", "OUT/p.safetensors"], "unknown architecture 'wan9'"),
     (["generate", "--compile", "--gpus", "2", "--out", "OUT/v.mp4"], "--compile with --gpus is not supported yet"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
@@ -164,6 +165,23 @@ def test_more_gpus_than_the_machine_has_is_refused(capsys, tmp_path, command):
     code, _, err = paro(capsys, *[a.replace("OUT", str(tmp_path)) for a in command], "--gpus", "2")
     assert code == 2 and err == f"error: --gpus 2 needs 2 CUDA GPUs, this machine has {found} (pass --gpus {found or 1} or fewer)\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_calibrate_generate_and_bench(capfd, tmp_path):
+    """Rank 0 of the spawned workers prints: its output reaches the terminal's file descriptors."""
+    plan = tmp_path / "p.safetensors"
+    code, stdout, _ = paro(capfd, "calibrate", *FAST, "--gpus", "2", "--out", plan, "--json")
+    assert code == 0 and json.loads(stdout)["gpus"] == 2
+    orders = [[h["order"] for h in layer["heads"]] for layer in json.loads(stdout)["components"]["transformer"]["per_layer"]]
+    assert orders == [["HWF", "WFH"], ["FWH", "WHF"]]
+    code, stdout, _ = paro(capfd, "generate", *FAST, "--plan", plan, "--gpus", "2", "--out", tmp_path / "v.png", "--json")
+    assert code == 0 and json.loads(stdout)["gpus"] == 2 and json.loads(stdout)["attention_calls"]["paro"] > 0
+    assert iio.imread(tmp_path / "v.png").shape == (32, 8 * 32, 3)
+    code, stdout, _ = paro(capfd, "bench", "e2e", *FAST, "--plan", plan, "--gpus", "2", "--json")
+    assert code == 0 and json.loads(stdout)["gpus"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors", "v.png"]
 
 
 def test_usage_errors_exit_2(capsys):

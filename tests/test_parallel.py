@@ -1,49 +1,53 @@
 """Several processes (gloo on the CPU, as NCCL on GPUs): Ulysses context parallelism gives the
 same plan and the same output as one process, and bad setups are refused before any work."""
 
+import functools
+
 import pytest
 import torch
 
+from conftest import rel_l2
 from paro_cli import parallel
 from paro_cli.backend import use_plan
 from paro_cli.calibration import calibrate
 from paro_cli.errors import ModelError, ParoError
 from paro_cli.models import adapter_for
-from paro_cli.models.loading import LoadedModel
+from paro_cli.models.loading import LoadedModel, cast_transformer
 from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
                                      build_planted_transformer)
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample, token_grid
 
 BUILDERS = {"wan": build_planted_transformer, "flux": build_planted_flux}  # the families diffusers can split
-# 4x8x8 video / 16x16 image tokens (the Flux one with 24 text tokens before them), 16-token blocks
+# 4x8x8 video / 16x16 image tokens (the Flux one with 24 text tokens before them)
 INPUTS = {"wan": {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16},
           "flux": {"geometry.frames": 1, "geometry.height": 32, "geometry.width": 32}}
 
 
-def loaded_planted(build) -> LoadedModel:
+def loaded_planted(build, device=torch.device("cpu"), dtype=torch.float32) -> LoadedModel:
     model = build()
+    cast_transformer(model, device, dtype)
     adapter = adapter_for(model)
-    return LoadedModel("planted", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+    return LoadedModel("planted", model, adapter, device, dtype, None, adapter.prompt_encoder(model))
 
 
-def calibrate_and_generate(path) -> None:
+def calibrate_and_generate(path, dtype=torch.float32, backend="torch", precision=(None, None), block=16) -> None:
     """Each family: calibrate at density 0.3 (where the planted orders are the known answer),
     then sample with the plan; rank 0 saves plans and outputs to `path`."""
-    if parallel.world_size() > 1:
+    if parallel.world_size() > 1 and not torch.cuda.is_available():
         # diffusers places rank r on accelerator r % device_count(), which is 0 on a CPU
         torch.accelerator.device_count = lambda: 1
     results = {}
     for family, build in BUILDERS.items():
-        loaded = loaded_planted(build)
-        recipe = load_recipe("planted", {"sampling.steps": 3, "sparsity.block_size": 16, "sparsity.density": 0.3, **INPUTS[family]})
+        loaded = loaded_planted(build, parallel.device(), dtype)
+        recipe = load_recipe("planted", {"sampling.steps": 3, "sparsity.block_size": block, "sparsity.density": 0.3, **INPUTS[family]})
         grid = token_grid(loaded, recipe)
         parallel.enable_ulysses(loaded, grid, 24 if family == "flux" else 0)
         plan = calibrate(loaded, recipe)
-        with use_plan(loaded, plan, grid, "torch") as run:
+        with use_plan(loaded, plan, grid, backend, *precision) as run:
             out = sample(loaded, recipe, ["a red circle"], [0], decode=False)
         comp = plan.components["transformer"]
-        results[family] = {"orders": comp.orders, "masks": comp.packed_masks, "recall": comp.recall, "output": out,
+        results[family] = {"orders": comp.orders, "masks": comp.packed_masks, "recall": comp.recall, "output": out.cpu(),
                            "calls": run.calls, "density": comp.achieved_density.mean().item()}
     if parallel.is_primary():
         torch.save(results, path)
@@ -110,3 +114,20 @@ def test_one_process_holds_every_head():
     assert parallel.local_heads(wan.transformer, 2) == slice(0, 2)
     x = torch.randn(3, 2, 5)
     assert parallel.gather_heads(wan.transformer, x, 1) is x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_give_one_gpu_plan_and_output_through_the_kernels(tmp_path):
+    """NCCL, bf16 and the Triton kernels at INT8/FP8: plans equal, outputs within bf16 rounding."""
+    job = functools.partial(calibrate_and_generate, dtype=torch.bfloat16, backend="triton", precision=("int8", "fp8"), block=32)
+    job(tmp_path / "one.pt")
+    parallel.launch(2, job, tmp_path / "two.pt")
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for family in BUILDERS:
+        a, b = one[family], two[family]
+        assert a["orders"] == b["orders"], family
+        assert a["calls"] == b["calls"] and a["calls"]["paro"] > 0
+        differ = (a["masks"] != b["masks"]).float().mean().item()  # bytes of the packed masks
+        assert differ <= 0.01, (family, differ)
+        assert rel_l2(a["output"], b["output"]) <= 2e-2, family

@@ -127,6 +127,8 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
     title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}"
     if parallel.world_size() > 1:
         result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, progress)
+        if not parallel.is_primary():  # only rank 0 has the one-GPU figures
+            return
         result["architecture"] = name
         ui.table(
             f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x {result['device']} "

@@ -3,6 +3,9 @@
 - "embedded": the trained demo model (paro_cli/demo/weights, a transformer folder as below).
 - "planted": the planted-attention model (models/planted.py), built from config;
   "planted-experts": two of them switched at a timestep boundary, as Wan 2.2's two experts.
+- "architecture:NAME": a full-size architecture with random weights (models/architectures.py),
+  to time calibration and sampling without weights; its geometry is the transformer's input
+  (latent frames, height and width), as for any bare transformer.
 - a folder with config.json (a transformer saved alone by `save_pretrained`): built from its
   config, weights loaded strictly from its safetensors; sampled by paro's own loop with the
   offline prompt encoder sized to the model's text_dim.
@@ -26,6 +29,7 @@ from . import ADAPTERS, adapter_for, config_fingerprint
 from .prompt_encoder import HashPromptEncoder
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "demo" / "weights"
+ARCHITECTURE_PREFIX = "architecture:"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,6 +151,10 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
 
         (transformer, expert_2, boundary), pipeline = build_planted_experts(), None
         experts = {"transformer_2": expert_2, "boundary_ratio": boundary}
+    elif spec.startswith(ARCHITECTURE_PREFIX):
+        from .architectures import build_architecture
+
+        return build_architecture(spec[len(ARCHITECTURE_PREFIX):], device, dtype)
     elif spec == EMBEDDED_MODEL:
         transformer, pipeline = _load_transformer_folder(EMBEDDED_WEIGHTS), None
     else:
@@ -161,7 +169,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         elif path.is_dir():
             raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
         else:
-            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', 'planted-experts', a local diffusers folder or a hub id like org/name")
+            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', 'planted-experts', 'architecture:NAME', a local diffusers folder or a hub id like org/name")
     adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)
