@@ -157,7 +157,7 @@ class PlanAttention:
         slot = self.plan.slot_of(t)
         if slot != self.slot:
             self.slot = slot
-            self.kept.copy_(self.comp.slot_masks(slot)[:, self.heads])
+            self.kept.copy_(self.comp.slot_masks(slot, self.heads))
             index, count = kept_block_lists(self.kept)
             self.kv_index.copy_(index)
             self.kv_count.copy_(count)

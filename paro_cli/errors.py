@@ -19,6 +19,9 @@ class ParoError(Exception):
     def __str__(self) -> str:
         return f"{self.problem} ({self.fix})" if self.fix else self.problem
 
+    def __reduce__(self):  # pickled whole (a worker process's error, see parallel.launch)
+        return type(self), (self.problem, self.fix)
+
 
 class RecipeError(ParoError):
     """A recipe file or override is malformed."""

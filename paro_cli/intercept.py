@@ -20,6 +20,10 @@ site is then shared (`_ROUTES`), and each call goes to the interceptor of the tr
 forward is running (`_RUNNING`). `intercept_components` installs one per component of a loaded
 model.
 
+Under diffusers' context parallelism (parallel.py) the call site receives this rank's sequence
+shard; `_ulysses` hands it to diffusers' Ulysses all-to-all, and the handler sees this rank's
+heads over the whole sequence.
+
 With `fuse_norm_rope`, the marked layers run the adapter's fused processor where the family has
 one (the stock processor with its QK norm and RoPE as one Triton kernel, models/*.py) instead of
 the stock one: the same attention call, less work around it (eager or compiled).

@@ -15,7 +15,9 @@ spawned worker per GPU, each with its process group, rank 0 printing and writing
 
 from __future__ import annotations
 
+import datetime
 import functools
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -34,13 +36,6 @@ def world_size() -> int:
 def is_primary() -> bool:
     """Whether this process prints and writes (rank 0, or the only process)."""
     return world_size() == 1 or dist.get_rank() == 0
-
-
-def device() -> torch.device:
-    """This process's device: its rank's GPU under `run`, else CUDA if present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def check_gpus(gpus: int) -> None:
@@ -63,10 +58,12 @@ def run(gpus: int, job: Callable[..., None], *args: Any) -> None:
 def launch(processes: int, job: Callable[..., None], *args: Any, device_type: str = "cuda") -> None:
     """Run job(*args) in `processes` spawned workers, one process group (NCCL on CUDA, one GPU a
     rank; gloo on the CPU, for tests). A worker's ParoError is raised here as itself; any other
-    failure of a worker stops the rest and is raised as a RuntimeError."""
+    failure of a worker stops the rest and is raised as a RuntimeError (the worker's whole
+    traceback with PARO_DEBUG=1)."""
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # not a line per worker it stops
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     with socket.socket() as s:  # a free port for the group's rendezvous
@@ -77,9 +74,9 @@ def launch(processes: int, job: Callable[..., None], *args: Any, device_type: st
                            start_method="spawn")
     except ProcessException as exc:
         if not errors.empty():
-            problem, fix = errors.get()
-            raise ParoError(problem, fix) from None
-        raise RuntimeError(f"worker process {exc.error_index} of {processes} failed: {str(exc).strip().splitlines()[-1]}") from None
+            raise errors.get() from None
+        detail = str(exc).strip() if os.environ.get("PARO_DEBUG") else str(exc).strip().splitlines()[-1]
+        raise RuntimeError(f"worker process {exc.error_index} of {processes} failed: {detail}") from None
 
 
 def _worker(rank: int, processes: int, port: int, device_type: str, errors, job, args) -> None:
@@ -88,12 +85,15 @@ def _worker(rank: int, processes: int, port: int, device_type: str, errors, job,
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     if device_type == "cuda":
         torch.cuda.set_device(rank)
+    # Collectives may wait long: rank 0 times a model alone while the others wait (bench e2e).
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=processes,
-                            device_id=torch.device("cuda", rank) if device_type == "cuda" else None)
+                            device_id=torch.device("cuda", rank) if device_type == "cuda" else None,
+                            timeout=datetime.timedelta(hours=2))
     try:
         job(*args)
+        dist.barrier()  # no rank ends (and has the launcher stop the rest) while rank 0 still writes
     except ParoError as exc:
-        errors.put((exc.problem, exc.fix))
+        errors.put(exc)
         raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()
@@ -109,25 +109,35 @@ def check_ulysses(loaded, degree: int, grid: tuple[int, int, int], text_tokens: 
         if heads % degree:
             raise ModelError(f"{name} has {heads} attention heads, which {degree} GPUs cannot share evenly",
                              f"use a number of GPUs that divides {heads}")
-    tokens = grid[0] * grid[1] * grid[2]
-    for what, count in (("video/image tokens", tokens), ("text tokens", text_tokens)):
+    _check_tokens(degree, grid, text_tokens)
+
+
+def _check_tokens(degree: int, grid: tuple[int, int, int], text_tokens: int) -> None:
+    for what, count in (("video/image tokens", grid[0] * grid[1] * grid[2]), ("text tokens", text_tokens)):
         if count % degree:
             raise ModelError(f"{count} {what} cannot be split evenly over {degree} GPUs",
-                             "change the geometry or the number of GPUs")
+                             "change the geometry, the text length or the number of GPUs")
 
 
-def enable_ulysses(loaded, grid: tuple[int, int, int], text_tokens: int = 0) -> None:
+def enable_ulysses(loaded, grid: tuple[int, int, int]) -> None:
     """Ulysses context parallelism over every rank, on each transformer of `loaded` (one GPU:
-    nothing). diffusers cannot undo it: call it once, before paro installs its attention."""
+    nothing). diffusers cannot undo it: call it once, before paro installs its attention. The
+    text tokens show only in a forward's inputs: each forward checks that they split too."""
     degree = world_size()
     if degree == 1:
         return
     from diffusers import ContextParallelConfig
 
-    check_ulysses(loaded, degree, grid, text_tokens)
+    check_ulysses(loaded, degree, grid)
     _give_diffusers_warning_once()
     for transformer in loaded.components.values():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        transformer.register_forward_pre_hook(functools.partial(_check_forward, loaded.adapter, degree), with_kwargs=True)
+
+
+def _check_forward(adapter, degree: int, module, args, kwargs) -> None:
+    """Runs before diffusers' own hooks split the inputs (which would fail with an assertion)."""
+    _check_tokens(degree, adapter.token_grid(module, args, kwargs), adapter.sequence_layout(args, kwargs).text_len)
 
 
 def _give_diffusers_warning_once() -> None:

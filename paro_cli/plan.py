@@ -74,13 +74,14 @@ class ComponentPlan:
     def num_layers(self) -> int:
         return len(self.orders)
 
-    def slot_masks(self, slot: int) -> torch.Tensor:
-        """Kept blocks of one timestep slot: bool (layers, heads, nb, nb)."""
+    def slot_masks(self, slot: int, heads: slice = slice(None)) -> torch.Tensor:
+        """Kept blocks of one timestep slot: bool (layers, heads, nb, nb), of the heads `heads`."""
         if self.slots_run is not None:
             if slot not in self.slots_run:
-                return torch.ones(self.num_layers, self.num_heads, self.num_blocks, self.num_blocks, dtype=torch.bool)
+                count = len(range(self.num_heads)[heads])
+                return torch.ones(self.num_layers, count, self.num_blocks, self.num_blocks, dtype=torch.bool)
             slot = self.slots_run.index(slot)
-        return unpack_bits(self.packed_masks[slot], (self.num_blocks, self.num_blocks))
+        return unpack_bits(self.packed_masks[slot][:, heads], (self.num_blocks, self.num_blocks))
 
     @property
     def run_density(self) -> torch.Tensor:

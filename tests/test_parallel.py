@@ -10,9 +10,9 @@ from conftest import rel_l2
 from paro_cli import parallel
 from paro_cli.backend import use_plan
 from paro_cli.calibration import calibrate
-from paro_cli.errors import ModelError, ParoError
+from paro_cli.errors import ModelError
 from paro_cli.models import adapter_for
-from paro_cli.models.loading import LoadedModel, cast_transformer
+from paro_cli.models.loading import LoadedModel, cast_transformer, resolve_device
 from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
                                      build_planted_transformer)
 from paro_cli.recipe import load_recipe
@@ -39,10 +39,10 @@ def calibrate_and_generate(path, dtype=torch.float32, backend="torch", precision
         torch.accelerator.device_count = lambda: 1
     results = {}
     for family, build in BUILDERS.items():
-        loaded = loaded_planted(build, parallel.device(), dtype)
+        loaded = loaded_planted(build, resolve_device(), dtype)
         recipe = load_recipe("planted", {"sampling.steps": 3, "sparsity.block_size": block, "sparsity.density": 0.3, **INPUTS[family]})
         grid = token_grid(loaded, recipe)
-        parallel.enable_ulysses(loaded, grid, 24 if family == "flux" else 0)
+        parallel.enable_ulysses(loaded, grid)
         plan = calibrate(loaded, recipe)
         with use_plan(loaded, plan, grid, backend, *precision) as run:
             out = sample(loaded, recipe, ["a red circle"], [0], decode=False)
@@ -78,7 +78,7 @@ def test_two_processes_give_one_process_plan_and_output(tmp_path):
 
 
 def test_a_workers_error_reaches_the_caller_as_itself():
-    with pytest.raises(ParoError) as info:
+    with pytest.raises(ModelError) as info:
         parallel.launch(2, refuse_on_rank_1, device_type="cpu")
     assert str(info.value) == "rank 1 refuses (a fix)"
 
@@ -107,6 +107,17 @@ def test_ulysses_refuses_what_it_cannot_split():
         parallel.check_ulysses(wan, 2, (4, 8, 8), 25)
     with pytest.raises(ModelError, match="no context-parallel plan for CogVideoXTransformer3DModel"):
         parallel.check_ulysses(loaded_planted(build_planted_cogvideox), 2, (4, 8, 8), 8)
+
+
+def test_each_forward_checks_that_its_text_splits_too():
+    """The text length shows only in a forward's inputs: checked there, before diffusers splits."""
+    flux = loaded_planted(build_planted_flux)
+    tr, adapter = flux.transformer, flux.adapter
+    x = torch.randn(1, *adapter.input_shape(tr, 1, 32, 32))
+    inputs = adapter.forward_inputs(tr, x, torch.tensor(500.0), flux.prompt_encoder(["a red circle"]), (1, 16, 16), 3.5)
+    parallel._check_forward(adapter, 8, tr, (), inputs)  # 256 image and 24 text tokens: 8 GPUs split both
+    with pytest.raises(ModelError, match="24 text tokens cannot be split evenly over 16 GPUs"):
+        parallel._check_forward(adapter, 16, tr, (), inputs)
 
 
 def test_one_process_holds_every_head():

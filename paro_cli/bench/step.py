@@ -25,7 +25,6 @@ from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
-from ..parallel import local_heads
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
 from .kernel import random_kept
 
@@ -142,7 +141,7 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
         rows = [{"variant": "dense", "density": 1.0, "qk": None, "pv": None, **_time(output, repeats, sync), "output": output()}]
         for pair, chosen in backends.items():
             handler = PlanAttention(plans[pair][0], "transformer", chosen, loaded.device, *pair,
-                                    local_heads(tr, adapter.num_heads(tr)))
+                                    parallel.local_heads(tr, adapter.num_heads(tr)))
             with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)):
                 for plan in plans[pair]:
                     handler.use(plan)
@@ -152,9 +151,10 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
         return rows
 
     gpus = parallel.world_size()
+    parallel.check_ulysses(loaded, gpus, grid, layout.text_len)  # before rank 0's run alone, not after
     single = measure(1) if parallel.is_primary() else None
     torch.distributed.barrier()  # the other ranks wait while rank 0 runs the whole model alone
-    parallel.enable_ulysses(loaded, grid, layout.text_len)
+    parallel.enable_ulysses(loaded, grid)
     rows = measure(gpus)
     if single is not None:
         for row, alone in zip(rows, single):

@@ -13,8 +13,8 @@ from .. import parallel
 from ..backend import BACKENDS, check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
-from ..models.architectures import ARCHITECTURES
-from ..models.loading import load_model
+from ..models.architectures import ARCHITECTURES, check_architecture
+from ..models.loading import load_model, resolve_device
 from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
                        RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus, prompt_and_seed)
 from ..output import Output
@@ -76,16 +76,17 @@ def e2e(
     if plan is None:
         raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`, or --architecture NAME")
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
-    parallel.run(gpus, _plan_e2e, r, load_plan(plan), plan, prompt, seed, qk, pv, as_json)
+    parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, as_json)
 
 
-def _plan_e2e(r, loaded_plan, plan: str, prompt, seed, qk, pv, as_json: bool) -> None:
+def _plan_e2e(r, plan: str, prompt, seed, qk, pv, as_json: bool) -> None:
     """The benchmark itself, in each worker process with --gpus (rank 0 prints)."""
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
+    loaded_plan = load_plan(plan)
+    loaded = load_model(r.model, r.sampling.dtype)
     grid = token_grid(loaded, r)
     check_plan(loaded, loaded_plan, grid)  # before the dense run, not after it
-    parallel.enable_ulysses(loaded, grid, loaded_plan.text_tokens)
+    parallel.enable_ulysses(loaded, grid)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
         result = e2e_bench.run(loaded, r, loaded_plan, plan, grid, text, seed_, qk, pv, bar)
@@ -107,8 +108,7 @@ def _architecture_steps(name: str, density, precision, compiled: bool, repeats: 
                         as_json: bool) -> None:
     if repeats < 1:
         raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
-    if name not in ARCHITECTURES:
-        raise ParoError(f"unknown architecture {name!r}", "choose one of " + ", ".join(ARCHITECTURES))
+    check_architecture(name)  # before any worker starts
     densities = check_densities(density or [0.5, 0.3, 0.2])
     pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats)
     parallel.run(gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json)
@@ -121,7 +121,7 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
     from ..recipe import load_recipe
 
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = build_architecture(name, parallel.device())
+    loaded = build_architecture(name, resolve_device())
     grid, inputs = step_inputs(loaded, name, load_recipe(name))
     progress = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731
     title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}"

@@ -49,7 +49,7 @@ def _calibrate(r, out: Path, as_json: bool) -> None:
     """The calibration itself, in each worker process with --gpus: every rank profiles its heads
     (parallel.py), and all choose the same plan from the gathered statistics; rank 0 writes it."""
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
+    loaded = load_model(r.model, r.sampling.dtype)
     parallel.enable_ulysses(loaded, token_grid(loaded, r))
     start = time.perf_counter()
     with ui.progress() as bar:

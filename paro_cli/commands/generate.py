@@ -49,17 +49,17 @@ def command(
                      qk=qk, pv=pv, backend=backend)
     check_video_path(out)
     check_compile_gpus(compile_, gpus)
-    loaded_plan = load_plan(plan) if plan else None
-    parallel.run(gpus, _generate, r, loaded_plan, plan, prompt, seed, qk, pv, out, compile_, as_json)
+    parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, out, compile_, as_json)
 
 
-def _generate(r, loaded_plan, plan: str | None, prompt, seed, qk, pv, out: Path, compile_: bool, as_json: bool) -> None:
+def _generate(r, plan: str | None, prompt, seed, qk, pv, out: Path, compile_: bool, as_json: bool) -> None:
     """The run itself, in each worker process with --gpus (rank 0 writes and prints)."""
+    loaded_plan = load_plan(plan) if plan else None
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = load_model(r.model, r.sampling.dtype, parallel.device())
+    loaded = load_model(r.model, r.sampling.dtype)
     check_decodable(loaded)
     grid = token_grid(loaded, r)
-    parallel.enable_ulysses(loaded, grid, loaded_plan.text_tokens if loaded_plan else 0)
+    parallel.enable_ulysses(loaded, grid)
     text, seed_ = prompt_and_seed(r, prompt, seed)
     attention = use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) if loaded_plan else contextlib.nullcontext()
     # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole

@@ -40,12 +40,16 @@ ARCHITECTURES = {
 }
 
 
+def check_architecture(name: str) -> None:
+    if name not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {name!r}", "choose one of " + ", ".join(ARCHITECTURES))
+
+
 def build_architecture(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
     """The architecture `name` with random weights, made on `device` in `dtype`."""
     import diffusers
 
-    if name not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {name!r}", "choose one of " + ", ".join(ARCHITECTURES))
+    check_architecture(name)
     arch = ARCHITECTURES[name]
     with torch.device(device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
