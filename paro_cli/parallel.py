@@ -152,9 +152,15 @@ def _give_diffusers_warning_once() -> None:
 
 
 def _ulysses(transformer: torch.nn.Module) -> tuple[int, int, Any] | None:
-    """(this rank's index, degree, process group) of `transformer`'s Ulysses mesh; None: none."""
+    """(this rank's index, degree, process group) of `transformer`'s Ulysses mesh; None: none.
+    A transformer split by ring attention (by its loader, e.g. from_pretrained's
+    parallel_config) is refused."""
     config = getattr(transformer, "_parallel_config", None)
     cp = config.context_parallel_config if config is not None else None
+    if cp is not None and cp.ring_degree > 1:
+        raise ModelError(f"{type(transformer).__name__} runs ring attention (ring_degree {cp.ring_degree}), which splits each "
+                         "head's sequence over GPUs: paro's per-head orders and block masks span all of it",
+                         "use Ulysses context parallelism: paro ... --gpus N")
     if cp is None or cp.ulysses_degree == 1:
         return None
     mesh = cp._ulysses_mesh

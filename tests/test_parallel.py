@@ -120,6 +120,15 @@ def test_each_forward_checks_that_its_text_splits_too():
         parallel._check_forward(adapter, 16, tr, (), inputs)
 
 
+def test_ring_attention_is_refused():
+    from types import SimpleNamespace
+
+    wan = loaded_planted(build_planted_transformer)
+    wan.transformer._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    with pytest.raises(ModelError, match="runs ring attention"):
+        parallel.local_heads(wan.transformer, 2)
+
+
 def test_one_process_holds_every_head():
     wan = loaded_planted(build_planted_transformer)
     assert parallel.local_heads(wan.transformer, 2) == slice(0, 2)
