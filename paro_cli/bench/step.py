@@ -74,6 +74,21 @@ def _time(step, repeats: int, sync) -> dict:
     return {"ms": statistics.median(times), "ms_range": [min(times), max(times)]}
 
 
+def _paro_variants(loaded, plans: dict, backends: dict, around=contextlib.nullcontext):
+    """Each precision's plans (`plans[(qk, pv)]`, one per density) installed in turn on the
+    transformer, through one handler per precision whose buffers are refilled per density (a
+    compiled step keeps reading them), inside `around()`: yields each one's row head while it
+    runs. The handler holds this rank's heads (parallel.local_heads)."""
+    tr, adapter = loaded.transformer, loaded.adapter
+    for (qk, pv), chosen in backends.items():
+        handler = PlanAttention(plans[qk, pv][0], "transformer", chosen, loaded.device, qk, pv,
+                                parallel.local_heads(tr, adapter.num_heads(tr)))
+        with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)), around():
+            for plan in plans[qk, pv]:
+                handler.use(plan)
+                yield {"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv}
+
+
 def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, compiled: bool, repeats: int,
         backend: str, progress=lambda msg: None) -> dict:
     """Rows of ms per step: dense, the step without attention, and paro per (precision, density)."""
@@ -104,15 +119,10 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
     if fused and any(map(fuses, backends.values())):
         with routed({"transformer": tr}, adapter, {"transformer": StockAttention()}, fuse=True):
             rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
-    for (qk, pv), chosen in backends.items():
-        plans = [synthetic_plan(loaded, grid, layout, density, block, qk, pv) for density in densities]
-        handler = PlanAttention(plans[0], "transformer", chosen, loaded.device, qk, pv)
-        with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)), maybe_compiled():
-            for plan in plans:
-                handler.use(plan)  # the same buffers, refilled: a compiled step keeps reading them
-                progress(f"timing paro d={plan.density} {qk}/{pv}")
-                rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv,
-                             **_time(step, repeats, sync)})
+    plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}
+    for row in _paro_variants(loaded, plans, backends, maybe_compiled):
+        progress(f"timing paro d={row['density']} {row['qk']}/{row['pv']}")
+        rows.append({**row, **_time(step, repeats, sync)})
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:
         row["speedup_vs_dense"] = dense / row["ms"]
@@ -139,15 +149,9 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
     def measure(gpus: int) -> list[dict]:
         progress(f"timing dense on {gpus} GPU(s)")
         rows = [{"variant": "dense", "density": 1.0, "qk": None, "pv": None, **_time(output, repeats, sync), "output": output()}]
-        for pair, chosen in backends.items():
-            handler = PlanAttention(plans[pair][0], "transformer", chosen, loaded.device, *pair,
-                                    parallel.local_heads(tr, adapter.num_heads(tr)))
-            with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)):
-                for plan in plans[pair]:
-                    handler.use(plan)
-                    progress(f"timing paro d={plan.density} {pair[0]}/{pair[1]} on {gpus} GPU(s)")
-                    rows.append({"variant": f"paro {chosen.name}", "density": plan.density, "qk": pair[0], "pv": pair[1],
-                                 **_time(output, repeats, sync), "output": output()})
+        for row in _paro_variants(loaded, plans, backends):
+            progress(f"timing paro d={row['density']} {row['qk']}/{row['pv']} on {gpus} GPU(s)")
+            rows.append({**row, **_time(output, repeats, sync), "output": output()})
         return rows
 
     gpus = parallel.world_size()
