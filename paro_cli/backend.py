@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layout import SequenceLayout, kept_block_lists
-from kernels.orders import head_permutations
-from kernels.quant import PV_FORMATS, QK_FORMATS
-from kernels import triton_attention
-from kernels.reference import paro_attention_reference
+from paro_kernels.layout import SequenceLayout, kept_block_lists
+from paro_kernels.orders import head_permutations
+from paro_kernels.quant import PV_FORMATS, QK_FORMATS
+from paro_kernels import triton_attention
+from paro_kernels.reference import paro_attention_reference
 
 from . import __version__
 from .errors import BackendError
@@ -102,7 +102,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
     backend = BACKENDS[requested]
     backend.check(device, dtype, head_dim, block, qk, pv)
     if backend.name == "triton":
-        import kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
+        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
     return backend
 
 
@@ -178,20 +178,35 @@ class PlanAttention:
         )
 
 
-def check_plan(loaded, plan: Plan, grid: tuple[int, int, int]) -> None:
-    """Refuse a plan made for another model or geometry (a PlanError); its text layout is
-    checked against every forward call, which is where the text length shows."""
+def check_plan(loaded, plan: Plan, grid: tuple[int, int, int] | None) -> None:
+    """Refuse a plan made for another model or geometry (a PlanError; a grid of None is checked
+    at each forward call); its text layout is checked against every forward call, which is where
+    the text length shows."""
     plan.check_run(family=loaded.family, fingerprints=loaded.fingerprints(), grid=grid)
 
 
-@dataclass
-class PlanRun:
-    """The handlers applying a plan inside `use_plan`, one per component of the model."""
+class AppliedPlan:
+    """A plan running on a model's self-attention (each transformer through its component: Wan
+    2.2 has two) from construction until `remove()`, or the end of a `with` block; then every
+    processor, call site and module is as it was.
 
-    handlers: dict[str, PlanAttention]
-    backend: AttentionBackend  # the backend, QK and PV precision all of them run
-    qk: str
-    pv: str
+    Checks the plan against the model (family, config fingerprints, and `grid` where the caller
+    knows it: each forward's grid and text layout are checked anyway) and the backend against the
+    device first. qk / pv override the plan's precision.
+    """
+
+    def __init__(self, loaded, plan: Plan, backend: str = "auto", qk: str | None = None, pv: str | None = None,
+                 grid: tuple[int, int, int] | None = None):
+        check_plan(loaded, plan, grid)
+        self.plan = plan
+        self.qk, self.pv = qk or plan.qk, pv or plan.pv
+        self.backend = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer),
+                                      plan.block_size, self.qk, self.pv)
+        self.handlers = {name: PlanAttention(plan, name, self.backend, loaded.device, self.qk, self.pv,
+                                             local_heads(tr, plan.components[name].num_heads))
+                         for name, tr in loaded.components.items()}
+        self._installed = contextlib.ExitStack()
+        self._installed.enter_context(routed(loaded.components, loaded.adapter, self.handlers, fuses(self.backend)))
 
     @property
     def calls(self) -> dict[str, int]:
@@ -202,22 +217,15 @@ class PlanRun:
                 total[kind] = total.get(kind, 0) + n
         return total
 
+    def remove(self) -> None:
+        """Restore the stock attention (a second call does nothing)."""
+        self._installed.close()
 
-@contextlib.contextmanager
-def use_plan(loaded, plan: Plan, grid: tuple[int, int, int], backend: str, qk: str | None = None, pv: str | None = None) -> Iterator[PlanRun]:
-    """Run `loaded`'s self-attention through `plan` inside the block (each transformer through
-    its component: Wan 2.2 has two); stock attention after.
+    def __enter__(self) -> "AppliedPlan":
+        return self
 
-    Checks the plan against the model and geometry and the backend against the device first.
-    qk / pv override the plan's precision.
-    """
-    check_plan(loaded, plan, grid)
-    qk, pv = qk or plan.qk, pv or plan.pv
-    chosen = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer), plan.block_size, qk, pv)
-    handlers = {name: PlanAttention(plan, name, chosen, loaded.device, qk, pv, local_heads(tr, plan.components[name].num_heads))
-                for name, tr in loaded.components.items()}
-    with routed(loaded.components, loaded.adapter, handlers, fuses(chosen)):
-        yield PlanRun(handlers, chosen, qk, pv)
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def fuses(backend: AttentionBackend) -> bool:

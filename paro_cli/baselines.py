@@ -13,8 +13,8 @@ import dataclasses
 
 import torch
 
-from kernels.layout import num_blocks
-from kernels.orders import candidate_orders
+from paro_kernels.layout import num_blocks
+from paro_kernels.orders import candidate_orders
 
 from .calibration import forced_blocks
 from .plan import Plan, pack_bits

@@ -3,7 +3,7 @@
 Two sampling passes over the same prompts and seeds, both with dense (stock) attention, so they
 follow the same trajectory:
   1. OrderProfiler: at the profiled steps, for every candidate order, each head's mass recall at
-     the target density and its block incoherence (kernels/stats.py), averaged over prompts,
+     the target density and its block incoherence (kernels/paro_kernels/stats.py), averaged over prompts,
      CFG branches and steps. `choose_orders` applies the corrected score of method.md.
   2. MassCollector: at every step, each head's block mass in its chosen order, normalised per
      row block and averaged within its timestep slot; a finished slot becomes masks at once
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layout import SequenceLayout, num_blocks
-from kernels.orders import candidate_orders, head_permutations, order_permutation
-from kernels.stats import block_statistics, mass_recall
+from paro_kernels.layout import SequenceLayout, num_blocks
+from paro_kernels.orders import candidate_orders, head_permutations, order_permutation
+from paro_kernels.stats import block_statistics, mass_recall
 
 from . import runner
 from .errors import ParoError, RecipeError

@@ -29,21 +29,9 @@ app.add_typer(plan.app, name="plan")
 app.command("recipes")(recipes.command)
 
 
-def _check_kernels_package() -> None:
-    """Our top-level `kernels` package must not be shadowed by another (e.g. Hugging Face's)."""
-    import kernels
-
-    if not getattr(kernels, "PARO_KERNELS", False):
-        raise ParoError(
-            f"the 'kernels' module imported from {getattr(kernels, '__file__', '?')} is not paro's",
-            "uninstall the other 'kernels' package in this environment (pip uninstall kernels)",
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Typer itself exits 0 on success and 2 on usage errors (bad flags)."""
     try:
-        _check_kernels_package()
         app(args=argv)
     except ParoError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,7 +4,7 @@ Only `forward` is compiled, not the module: the hooks paro installs (the interce
 which reads the grid, text layout and timestep and picks the plan's timestep slot) run in
 `Module.__call__`, around it, in Python. What they change, the compiled graph reads as data: the
 plan's orders and masks sit in buffers refilled in place, so a new slot needs no recompile. paro's
-kernels are torch custom ops (kernels/ops.py): one opaque node each in the graph.
+kernels are torch custom ops (kernels/paro_kernels/ops.py): one opaque node each in the graph.
 """
 
 from __future__ import annotations

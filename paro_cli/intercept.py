@@ -39,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.layout import SequenceLayout
+from paro_kernels.layout import SequenceLayout
 
 from .parallel import gathered_order
 

@@ -1,6 +1,7 @@
-"""Writing videos and images: MP4 through imageio-ffmpeg, GIF and PNG through Pillow.
+"""Reading an input image; writing videos and images: MP4 through imageio-ffmpeg, GIF and PNG
+through Pillow.
 
-The format follows the output's extension; the file appears whole or not at all.
+The output format follows the extension; the file appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -39,3 +40,17 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
         else:
             iio.imwrite(tmp, np.concatenate(list(frames), axis=1), extension=".png")
     return path
+
+
+def read_image(path: str | Path):
+    """An input image (an image-to-video pipeline's first frame) as an RGB PIL image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParoError(f"input image {path} not found", "pass --image PATH of a PNG or JPEG file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ParoError(f"{path} is not a readable image ({exc})", "pass a PNG or JPEG file") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -25,6 +26,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout
 PlanOpt = Annotated[Optional[str], typer.Option("--plan", "-p", help="Plan file from `paro calibrate`.")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="Prompt (default: the recipe's first calibration prompt).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Noise seed (default: the recipe's first seed).")]
+ImageOpt = Annotated[Optional[Path], typer.Option("--image", help="Input image of an image-to-video pipeline (WanImageToVideoPipeline): every call starts from it, calibration's too.")]
 GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs of this host to run on, one process each, with diffusers' Ulysses context parallelism (Wan, Flux): each GPU holds a share of the heads.")]
 
 

@@ -29,8 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.layout import SequenceLayout, num_blocks
-from kernels.orders import candidate_orders
+from paro_kernels.layout import SequenceLayout, num_blocks
+from paro_kernels.orders import candidate_orders
 
 from . import __version__
 from .errors import PlanError
@@ -163,10 +163,10 @@ class Plan:
         rows = []
         for layer, orders in enumerate(comp.orders):
             d = comp.run_density[:, layer]
-            rows.append([layer, "dense" if layer in self.dense_layers else "",
+            rows.append([layer, "dense" if layer in self.dense_layers else "sparse",
                          " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
                          f"{d.mean():.3f}", f"{d.min():.3f}", f"{d.max():.3f}"])
-        return ["layer", "", "orders (heads)", "mean density", "min", "max"], rows
+        return ["layer", "attention", "orders (heads)", "mean density", "min", "max"], rows
 
     def save(self, path: str | Path) -> None:
         tensors = {}
@@ -181,8 +181,8 @@ class Plan:
 
     # --- checks against a run -------------------------------------------------------------
 
-    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int]) -> None:
-        """Refuse a plan made for another model or geometry."""
+    def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int] | None) -> None:
+        """Refuse a plan made for another model or geometry (None: a grid not known yet)."""
         if family != self.family:
             raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
         extra = [name for name in self.components if name not in fingerprints]
@@ -197,7 +197,8 @@ class Plan:
                     f"plan was calibrated for another {name} config (fingerprint {self.components[name].config_fingerprint}, this model {fp})",
                     "calibrate a plan for this model",
                 )
-        self.check_grid(grid)
+        if grid is not None:
+            self.check_grid(grid)
 
     def check_layout(self, layout: SequenceLayout) -> None:
         """Refuse a run whose self-attention holds other text than the plan's."""

@@ -7,6 +7,7 @@ RecipeError naming the field and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
+from paro_kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
 
 from .errors import RecipeError
 
@@ -193,6 +194,13 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         raise RecipeError(f"recipe {path} is not valid YAML: {first}", "fix the file's syntax") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of fields, got {type(raw).__name__}", "see `paro recipes tiny`")
+    return recipe_from_fields(raw, overrides, str(path))
+
+
+def recipe_from_fields(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "<defaults>") -> Recipe:
+    """A recipe from raw fields (a YAML file's, or a Recipe's as `recipe_as_dict` gives them)
+    with dotted-key overrides (None: keep the field), validated; `source` names it in errors."""
+    raw = copy.deepcopy(raw)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -203,13 +211,13 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
                 node[key] = {}
             node = node[key]
             if not isinstance(node, dict):
-                raise RecipeError(f"recipe {path}: {key} must be a mapping, got {node!r}", "see `paro recipes tiny`")
+                raise RecipeError(f"recipe {source}: {key} must be a mapping, got {node!r}", "see `paro recipes tiny`")
         node[leaf] = value
     try:
         recipe = _build(Recipe, raw, "")
     except RecipeError as exc:
-        raise RecipeError(f"recipe {path}: {exc.problem}", exc.fix) from None
-    return dataclasses.replace(recipe, source=str(path))
+        raise RecipeError(f"recipe {source}: {exc.problem}", exc.fix) from None
+    return dataclasses.replace(recipe, source=source)
 
 
 def recipe_as_dict(recipe: Recipe) -> dict[str, Any]:

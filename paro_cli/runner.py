@@ -7,6 +7,7 @@ profiler or a plan): the loop itself knows nothing of paro.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -91,7 +92,7 @@ def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], se
             generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
             output_type="np" if decode else "latent",
             callback_on_step_end=callback,
-            **loaded.adapter.pipeline_call_kwargs(s, g),
+            **{**loaded.adapter.pipeline_call_kwargs(s, g), **loaded.call_kwargs},
         )
     finally:
         loaded.pipeline.scheduler = shipped  # the next run starts from the pipeline's own
@@ -109,12 +110,24 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
         raise RecipeError(f"sampling.guidance_2 is for models with two experts (Wan 2.2 A14B), {loaded.model_id} has one transformer",
                           "remove sampling.guidance_2")
     if loaded.pipeline is not None:
+        check_call_arguments(loaded)
         frames = _pipeline_sample(loaded, recipe, prompts, seeds, on_step, decode)
         return torch.from_numpy((frames * 255).round().astype("uint8")) if decode else frames
     if decode:
         check_decodable(loaded)
     x = _builtin_sample(loaded, recipe, prompts, seeds, on_step)
     return pixels_to_video(loaded.adapter.as_video(x, token_grid(loaded, recipe))) if decode else x
+
+
+def check_call_arguments(loaded: LoadedModel) -> None:
+    """Refuse, before any work, a pipeline call missing an argument the pipeline requires and the
+    recipe does not give (an image-to-video pipeline's `image`)."""
+    given = {"prompt", *loaded.call_kwargs}
+    for name, parameter in inspect.signature(type(loaded.pipeline).__call__).parameters.items():
+        required = parameter.default is parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        if required and name not in ("self", *given):
+            fix = "pass --image PATH (Python API: pipeline_kwargs={'image': ...})" if name == "image" else f"pass pipeline_kwargs={{{name!r}: ...}}"
+            raise ModelError(f"{type(loaded.pipeline).__name__} needs {name!r} in every call", fix)
 
 
 def decodable(loaded: LoadedModel) -> bool:

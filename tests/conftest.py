@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 def position_in_order(order: str, grid, f, h, w):
     """Position of token (f, h, w) when tokens are laid out in `order` (outermost first).
 
-    Written from strides, independently of kernels.orders, to serve as the tests' oracle.
+    Written from strides, independently of paro_kernels.orders, to serve as the tests' oracle.
     """
     sizes = dict(zip("FHW", grid))
     coords = {"F": f, "H": h, "W": w}

@@ -5,7 +5,7 @@ run's baselines, and a baseline that cannot run is reported, not dropped."""
 import pytest
 import torch
 
-from kernels.triton_attention import INTERPRET
+from paro_kernels.triton_attention import INTERPRET
 from paro_cli.bench import kernel as kb
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.orders import candidate_orders
+from paro_kernels.orders import candidate_orders
 from paro_cli.calibration import (choose_orders, dense_above, forced_blocks, profiled_steps, select_blocks, slot_bounds,
                                   slot_of_steps)
 from paro_cli.models.planted import PLANTED_ORDERS
@@ -113,7 +113,7 @@ def test_restricted_orders_are_obeyed_and_checked(demo_model):
 def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
     """Two steps whose timesteps round to one bf16 value stay two steps; the forwards of one
     step (e.g. CFG passes) share it."""
-    from kernels.layout import SequenceLayout
+    from paro_kernels.layout import SequenceLayout
     from paro_cli.calibration import StepTracker
 
     tracker, layout = StepTracker(), SequenceLayout(0)

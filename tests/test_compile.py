@@ -11,7 +11,7 @@ def tiny_wan_with_plan():
     and one denoising step as a function of the timestep."""
     from test_models import TINY_WAN, full_plan, model_adapter
 
-    from kernels.layout import num_blocks
+    from paro_kernels.layout import num_blocks
     from paro_cli.models.loading import LoadedModel
     from paro_cli.plan import pack_bits
     from diffusers import WanTransformer3DModel
@@ -39,10 +39,10 @@ def tiny_wan_with_plan():
 def test_compiled_transformer_with_paro_backend_matches_eager(mode):
     """fullgraph=True compiles without a graph break; "reduce-overhead" also replays the step
     as a CUDA graph, which must see the masks of the current slot (refilled in place)."""
-    from paro_cli.backend import use_plan
+    from paro_cli.api import apply
 
     model, loaded, plan, grid, step = tiny_wan_with_plan()
-    with use_plan(loaded, plan, grid, "triton") as run:
+    with apply(loaded, plan, backend="triton", grid=grid) as run:
         eager = [step(900.0), step(100.0)]  # two timestep slots
         model.forward = torch.compile(model.forward, fullgraph=True, mode=mode)  # hooks stay outside the graph
         # (CUDA graph outputs are overwritten by the next replay: keep copies.) The third step
@@ -63,10 +63,10 @@ def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host(block,
     """One paro attention call issues no host synchronisation, and a captured CUDA graph of it,
     replayed after new inputs and a new mask are copied into the captured tensors, equals an
     eager call on them."""
-    import kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
+    import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
     from test_triton_kernels import case
 
-    from kernels.layout import kept_block_lists
+    from paro_kernels.layout import kept_block_lists
 
     first, second = (case((4, 8, 10), 13, True, heads=3, dim=dim, block=block, batch=2, density=d, seed=s, device="cuda")
                      for d, s in ((0.3, 0), (0.6, 1)))
@@ -103,7 +103,7 @@ def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host(block,
 def test_compiled_cogvideox_with_paro_backend_matches_eager():
     """CogVideoX reaches attention through F.scaled_dot_product_attention in diffusers' legacy
     processor, which paro rebinds: the compiled step (fullgraph) must still run the plan."""
-    from paro_cli.backend import use_plan
+    from paro_cli.api import apply
     from paro_cli.calibration import calibrate
     from paro_cli.models import adapter_for
     from paro_cli.models.loading import LoadedModel
@@ -124,7 +124,7 @@ def test_compiled_cogvideox_with_paro_backend_matches_eager():
             return model(**adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context, plan.grid, 1.0), return_dict=False)[0]
 
     dense = step(900)
-    with use_plan(loaded, plan, plan.grid, "triton") as run:
+    with apply(loaded, plan, backend="triton", grid=plan.grid) as run:
         eager = step(900)
         model.forward = torch.compile(model.forward, fullgraph=True)
         compiled = step(900)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import rel_l2
-from paro_cli.backend import use_plan
+from paro_cli.api import apply
 from paro_cli.calibration import calibrate, slot_of_steps
 from paro_cli.cli import main
 from paro_cli.errors import PlanError
@@ -73,7 +73,7 @@ def test_density_one_plan_equals_stock_and_splits_calls_between_experts(experts)
     recipe = load_recipe("planted", {**SMALL, "sparsity.density": 1.0})
     plan = calibrate(experts, recipe)
     stock = sample(experts, recipe, ["a blue square"], [3], decode=False)
-    with use_plan(experts, plan, plan.grid, "torch") as run:
+    with apply(experts, plan, backend="torch", grid=plan.grid) as run:
         out = sample(experts, recipe, ["a blue square"], [3], decode=False)
     calls = {name: h.calls["paro"] for name, h in run.handlers.items()}
     assert sum(calls.values()) == 4 * 2 and all(calls.values())  # 4 steps x 2 layers, both experts used
@@ -123,7 +123,7 @@ def test_two_experts_on_the_triton_backend():
     recipe = load_recipe("planted", {**SMALL, "sparsity.block_size": 32, "precision.qk": "int8", "precision.pv": "fp8", "backend": "triton"})
     plan = calibrate(experts, recipe)  # (the orders found are checked on CPU, at 16-token blocks)
     dense = sample(experts, recipe, ["a red circle"], [0], decode=False)
-    with use_plan(experts, plan, plan.grid, "triton") as run:
+    with apply(experts, plan, backend="triton", grid=plan.grid) as run:
         out = sample(experts, recipe, ["a red circle"], [0], decode=False)
     assert run.backend.name == "triton" and all(h.calls["paro"] for h in run.handlers.values())
     assert torch.isfinite(out).all() and 1e-4 < rel_l2(out, dense) < 0.3
@@ -135,7 +135,7 @@ def test_compiled_experts_each_run_their_own_plan(experts):
     tracing and guards, no code generation)."""
     recipe = load_recipe("planted", SMALL)
     plan = calibrate(experts, recipe)
-    with use_plan(experts, plan, plan.grid, "torch"):
+    with apply(experts, plan, backend="torch", grid=plan.grid):
         eager = sample(experts, recipe, ["a red circle"], [0], decode=False)
         stock = {name: tr.forward for name, tr in experts.components.items()}
         try:

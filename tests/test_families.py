@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import rel_l2
-from paro_cli.backend import use_plan
+from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.errors import PlanError
 from paro_cli.intercept import AttentionInterceptor
@@ -86,7 +86,7 @@ def test_density_one_plan_equals_stock_model(planted):
     assert plan.family == planted.family and plan.components["transformer"].achieved_density.min() == 1.0
     prompts = ["a blue square", "a green triangle moving left on a plain background"]  # texts of two lengths
     stock = sample(planted, recipe, prompts, [1, 2], decode=False)
-    with use_plan(planted, plan, plan.grid, "torch") as run:
+    with apply(planted, plan, backend="torch", grid=plan.grid) as run:
         out = sample(planted, recipe, prompts, [1, 2], decode=False)
     assert run.calls == {"paro": 4 * 2}  # every step and layer through the plan
     assert rel_l2(out, stock) <= 1e-5
@@ -98,7 +98,7 @@ def test_planted_orders_are_found(planted):
     assert plan.components["transformer"].orders == ORDERS[planted.family]
     assert (plan.text_tokens, plan.text_position) == TEXT[planted.family]
     stock = sample(planted, recipe, ["a red circle"], [0], decode=False)
-    with use_plan(planted, plan, plan.grid, "torch"):  # the plan at density 0.3 really runs: the output moves
+    with apply(planted, plan, backend="torch", grid=plan.grid):  # the plan at density 0.3 really runs: the output moves
         assert rel_l2(sample(planted, recipe, ["a red circle"], [0], decode=False), stock) > 1e-4
 
 
@@ -110,22 +110,22 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
         loaded[family] = LoadedModel(family, model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
     plans = {family: calibrate(m, small(family, **{"sampling.steps": 2})) for family, m in loaded.items()}
     with pytest.raises(PlanError, match="plan is for a wan model, this run uses a cogvideox model"):
-        with use_plan(loaded["cogvideox"], plans["wan"], plans["wan"].grid, "torch"):
+        with apply(loaded["cogvideox"], plans["wan"], backend="torch", grid=plans["wan"].grid):
             pass
     with pytest.raises(PlanError, match="plan is for a cogvideox model, this run uses a wan model"):
-        with use_plan(loaded["wan"], plans["cogvideox"], plans["cogvideox"].grid, "torch"):
+        with apply(loaded["wan"], plans["cogvideox"], backend="torch", grid=plans["cogvideox"].grid):
             pass
     with pytest.raises(PlanError, match="plan is for a flux model, this run uses a cogvideox model"):
-        with use_plan(loaded["cogvideox"], plans["flux"], plans["flux"].grid, "torch"):
+        with apply(loaded["cogvideox"], plans["flux"], backend="torch", grid=plans["flux"].grid):
             pass
     with pytest.raises(PlanError, match="plan is for a hunyuanvideo model, this run uses a wan model"):
-        with use_plan(loaded["wan"], plans["hunyuanvideo"], plans["hunyuanvideo"].grid, "torch"):
+        with apply(loaded["wan"], plans["hunyuanvideo"], backend="torch", grid=plans["hunyuanvideo"].grid):
             pass
     # the same CogVideoX model called with 6 text tokens instead of the plan's 8
     cog = loaded["cogvideox"]
     inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16), (4, 8, 8), 1.0)
     with pytest.raises(PlanError, match=r"plan has 8 text tokens \(prefix\) in self-attention, this run has 6 \(prefix\)"):
-        with use_plan(cog, plans["cogvideox"], plans["cogvideox"].grid, "torch"), torch.no_grad():
+        with apply(cog, plans["cogvideox"], backend="torch", grid=plans["cogvideox"].grid), torch.no_grad():
             cog.transformer(**inputs)
 
 

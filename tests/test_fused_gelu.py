@@ -140,7 +140,7 @@ def test_hooked_gelu_modules_are_not_replaced_and_exceptions_restore():
 
 
 def test_both_experts_fused_through_routed():
-    """backend.routed, which use_plan enters on the Triton backend: every transformer of the model
+    """backend.routed, which a plan applied on the Triton backend: every transformer of the model
     (Wan 2.2's two experts) gets the stand-ins, and they leave with it."""
     from paro_cli.backend import routed
     from paro_cli.intercept import StockAttention

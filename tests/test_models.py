@@ -1,17 +1,20 @@
 """Attention integration: interception is transparent and reversible, plans at density 1 are
 exact, loading paths give clear errors."""
 
+import importlib.metadata
 import json
+import subprocess
 import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
 from conftest import rel_l2
-from kernels.layout import num_blocks
-from paro_cli.backend import PlanAttention, select_backend, use_plan
+from paro_kernels.layout import num_blocks
+from paro_cli.api import apply
+from paro_cli.backend import PlanAttention, select_backend
 from paro_cli.errors import BackendError, ModelError
 from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import config_fingerprint
@@ -96,17 +99,17 @@ def test_density_one_plan_equals_stock_model(orders):
     assert rel_l2(out, stock) <= 1e-5
 
 
-def test_use_plan_refuses_other_geometry_and_model(demo_model, demo_calibration):
+def test_apply_refuses_other_geometry_and_model(demo_model, demo_calibration):
     _, plan = demo_calibration
     from paro_cli.errors import PlanError
 
     with pytest.raises(PlanError, match="token grid"):
-        with use_plan(demo_model, plan, (4, 16, 16), "auto"):
+        with apply(demo_model, plan, backend="auto", grid=(4, 16, 16)):
             pass
     other = load_model("embedded")
     other.transformer.register_to_config(num_layers=3)  # a different config, same class
     with pytest.raises(PlanError, match="another transformer config"):
-        with use_plan(other, plan, plan.grid, "auto"):
+        with apply(other, plan, backend="auto", grid=plan.grid):
             pass
 
 
@@ -163,32 +166,36 @@ def test_loading_errors(tmp_path):
             load_model(str(tmp_path / "pipe"))
 
 
-def test_our_kernels_package_does_not_confuse_diffusers():
-    """Hugging Face publishes a `kernels` package that diffusers probes for; ours must not pass
-    for it, and a foreign `kernels` shadowing ours must be reported."""
-    import diffusers.utils.import_utils as iu
-    import kernels
+REPO = Path(__file__).resolve().parent.parent
 
-    assert kernels.PARO_KERNELS
-    assert iu._is_package_available("kernels") == (False, "N/A")
-    from paro_cli.cli import _check_kernels_package
-    from paro_cli.errors import ParoError
 
-    fake = types.ModuleType("kernels")
-    fake.__file__ = "/site-packages/kernels/__init__.py"
-    saved = sys.modules["kernels"]
-    sys.modules["kernels"] = fake
+@pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
+def test_the_name_kernels_is_left_to_hugging_face(cwd, tmp_path):
+    """paro's kernels import as `paro_kernels`; `import kernels` (which transformers and
+    diffusers do) finds Hugging Face's package whenever it is installed, also from the repo root
+    (the working directory is first on sys.path there), and never a module of ours."""
+    assert not (REPO / "kernels" / "__init__.py").exists()  # a namespace folder loses to any package
+    script = ("import importlib.util, paro_kernels, paro_cli.cli\n"
+              "spec = importlib.util.find_spec('kernels')\n"
+              "print(paro_kernels.__file__)\n"
+              "print(spec.origin if spec and spec.origin else '-')\n"
+              "if spec and spec.origin: import kernels, transformers\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO if cwd == "repo" else tmp_path,
+                          capture_output=True, text=True, check=True)
+    ours, theirs = done.stdout.split()
+    assert Path(ours) == REPO / "kernels" / "paro_kernels" / "__init__.py"
+    assert theirs == "-" or not Path(theirs).is_relative_to(REPO / "kernels")
     try:
-        with pytest.raises(ParoError, match="is not paro's"):
-            _check_kernels_package()
-    finally:
-        sys.modules["kernels"] = saved
+        importlib.metadata.distribution("kernels")  # Hugging Face's: current transformers requires it
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert theirs != "-"
 
 
 def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
     """Sparse random masks, different per slot and layer: every call must equal the reference
     computed with that layer's orders and that timestep slot's mask."""
-    from kernels.reference import paro_attention_reference
+    from paro_kernels.reference import paro_attention_reference
 
     model = tiny_wan()
     grid = (3, 4, 5)
@@ -213,7 +220,7 @@ def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
             model(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=torch.zeros(2, 5, 16), return_dict=False)
     assert [(slot, layer) for slot, layer, *_ in handler.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     orders = plan.components["transformer"].orders
-    from kernels.orders import head_permutations
+    from paro_kernels.orders import head_permutations
 
     for slot, layer, q, k, v, out in handler.seen:
         expect = paro_attention_reference(q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[slot, layer], block=16)

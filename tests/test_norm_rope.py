@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import rel_l2
-from kernels.norm_rope import norm_rope
-from kernels.triton_attention import INTERPRET
+from paro_kernels.norm_rope import norm_rope
+from paro_kernels.triton_attention import INTERPRET
 
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,7 +109,7 @@ def test_kernel_at_full_size(shape):
 def planted_step(family, dtype, batch, monkeypatch):
     """A small planted model of `family`, one forward's inputs, and the list each fused-kernel
     call appends to."""
-    import kernels.norm_rope
+    import paro_kernels.norm_rope
     from paro_cli.models import adapter_for
     from paro_cli.models.planted import build_planted_cogvideox, build_planted_transformer
 
@@ -121,8 +121,8 @@ def planted_step(family, dtype, batch, monkeypatch):
     context = torch.randn(batch, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
     calls = []
-    fused_kernel = kernels.norm_rope.norm_rope
-    monkeypatch.setattr(kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    fused_kernel = paro_kernels.norm_rope.norm_rope
+    monkeypatch.setattr(paro_kernels.norm_rope, "norm_rope", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
     return model, adapter, kwargs, calls
 
 

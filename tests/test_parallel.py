@@ -8,7 +8,7 @@ import torch
 
 from conftest import rel_l2
 from paro_cli import parallel
-from paro_cli.backend import use_plan
+from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.errors import ModelError
 from paro_cli.models import adapter_for
@@ -44,7 +44,7 @@ def calibrate_and_generate(path, dtype=torch.float32, backend="torch", precision
         grid = token_grid(loaded, recipe)
         parallel.enable_ulysses(loaded, grid)
         plan = calibrate(loaded, recipe)
-        with use_plan(loaded, plan, grid, backend, *precision) as run:
+        with apply(loaded, plan, backend=backend, qk=precision[0], pv=precision[1], grid=grid) as run:
             out = sample(loaded, recipe, ["a red circle"], [0], decode=False)
         comp = plan.components["transformer"]
         results[family] = {"orders": comp.orders, "masks": comp.packed_masks, "recall": comp.recall, "output": out.cpu(),

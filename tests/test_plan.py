@@ -51,7 +51,7 @@ def test_header_is_self_describing(demo_calibration, tmp_path):
 
 
 def test_refuses_mismatched_runs(demo_calibration):
-    from kernels.layout import SequenceLayout
+    from paro_kernels.layout import SequenceLayout
 
     _, plan = demo_calibration
     fp = plan.components["transformer"].config_fingerprint

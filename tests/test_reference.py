@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import position_in_order, rel_l2, structured_qkv
-from kernels.layout import SequenceLayout
-from kernels.orders import candidate_orders, head_permutations
-from kernels.reference import paro_attention_reference
+from paro_kernels.layout import SequenceLayout
+from paro_kernels.orders import candidate_orders, head_permutations
+from paro_kernels.reference import paro_attention_reference
 
 
 def sdpa(q, k, v, mask=None):
@@ -18,7 +18,7 @@ def sdpa(q, k, v, mask=None):
 
 def element_mask(orders, kept, grid, block, text_len, text_first):
     """(H, S, S) mask in arrival order, from block masks in each head's order, built from the
-    stride formula token by token (no use of kernels.orders)."""
+    stride formula token by token (no use of paro_kernels.orders)."""
     f_, h_, w_ = grid
     n = f_ * h_ * w_
     s = n + text_len

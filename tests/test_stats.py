@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import position_in_order, structured_qkv
-from kernels.layout import SequenceLayout
-from kernels.orders import head_permutations
-from kernels.stats import block_statistics, mass_recall
+from paro_kernels.layout import SequenceLayout
+from paro_kernels.orders import head_permutations
+from paro_kernels.stats import block_statistics, mass_recall
 
 
 def full_map_statistics(q, k, orders, grid, block, layout):

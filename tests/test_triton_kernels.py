@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import rel_l2, structured_qkv
-from kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to_paro_order
-from kernels.orders import candidate_orders, head_permutations
-from kernels.quant import channel_shift, choose_scale, quantize
-from kernels.reference import paro_attention_reference
-from kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
+from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to_paro_order
+from paro_kernels.orders import candidate_orders, head_permutations
+from paro_kernels.quant import channel_shift, choose_scale, quantize
+from paro_kernels.reference import paro_attention_reference
+from paro_kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
 
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 
@@ -202,7 +202,7 @@ def test_interpreted_row_with_no_key_outputs_zero(modes):
 
 @pytest.mark.parametrize("device", ["cpu" if INTERPRET else "cuda"])
 def test_custom_op_and_shape_checks(device):
-    import kernels.ops  # noqa: F401
+    import paro_kernels.ops  # noqa: F401
 
     c = case((2, 4, 8), 0, True, heads=2, dim=16, block=32, device=device)
     index, count = kept_block_lists(c["kept"])
@@ -246,7 +246,7 @@ def test_gpu_identity_order_and_density_one_equal_flash():
 
 @pytest.mark.gpu
 def test_gpu_statistics_kernel_matches_torch():
-    from kernels.stats import block_statistics, mass_recall
+    from paro_kernels.stats import block_statistics, mass_recall
 
     grid = (5, 12, 18)
     q, k, _ = (x.cuda().bfloat16() for x in structured_qkv(2, 1080 + 226, 3, 64, seed=3))
@@ -267,7 +267,7 @@ HOPPER_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 1
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("grid,text_len,text_first,dim", HOPPER_CASES, ids=lambda x: str(x))
 def test_gpu_block_128_matches_reference(modes, grid, text_len, text_first, dim):
-    """Block 128 is the warp-specialised Hopper kernel's (kernels/hopper_attention.py) on an
+    """Block 128 is the warp-specialised Hopper kernel's (kernels/paro_kernels/hopper_attention.py) on an
     H100, for the calls it covers; an empty kept row outputs what the reference does."""
     c = case(grid, text_len, text_first, heads=3, dim=dim, block=128, batch=2, density=0.3, device="cuda")
     c["kept"][1, 1] = False  # with no text, the row attends to nothing
@@ -303,7 +303,7 @@ def test_gpu_query_scale_per_64_rows(modes, dim):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
 def test_gpu_hopper_kernel_serves_block_128_on_sm90():
-    from kernels import hopper_attention
+    from paro_kernels import hopper_attention
 
     device = torch.device("cuda")
     assert hopper_attention.available(device)

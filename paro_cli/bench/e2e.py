@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..backend import use_plan
+from ..api import apply
 from ..runner import decodable, sample
 from .metrics import psnr
 
@@ -38,7 +38,7 @@ def _median_ms(times: list[float]) -> float:
 def run(loaded, recipe, plan, plan_path: str, grid, prompt: str, seed: int, qk: str | None, pv: str | None, progress) -> dict:
     """Dense and plan runs; returns the JSON-ready result."""
     dense_out, dense_steps = _timed_sample(loaded, recipe, prompt, seed, "dense", progress)
-    with use_plan(loaded, plan, grid, recipe.backend, qk, pv) as handler:
+    with apply(loaded, plan, backend=recipe.backend, qk=qk, pv=pv, grid=grid) as handler:
         paro_out, paro_steps = _timed_sample(loaded, recipe, prompt, seed, "paro", progress)
     dense_ms, paro_ms = _median_ms(dense_steps), _median_ms(paro_steps)
     rel_l2 = ((paro_out.double() - dense_out.double()).norm() / dense_out.double().norm().clamp_min(1e-12)).item()

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.layout import block_mask_rows
-from kernels.orders import order_permutation
+from paro_kernels.layout import block_mask_rows
+from paro_kernels.orders import order_permutation
 
 from ..calibration import StepTracker
 from ..fileio import atomic_path, check_output_file

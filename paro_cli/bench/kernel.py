@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layout import SequenceLayout, kept_block_lists, num_blocks
-from kernels.orders import candidate_orders, head_permutations
+from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks
+from paro_kernels.orders import candidate_orders, head_permutations
 
 from ..errors import ParoError
 
@@ -147,7 +147,7 @@ def run(shapes: list[AttentionShape], densities: list[float], precisions: list[t
     """Time every variant; returns {"rows": [...], "skipped": [...], "statistics": ...}. A row's
     "ms" is the median of its `repeats` timings, "ms_range" their minimum and maximum. `timer`
     (fn -> ms; default do_bench's median) and `device` are for tests."""
-    import kernels.ops  # noqa: F401
+    import paro_kernels.ops  # noqa: F401
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -234,7 +234,7 @@ def run(shapes: list[AttentionShape], densities: list[float], precisions: list[t
 
 def time_statistics(shape: AttentionShape, block: int, timer) -> dict:
     """One layer's calibration statistics: all heads, every candidate order, one timestep, batch 1."""
-    from kernels.stats import block_statistics
+    from paro_kernels.stats import block_statistics
 
     p = Problem(AttentionShape(shape.name, 1, shape.heads, shape.grid, shape.head_dim, shape.text_len), block, torch.device("cuda"))
     grid = shape.grid

@@ -14,11 +14,11 @@ import statistics
 
 import torch
 
-from kernels.orders import candidate_orders
+from paro_kernels.orders import candidate_orders
 
-from ..backend import use_plan
+from ..api import apply, calibrate
 from ..baselines import local_window_plan
-from ..calibration import calibrate
+from ..calibration import CalibrationProgress
 from ..demo.fidelity import fidelity, parse_caption
 from ..demo.world import sample_scenes
 from ..errors import PlanError
@@ -95,12 +95,13 @@ def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[s
         progress.start(label, steps)
         if plan is None:
             return sample(loaded, recipe, prompts, seeds, on_step=progress.step)
-        with use_plan(loaded, plan, grid, recipe.backend):
+        with apply(loaded, plan, backend=recipe.backend, grid=grid):
             return sample(loaded, recipe, prompts, seeds, on_step=progress.step)
 
     def calibrated(label: str, r: Recipe):
-        progress.start(f"calibrating {label}", steps)
-        return calibrate(loaded, r, progress)
+        """Each calibration pass its own progress row, named for the variant it calibrates."""
+        return calibrate(loaded, recipe=r, progress=CalibrationProgress(lambda name, total: progress.start(f"{label}: {name}", total),
+                                                                        progress.step))
 
     dense = generate("dense")
     native = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[loaded.dtype]

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from kernels.layout import num_blocks
-from kernels.orders import candidate_orders
+from paro_kernels.layout import num_blocks
+from paro_kernels.orders import candidate_orders
 
 from .. import parallel
 from ..backend import PlanAttention, fuses, routed, select_backend

@@ -10,13 +10,15 @@ import torch
 import typer
 
 from .. import parallel
+from ..api import as_loaded
 from ..backend import BACKENDS, check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
 from ..models.architectures import ARCHITECTURES, check_architecture
 from ..models.loading import load_model, resolve_device
-from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
+from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
                        RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus, prompt_and_seed)
+from ..media import read_image
 from ..output import Output
 from ..plan import load_plan
 from ..runner import token_grid
@@ -55,6 +57,7 @@ def e2e(
     qk: QkOpt = None,
     pv: PvOpt = None,
     backend: BackendOpt = None,
+    image: ImageOpt = None,
     architecture: Annotated[Optional[str], typer.Option(help="Instead of a plan's run: time one denoising step of this full-size architecture with random weights (" + ", ".join(ARCHITECTURES) + "), dense against synthetic plans, at its recipe's geometry.")] = None,
     density: Annotated[Optional[list[float]], typer.Option(help="With --architecture: densities to time; repeatable. Default: 0.5 0.3 0.2.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help="With --architecture: QK/PV pairs; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
@@ -76,14 +79,15 @@ def e2e(
     if plan is None:
         raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`, or --architecture NAME")
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
-    parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, as_json)
+    call_kwargs = {"image": read_image(image)} if image else None
+    parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, call_kwargs, as_json)
 
 
-def _plan_e2e(r, plan: str, prompt, seed, qk, pv, as_json: bool) -> None:
+def _plan_e2e(r, plan: str, prompt, seed, qk, pv, call_kwargs: dict | None, as_json: bool) -> None:
     """The benchmark itself, in each worker process with --gpus (rank 0 prints)."""
     ui = Output(as_json, silent=not parallel.is_primary())
     loaded_plan = load_plan(plan)
-    loaded = load_model(r.model, r.sampling.dtype)
+    loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     grid = token_grid(loaded, r)
     check_plan(loaded, loaded_plan, grid)  # before the dense run, not after it
     parallel.enable_ulysses(loaded, grid)
@@ -207,6 +211,9 @@ def kernel(
 def quality(
     recipe: RecipeOpt = None,
     model: ModelOpt = None,
+    frames: FramesOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     backend: BackendOpt = None,
@@ -232,7 +239,7 @@ def quality(
     from ..bench.heatmap import write_heatmaps
     from ..media import check_video_path, write_video
 
-    r = build_recipe(recipe, model=model, steps=steps, guidance=guidance, backend=backend)
+    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance, backend=backend)
     given = load_plan(plan) if plan else None
     torch_backend = BACKENDS["torch"]
     default_pair = f"{given.qk}/{given.pv}" if given else f"{r.precision.qk}/{r.precision.pv}"

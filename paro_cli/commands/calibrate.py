@@ -9,11 +9,13 @@ from typing import Annotated
 import typer
 
 from .. import parallel
-from ..calibration import CalibrationProgress, calibrate
+from ..api import as_loaded, calibrate
+from ..calibration import CalibrationProgress
 from ..errors import ParoError
 from ..fileio import check_output_file
+from ..media import read_image
 from ..models.loading import load_model
-from ..options import (BlockOpt, DensityOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
+from ..options import (BlockOpt, DensityOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
                        RecipeOpt, StepsOpt, WidthOpt, build_recipe)
 from ..output import Output
 from ..runner import token_grid
@@ -31,6 +33,7 @@ def command(
     block_size: BlockOpt = None,
     qk: QkOpt = None,
     pv: PvOpt = None,
+    image: ImageOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file to write (.safetensors).")] = Path("plan.safetensors"),
     gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
@@ -42,18 +45,19 @@ def command(
     if out.suffix != ".safetensors":
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
     check_output_file(out)
-    parallel.run(gpus, _calibrate, r, out, as_json)
+    call_kwargs = {"image": read_image(image)} if image else None
+    parallel.run(gpus, _calibrate, r, call_kwargs, out, as_json)
 
 
-def _calibrate(r, out: Path, as_json: bool) -> None:
+def _calibrate(r, call_kwargs: dict | None, out: Path, as_json: bool) -> None:
     """The calibration itself, in each worker process with --gpus: every rank profiles its heads
     (parallel.py), and all choose the same plan from the gathered statistics; rank 0 writes it."""
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = load_model(r.model, r.sampling.dtype)
+    loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     parallel.enable_ulysses(loaded, token_grid(loaded, r))
     start = time.perf_counter()
     with ui.progress() as bar:
-        plan = calibrate(loaded, r, CalibrationProgress(bar.start, bar.step))
+        plan = calibrate(loaded, recipe=r, progress=CalibrationProgress(bar.start, bar.step))
     seconds = time.perf_counter() - start
     if not parallel.is_primary():
         return

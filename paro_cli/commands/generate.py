@@ -10,11 +10,11 @@ from typing import Annotated
 import typer
 
 from .. import parallel
-from ..backend import use_plan
+from ..api import apply, as_loaded
 from ..compiled import compiled_forwards
-from ..media import check_video_path, write_video
+from ..media import check_video_path, read_image, write_video
 from ..models.loading import load_model
-from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
+from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
                        QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus,
                        prompt_and_seed)
 from ..output import Output
@@ -36,6 +36,7 @@ def command(
     qk: QkOpt = None,
     pv: PvOpt = None,
     backend: BackendOpt = None,
+    image: ImageOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")] = Path("video.mp4"),
     compile_: Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the transformer(s) with paro's kernels in the graph: the first steps compile (a minute or more at full size), the rest run faster.")] = False,
     gpus: GpusOpt = 1,
@@ -49,19 +50,20 @@ def command(
                      qk=qk, pv=pv, backend=backend)
     check_video_path(out)
     check_compile_gpus(compile_, gpus)
-    parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, out, compile_, as_json)
+    call_kwargs = {"image": read_image(image)} if image else None
+    parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, call_kwargs, out, compile_, as_json)
 
 
-def _generate(r, plan: str | None, prompt, seed, qk, pv, out: Path, compile_: bool, as_json: bool) -> None:
+def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | None, out: Path, compile_: bool, as_json: bool) -> None:
     """The run itself, in each worker process with --gpus (rank 0 writes and prints)."""
     loaded_plan = load_plan(plan) if plan else None
     ui = Output(as_json, silent=not parallel.is_primary())
-    loaded = load_model(r.model, r.sampling.dtype)
+    loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     check_decodable(loaded)
     grid = token_grid(loaded, r)
     parallel.enable_ulysses(loaded, grid)
     text, seed_ = prompt_and_seed(r, prompt, seed)
-    attention = use_plan(loaded, loaded_plan, grid, r.backend, qk, pv) if loaded_plan else contextlib.nullcontext()
+    attention = apply(loaded, loaded_plan, backend=r.backend, qk=qk, pv=pv, grid=grid) if loaded_plan else contextlib.nullcontext()
     # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole
     compiled = compiled_forwards(loaded.components.values(), fullgraph=False) if compile_ else contextlib.nullcontext()
     start = time.perf_counter()

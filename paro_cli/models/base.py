@@ -33,7 +33,7 @@ class TransformerAdapter:
     num_train_timesteps = 1000
     classifier_free_guidance = True  # False: guidance-distilled (Flux), guidance goes in as an input
     # The self-attention processor with its QK norm and RoPE fused into one kernel
-    # (kernels/norm_rope.py), built from the stock one, same semantics; None where none exists.
+    # (kernels/paro_kernels/norm_rope.py), built from the stock one, same semantics; None where none exists.
     norm_rope_processor = None
 
     def num_heads(self, transformer: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layout import SequenceLayout
+from paro_kernels.layout import SequenceLayout
 
 from .base import TransformerAdapter, check_pixel_multiple, forward_input
 from .prompt_encoder import HashPromptEncoder
@@ -28,7 +28,7 @@ class CogVideoXNormRopeProcessor:
     replaces = "CogVideoXAttnProcessor2_0"  # the stock class this one mirrors (intercept.py installs it over that one only)
 
     def __init__(self, stock):
-        import kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
+        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
         from diffusers.models import attention_processor
 
         self.stock = stock

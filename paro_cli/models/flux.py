@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layout import SequenceLayout
+from paro_kernels.layout import SequenceLayout
 
 from ..errors import ModelError, RecipeError
 from .base import TransformerAdapter, check_pixel_multiple, forward_input, stream_block_layers

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class LoadedModel:
     # timesteps, `transformer` the ones above (as WanPipeline switches them)
     transformer_2: torch.nn.Module | None = None
     boundary_ratio: float | None = None
+    # Arguments every pipeline call gets besides those of the recipe (an image-to-video
+    # pipeline's `image`, a `max_sequence_length`): the user's, through the Python API or --image.
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
@@ -126,7 +129,9 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
     try:
         import accelerate  # noqa: F401  (diffusers needs it for several families' from_pretrained)
         import transformers  # noqa: F401  (every pipeline's text encoder)
-    except ImportError:
+    except ImportError as exc:
+        if exc.name not in ("accelerate", "transformers"):  # installed, but broken inside
+            raise ModelError(f"importing {exc.name} for the pipeline failed: {exc}", "repair that package's installation") from None
         raise ModelError(
             f"loading the diffusers pipeline {spec} needs transformers and accelerate",
             "pip install 'paro[pipelines]'",
@@ -135,48 +140,89 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
 
     try:
         return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # what from_pretrained raises for a missing or unreachable id or folder
         raise ModelError(f"could not load pipeline {spec}: {str(exc).splitlines()[0]}", "check the id/folder (no network: use a local folder)") from None
+    except (ImportError, ValueError) as exc:  # the folder was found: the cause is inside a library, keep it
+        raise ModelError(f"loading pipeline {spec} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                         "the id/folder was found: fix what the message names") from exc
 
 
 def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None = None) -> LoadedModel:
     device = device or resolve_device()
     dtype = resolve_dtype(dtype_name, device)
     experts = {}
+    pipeline = None
     if spec == PLANTED_MODEL:
         from .planted import build_planted_transformer
 
-        transformer, pipeline = build_planted_transformer(), None
+        transformer = build_planted_transformer()
     elif spec == PLANTED_EXPERTS_MODEL:
         from .planted import build_planted_experts
 
-        (transformer, expert_2, boundary), pipeline = build_planted_experts(), None
+        transformer, expert_2, boundary = build_planted_experts()
         experts = {"transformer_2": expert_2, "boundary_ratio": boundary}
     elif spec.startswith(ARCHITECTURE_PREFIX):
         from .architectures import build_architecture
 
         return build_architecture(spec[len(ARCHITECTURE_PREFIX):], device, dtype)
     elif spec == EMBEDDED_MODEL:
-        transformer, pipeline = _load_transformer_folder(EMBEDDED_WEIGHTS), None
+        transformer = _load_transformer_folder(EMBEDDED_WEIGHTS)
     else:
         path = Path(spec)
         if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
             pipeline = _load_pipeline(spec, dtype)
             transformer = pipeline.transformer
+            adapter_for(transformer)  # an unsupported family is refused before anything moves
             if getattr(pipeline, "transformer_2", None) is not None and pipeline.config.get("boundary_ratio") is not None:  # Wan 2.2 A14B
-                experts = {"transformer_2": pipeline.transformer_2, "boundary_ratio": pipeline.config.boundary_ratio}
+                experts = {"transformer_2": pipeline.transformer_2}
         elif (path / "config.json").is_file():
-            transformer, pipeline = _load_transformer_folder(path), None
+            transformer = _load_transformer_folder(path)
         elif path.is_dir():
             raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
         else:
             raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', 'planted-experts', 'architecture:NAME', a local diffusers folder or a hub id like org/name")
-    adapter = adapter_for(transformer)
     if pipeline is not None:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
     for model in (transformer, experts.get("transformer_2")):
         if model is not None:
             cast_transformer(model, device, dtype)
-    encoder = None if pipeline is not None else adapter.prompt_encoder(transformer)
-    return LoadedModel(spec, transformer, adapter, device, dtype, pipeline, encoder, **experts)
+    if pipeline is not None:
+        return from_pipeline(pipeline, spec)
+    adapter = adapter_for(transformer)
+    return LoadedModel(spec, transformer, adapter, device, dtype, None, adapter.prompt_encoder(transformer), **experts)
+
+
+def from_pipeline(pipeline, model_id: str | None = None) -> LoadedModel:
+    """A diffusers pipeline object as paro sees it: its transformer(s), where and in which dtype
+    they run. The device is the pipeline's execution device, which model CPU offloading keeps
+    apart from where the weights rest."""
+    transformer = getattr(pipeline, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ModelError(f"{type(pipeline).__name__} has no transformer", "paro plans transformer pipelines: " + ", ".join(sorted(ADAPTERS)))
+    check_uncompiled(transformer, "pipe.transformer")
+    adapter = adapter_for(transformer)
+    experts = {}
+    expert_2 = getattr(pipeline, "transformer_2", None)
+    if expert_2 is not None and pipeline.config.get("boundary_ratio") is not None:  # Wan 2.2 A14B
+        check_uncompiled(expert_2, "pipe.transformer_2")
+        experts = {"transformer_2": expert_2, "boundary_ratio": pipeline.config.boundary_ratio}
+    model_id = model_id or pipeline.config.get("_name_or_path") or type(pipeline).__name__
+    return LoadedModel(model_id, transformer, adapter, pipeline._execution_device, transformer.dtype, pipeline, None, **experts)
+
+
+def from_transformer(transformer: torch.nn.Module, model_id: str | None = None) -> LoadedModel:
+    """A bare diffusers transformer (no pipeline): sampled by paro's own loop."""
+    check_uncompiled(transformer, "the transformer")
+    adapter = adapter_for(transformer)
+    device = next(transformer.parameters()).device
+    model_id = model_id or transformer.config.get("_name_or_path") or type(transformer).__name__
+    return LoadedModel(model_id, transformer, adapter, device, transformer.dtype, None, adapter.prompt_encoder(transformer))
+
+
+def check_uncompiled(transformer: torch.nn.Module, name: str) -> None:
+    """A transformer compiled before paro reaches it would keep running the attention traced
+    into its graphs; paro installs first, and compiling afterwards compiles paro's kernels in."""
+    if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule):
+        raise ModelError(f"{name} is already compiled (torch.compile)",
+                         "apply paro to the uncompiled transformer, then compile it (or pass its _orig_mod)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.orders import VIDEO_AXES
+from paro_kernels.orders import VIDEO_AXES
 
 PLANTED_CONFIG = dict(
     patch_size=(1, 2, 2),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.layout import SequenceLayout
+from paro_kernels.layout import SequenceLayout
 
 from .base import TransformerAdapter, check_pixel_multiple
 from .prompt_encoder import HashPromptEncoder
@@ -24,7 +24,7 @@ class WanNormRopeProcessor:
     replaces = "WanAttnProcessor"  # the stock class this one mirrors (intercept.py installs it over that one only)
 
     def __init__(self, stock):
-        import kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
+        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
         from diffusers.models.transformers import transformer_wan
 
         self.stock = stock

@@ -8,7 +8,7 @@ included) and the visual part tiled into blocks of `block` tokens in that order:
 Only visual query rows are profiled: text rows are always computed densely.
 
 Two implementations of the same numbers: plain torch (CPU, and the oracle) holds one chunk of
-query rows at a time; on CUDA, kernels/triton_stats.py streams tile by tile, computing each
+query rows at a time; on CUDA, kernels/paro_kernels/triton_stats.py streams tile by tile, computing each
 row's log-sum-exp once for all orders (it does not depend on the order) and then one block
 pass per order. Neither ever holds the N x N map.
 """

@@ -1,6 +1,6 @@
 """PAROAttention forward in Triton: reordered, block-sparse, optionally quantised.
 
-Semantics are kernels/reference.py's; this file is about doing it fast on a GPU.
+Semantics are kernels/paro_kernels/reference.py's; this file is about doing it fast on a GPU.
 
 - One program computes one tile of `BLOCK` query rows of one (batch, head), in paro order
   (text tiles first, then visual tiles in the head's token order), or a half of it where

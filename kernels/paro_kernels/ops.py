@@ -34,7 +34,7 @@ def norm_rope(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
     heads: int, norm: str, per_head: bool, eps: float, rope_start: int,
 ) -> torch.Tensor:
-    """kernels.norm_rope.norm_rope, as an op: under torch.compile it replaces the norm and RoPE
+    """paro_kernels.norm_rope.norm_rope, as an op: under torch.compile it replaces the norm and RoPE
     kernels inductor would generate, which write the rotated pairs apart (stride 2)."""
     return _norm_rope.norm_rope(x, heads=heads, norm=norm, per_head=per_head, weight=weight, bias=bias, eps=eps, cos=cos,
                                 sin=sin, rope_start=rope_start)
