@@ -1,7 +1,8 @@
 # Set-up and entry points. `make demo` and `make test` install what they need first.
 #
 # If $(PYTHON) already has torch (say a CUDA build), paro is installed into that environment and
-# torch is left alone. Otherwise a local .venv gets the CPU build of torch 2.13.0 and triton 3.9.0
+# torch is left alone. The test suite runs real diffusers pipelines, so the `pipelines` extra
+# (the newest transformers and accelerate) comes with it. Otherwise a local .venv gets the CPU build of torch 2.13.0 and triton 3.9.0
 # (whose interpreter runs the kernels on CPU).
 PYTHON ?= python3
 HAS_TORCH := $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo yes)
@@ -23,7 +24,7 @@ ifneq ($(HAS_TORCH),yes)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 triton==3.9.0
 endif
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,pipelines]'
 	touch $(STAMP)
 
 demo: install

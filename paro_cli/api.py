@@ -33,18 +33,19 @@ SETTINGS = {
     "num_frames": "geometry.frames", "height": "geometry.height", "width": "geometry.width",
     "num_inference_steps": "sampling.steps", "guidance_scale": "sampling.guidance", "guidance_scale_2": "sampling.guidance_2",
     "negative_prompt": "sampling.negative_prompt", "flow_shift": "sampling.flow_shift",
+    "max_sequence_length": "sampling.max_sequence_length",
     "density": "sparsity.density", "block_size": "sparsity.block_size", "slots": "sparsity.slots",
     "dense_first_steps": "sparsity.dense_first_steps", "dense_layers": "sparsity.dense_layers",
     "qk": "precision.qk", "pv": "precision.pv",
 }
 # Pipeline call arguments paro sets itself from the recipe (see runner.sample).
 RECIPE_CALL_ARGS = ("prompt", "num_inference_steps", "generator", "output_type", "callback_on_step_end", "height", "width",
-                    "num_frames", "guidance_scale", "guidance_scale_2", "negative_prompt")
+                    "num_frames", "guidance_scale", "guidance_scale_2", "negative_prompt", "max_sequence_length")
 
 
 def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """What paro runs on: a diffusers pipeline, a bare diffusers transformer, or a model the CLI
-    loaded (a LoadedModel). `pipeline_kwargs` go to every pipeline call paro makes."""
+    loaded (a LoadedModel). `pipeline_kwargs` go to every pipeline call paro makes (calibration's)."""
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, torch.nn.Module):
@@ -71,11 +72,10 @@ def calibrate(model: Any, prompts: Sequence[str] | None = None, *, recipe: Recip
 
     `recipe` (a Recipe, a shipped recipe's name or a YAML path) gives the defaults; `settings`
     override them, in diffusers' names: seeds, num_frames, height, width, num_inference_steps,
-    guidance_scale, guidance_scale_2, negative_prompt, flow_shift, density, block_size, slots,
-    dense_first_steps, dense_layers, qk, pv, order_steps, orders. Without a recipe, height and
+    guidance_scale, guidance_scale_2, negative_prompt, flow_shift, max_sequence_length, density,
+    block_size, slots, dense_first_steps, dense_layers, qk, pv, order_steps, orders. Without a recipe, height and
     width must be given (and num_frames for video): a plan serves the geometry it was made for.
-    `pipeline_kwargs` go to each pipeline call as they are (an image-to-video pipeline's `image`,
-    a `max_sequence_length`).
+    `pipeline_kwargs` go to each pipeline call as they are (an image-to-video pipeline's `image`).
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:

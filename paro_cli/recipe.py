@@ -49,6 +49,9 @@ class Sampling:
     # Flow-matching shift; None: a pipeline keeps its scheduler's, paro's own loop uses 3.
     flow_shift: float | None = None
     negative_prompt: str = ""
+    # Text tokens a pipeline encodes each prompt to (its `max_sequence_length`); None: the
+    # pipeline's default. It sets the text part of joint attention (CogVideoX, Flux, HunyuanVideo).
+    max_sequence_length: int | None = None
     dtype: Dtype = "auto"
     fps: int = 8
 
@@ -104,6 +107,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampling.guidance_2": (lambda v: v is None or v >= 0, "null or a number >= 0"),
     "sampling.flow_shift": (lambda v: v is None or v > 0, "null or a number > 0"),
     "sampling.fps": (lambda v: v >= 1, "an integer >= 1"),
+    "sampling.max_sequence_length": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),
     "calibration.seeds": (lambda v: len(v) >= 1, "a non-empty list of integers"),
     "calibration.order_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),

@@ -74,6 +74,15 @@ def with_flow_shift(scheduler, shift: float):
     return type(scheduler).from_config(config, **{key: shift})
 
 
+def pipeline_call_kwargs(loaded: LoadedModel, sampling, geometry) -> dict:
+    """A pipeline call's arguments beyond prompts, steps, generators and callback: the family's
+    from the recipe, its text length if set, then the user's own (loaded.call_kwargs)."""
+    kwargs = loaded.adapter.pipeline_call_kwargs(sampling, geometry)
+    if sampling.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = sampling.max_sequence_length
+    return {**kwargs, **loaded.call_kwargs}
+
+
 def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None, decode: bool):
     s, g = recipe.sampling, recipe.geometry
 
@@ -92,7 +101,7 @@ def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], se
             generator=[torch.Generator(loaded.device).manual_seed(seed) for seed in seeds],
             output_type="np" if decode else "latent",
             callback_on_step_end=callback,
-            **{**loaded.adapter.pipeline_call_kwargs(s, g), **loaded.call_kwargs},
+            **pipeline_call_kwargs(loaded, s, g),
         )
     finally:
         loaded.pipeline.scheduler = shipped  # the next run starts from the pipeline's own

@@ -1,14 +1,16 @@
 """Tiny random-weight diffusers pipelines, built offline from configs, for end-to-end tests.
 
 `build_pipeline(kind, folder)` saves a pipeline that `DiffusionPipeline.from_pretrained(folder)`
-loads without any hub access; `CALL_ARGS[kind]` are the call arguments for a small, fast run
-(a latent grid of 3 frames x 4x4 tokens for the video kinds, 8x8 tokens for Flux) and
-`example_image(kind)` is the conditioning image a kind needs (None for text-only kinds).
+loads without any hub access. `CALL_ARGS[kind]` are the call arguments for a small, fast run:
+token grids of 3 frames x 4x6 for the video kinds and 6x8 for Flux (distinct axis sizes, so a
+mixed-up axis order shows). `example_image(kind)` is the conditioning image a kind needs (None
+for text-only kinds).
 
 The transformers are tiny, but keep the layout of the real models where attention depends on it:
 patch sizes, head dims that the RoPE splits accept, qk norms, text and image context streams.
-Tokenizers are built from in-memory vocabularies: ByT5 (byte level, no vocab file) stands in for
-T5/UMT5, CLIP gets a byte-level BPE vocab without merges, Llama a byte-fallback vocab.
+Tokenizers are built from in-memory vocabularies (a transformers 5 API): ByT5 (byte level, no
+vocab file) stands in for T5/UMT5, CLIP gets a byte-level BPE vocab without merges, Llama a
+byte-fallback vocab.
 """
 
 from pathlib import Path
@@ -54,16 +56,16 @@ from transformers import (
 
 KINDS = {
     "wan": "Wan 2.1 T2V: WanPipeline, one transformer, UMT5 text encoder, UniPC flow scheduler",
-    "wan22": "Wan 2.2 A14B T2V: WanPipeline, high-noise `transformer` + low-noise `transformer_2`, boundary_ratio 0.875",
+    "wan22": "Wan 2.2 A14B T2V: WanPipeline, high-noise `transformer`, low-noise `transformer_2`, boundary 0.875",
     "wan_i2v": "Wan 2.1 I2V: WanImageToVideoPipeline, 36 input channels, CLIP vision image encoder",
     "cogvideox": "CogVideoX-5B style: CogVideoXPipeline with rotary position embeddings, T5 text encoder",
     "hunyuanvideo": "HunyuanVideo T2V: HunyuanVideoPipeline, Llama + CLIP text encoders, guidance-distilled",
     "flux": "FLUX.1-dev style: FluxPipeline, CLIP + T5 text encoders, guidance embedding",
 }
 
-# 9 frames -> 3 latent frames (temporal compression 4); 64x64 pixels -> 8x8 latents (spatial
-# compression 8) -> 4x4 tokens after the 2x2 patchify. Flux: 128x128 -> 16x16 latents -> 8x8 tokens.
-_VIDEO = {"num_frames": 9, "height": 64, "width": 64}
+# 9 frames -> 3 latent frames (temporal compression 4); 64x96 pixels -> 8x12 latents (spatial
+# compression 8) -> 4x6 tokens after the 2x2 patchify. Flux: 96x128 -> 12x16 latents -> 6x8 tokens.
+_VIDEO = {"num_frames": 9, "height": 64, "width": 96}
 # HunyuanVideo's prompt template: the Llama tokens of the prefix (<s> and "▁video:", one token per
 # byte) are cropped off, as the real template's 95-token system prompt is.
 _HUNYUAN_TEMPLATE = {"template": "video: {}", "crop_start": 8}
@@ -73,7 +75,7 @@ CALL_ARGS: dict[str, dict] = {
     "wan_i2v": dict(_VIDEO),  # Wan 2.1 I2V attention assumes 512 text tokens: keep the default max_sequence_length
     "cogvideox": {**_VIDEO, "max_sequence_length": 16},  # = the transformer's max_text_seq_length
     "hunyuanvideo": {**_VIDEO, "max_sequence_length": 16, "prompt_template": _HUNYUAN_TEMPLATE},
-    "flux": {"height": 128, "width": 128, "max_sequence_length": 16},
+    "flux": {"height": 96, "width": 128, "max_sequence_length": 16},
 }
 
 _TEXT_DIM = 32  # hidden size of every tiny T5/UMT5/CLIP text encoder
@@ -225,11 +227,13 @@ def _cogvideox() -> CogVideoXPipeline:
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
         temporal_compression_ratio=4, scaling_factor=0.7,
     ))
-    # sample_height/width = the 8x8 latent grid of CALL_ARGS, the base grid of the 3D RoPE.
+    # sample_height/width: the latent grid of CALL_ARGS, the 3D RoPE's base grid. Head dim 16 splits
+    # into 4/6/6 rotary channels for t/h/w; head dim 8 would give odd splits that RoPE rejects.
     transformer = _seeded(0, lambda: CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-        text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=CALL_ARGS["cogvideox"]["max_sequence_length"],
+        text_embed_dim=_TEXT_DIM, num_layers=2, patch_size=2, temporal_compression_ratio=4,
+        sample_height=_VIDEO["height"] // 8, sample_width=_VIDEO["width"] // 8, sample_frames=_VIDEO["num_frames"],
+        max_text_seq_length=CALL_ARGS["cogvideox"]["max_sequence_length"],
         use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
     ))
     scheduler = CogVideoXDDIMScheduler(  # CogVideoX-5B

@@ -48,7 +48,7 @@ class LoadedModel:
     transformer_2: torch.nn.Module | None = None
     boundary_ratio: float | None = None
     # Arguments every pipeline call gets besides those of the recipe (an image-to-video
-    # pipeline's `image`, a `max_sequence_length`): the user's, through the Python API or --image.
+    # pipeline's `image`): the user's, through the Python API's pipeline_kwargs or --image.
     call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -128,7 +128,7 @@ def _load_transformer_folder(folder: Path) -> torch.nn.Module:
 def _load_pipeline(spec: str, dtype: torch.dtype):
     try:
         import accelerate  # noqa: F401  (diffusers needs it for several families' from_pretrained)
-        import transformers  # noqa: F401  (every pipeline's text encoder)
+        import transformers  # every pipeline's text encoder
     except ImportError as exc:
         if exc.name not in ("accelerate", "transformers"):  # installed, but broken inside
             raise ModelError(f"importing {exc.name} for the pipeline failed: {exc}", "repair that package's installation") from None
@@ -136,15 +136,21 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
             f"loading the diffusers pipeline {spec} needs transformers and accelerate",
             "pip install 'paro[pipelines]'",
         ) from None
-    from diffusers import DiffusionPipeline
+    import diffusers
 
+    diffusers.utils.logging.disable_progress_bar()  # paro draws its own progress (none with --json)
+    transformers.utils.logging.disable_progress_bar()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # e.g. image processors' notes on torchvision, for every load
     try:
-        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+        return diffusers.DiffusionPipeline.from_pretrained(spec, dtype=dtype)
     except OSError as exc:  # what from_pretrained raises for a missing or unreachable id or folder
         raise ModelError(f"could not load pipeline {spec}: {str(exc).splitlines()[0]}", "check the id/folder (no network: use a local folder)") from None
     except (ImportError, ValueError) as exc:  # the folder was found: the cause is inside a library, keep it
         raise ModelError(f"loading pipeline {spec} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
                          "the id/folder was found: fix what the message names") from exc
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None = None) -> LoadedModel:

@@ -1,0 +1,165 @@
+"""The Python API on pipeline objects a user holds: the README's example runs, a plan applied and
+removed leaves the pipeline exactly as it was, refusals are exceptions a program catches, and
+what users do to pipelines (model CPU offload, LoRA, torch.compile after apply) works."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the pipelines extra")
+import paro  # noqa: E402
+from tiny_pipelines import CALL_ARGS, build_pipeline, example_image  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS = dict(num_inference_steps=2, density=0.3, block_size=16, qk="fp32", pv="fp32")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny pipeline folders, built once per kind on first use."""
+    root, built = tmp_path_factory.mktemp("api-pipelines"), {}
+
+    def folder(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = build_pipeline(kind, root / kind)
+        return built[kind]
+
+    return folder
+
+
+def load(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, kind="wan", **extra):
+    """One seeded call at the tiny geometry; the output as float64 numpy."""
+    out = pipe(prompt="a dog running", generator=torch.Generator().manual_seed(1), output_type="np", num_inference_steps=2,
+               **{**CALL_ARGS[kind], **extra})
+    return np.asarray(out.frames, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def wan(folders):
+    """(pipeline, plan) of the tiny Wan 2.2 pipeline: two experts, a component each."""
+    pipe = load(folders("wan22"))
+    return pipe, paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan22"], **SETTINGS)
+
+
+def test_readme_example_runs(folders, tmp_path, monkeypatch):
+    """The README's Python API example, on the tiny Wan 2.1 pipeline: the hub id, device, sizes
+    and step counts swapped for the tiny ones, every call as written."""
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    for real, tiny in [('"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"', repr(str(folders("wan")))), ('.to("cuda")', ""),
+                       ("dtype=torch.bfloat16", "dtype=torch.float32"), ("num_frames=81, height=480, width=832", "num_frames=9, height=64, width=96"),
+                       ("num_inference_steps=50", "num_inference_steps=2"), ("block_size=128", "block_size=16")]:
+        assert real in code
+        code = code.replace(real, tiny)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "wan.plan.safetensors").is_file()
+    assert scope["plan"].qk == "int8" and scope["plan"].density == 0.2 and scope["plan"].grid == (3, 4, 6)
+    assert scope["video"].shape == (9, 64, 96, 3)
+
+
+def test_apply_then_remove_leaves_the_pipeline_as_it_was(wan):
+    from diffusers.models.transformers import transformer_wan
+
+    pipe, plan = wan
+    assert sorted(plan.components) == ["transformer", "transformer_2"] and plan.grid == (3, 4, 6)
+    processors = {name: dict(tr.attn_processors) for name, tr in (("1", pipe.transformer), ("2", pipe.transformer_2))}
+    call_site, hooks = transformer_wan.dispatch_attention_fn, dict(pipe.transformer._forward_pre_hooks)
+    dense = run(pipe, "wan22")
+
+    handle = paro.apply(pipe, plan)
+    planned = run(pipe, "wan22")
+    assert handle.calls["paro"] > 0 and handle.backend.name == "torch"
+    assert np.abs(planned - dense).mean() > 1e-3  # the plan runs
+    handle.remove()
+    handle.remove()  # a second remove does nothing
+    assert np.array_equal(run(pipe, "wan22"), dense)
+    assert transformer_wan.dispatch_attention_fn is call_site and dict(pipe.transformer._forward_pre_hooks) == hooks
+    for name, tr in (("1", pipe.transformer), ("2", pipe.transformer_2)):
+        assert all(tr.attn_processors[k] is v for k, v in processors[name].items())
+
+    with paro.apply(pipe, plan) as applied:  # the same as a context manager
+        assert np.array_equal(run(pipe, "wan22"), planned)
+    assert applied.calls["paro"] > 0 and np.array_equal(run(pipe, "wan22"), dense)
+
+
+def test_refusals_are_exceptions(wan, folders, demo_calibration):
+    pipe, plan = wan
+    dense = run(pipe, "wan22")
+    with pytest.raises(paro.PlanError, match="token grid of 3x4x6, this run has 3x2x6"):
+        with paro.apply(pipe, plan):
+            run(pipe, "wan22", height=32)
+    assert np.array_equal(run(pipe, "wan22"), dense)  # the failed call left nothing installed
+    with pytest.raises(paro.PlanError, match="plan was calibrated for another transformer config"):
+        paro.apply(pipe, demo_calibration[1])
+    flux = load(folders("flux"))
+    with pytest.raises(paro.PlanError, match="plan is for a wan model, this run uses a flux model"):
+        paro.apply(flux, plan)
+    with pytest.raises(paro.RecipeError, match="calibrate needs height and width"):
+        paro.calibrate(pipe, ["a cat"], num_frames=9)
+    with pytest.raises(paro.RecipeError, match="sparsity.density is 1.5"):
+        paro.calibrate(pipe, ["a cat"], **{**CALL_ARGS["wan22"], **SETTINGS, "density": 1.5})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'desnity'"):
+        paro.calibrate(pipe, ["a cat"], desnity=0.2, **CALL_ARGS["wan22"])
+    with pytest.raises(paro.RecipeError, match="pipeline_kwargs sets 'height'"):
+        paro.calibrate(pipe, ["a cat"], pipeline_kwargs={"height": 64}, **CALL_ARGS["wan22"])
+    with pytest.raises(paro.ModelError, match="WanImageToVideoPipeline needs 'image'"):
+        paro.calibrate(load(folders("wan_i2v")), ["a cat"], **CALL_ARGS["wan_i2v"], **SETTINGS)
+    compiled = torch.compile(pipe.transformer)
+    original, pipe.transformer = pipe.transformer, compiled
+    try:
+        with pytest.raises(paro.ModelError, match="already compiled"):
+            paro.apply(pipe, plan)
+    finally:
+        pipe.transformer = original
+
+
+def test_image_to_video_pipeline_takes_its_image(folders):
+    pipe = load(folders("wan_i2v"))
+    image = example_image("wan_i2v")
+    plan = paro.calibrate(pipe, ["a cat surfing"], pipeline_kwargs={"image": image}, **CALL_ARGS["wan_i2v"], **SETTINGS)
+    dense = run(pipe, "wan_i2v", image=image)
+    with paro.apply(pipe, plan) as applied:
+        planned = run(pipe, "wan_i2v", image=image)
+    assert applied.calls["paro"] > 0 and np.abs(planned - dense).mean() > 1e-3
+
+
+def test_model_cpu_offload_lora_and_compile_after_apply(folders):
+    """What users do to pipelines: offload hooks (here to the CPU itself: the hooks are what
+    matters; tests/test_api_gpu.py offloads a CUDA pipeline), a LoRA adapter on the attention
+    projections, and torch.compile of the transformer inside the apply block."""
+    pipe = load(folders("wan"))
+    plan = paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan"], **SETTINGS)
+    with paro.apply(pipe, plan):
+        reference = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    with paro.apply(pipe, plan) as applied:
+        assert np.array_equal(run(pipe), reference) and applied.calls["paro"] > 0
+
+    peft = pytest.importorskip("peft")
+    pipe = load(folders("wan"))
+    dense = run(pipe)
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(peft.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    with_lora = run(pipe)
+    assert np.abs(with_lora - dense).mean() > 1e-3  # the adapter acts
+    with paro.apply(pipe, plan) as applied:  # the config, and so the plan's fingerprint, is the base model's
+        lora_planned = run(pipe)
+    assert applied.calls["paro"] > 0 and np.abs(lora_planned - with_lora).mean() > 1e-3
+    assert np.array_equal(run(pipe), with_lora)
+
+    pipe = load(folders("wan"))
+    with paro.apply(pipe, plan):
+        pipe.transformer.compile(backend="eager")
+        assert np.allclose(run(pipe), reference, atol=1e-5)
