@@ -137,7 +137,7 @@ def test_image_to_video_pipeline_takes_its_image(folders):
 
 def test_model_cpu_offload_lora_and_compile_after_apply(folders):
     """What users do to pipelines: offload hooks (here to the CPU itself: the hooks are what
-    matters; tests/test_api_gpu.py offloads a CUDA pipeline), a LoRA adapter on the attention
+    matters; the GPU test below offloads a CUDA pipeline), a LoRA adapter on the attention
     projections, and torch.compile of the transformer inside the apply block."""
     pipe = load(folders("wan"))
     plan = paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan"], **SETTINGS)
@@ -163,3 +163,37 @@ def test_model_cpu_offload_lora_and_compile_after_apply(folders):
     with paro.apply(pipe, plan):
         pipe.transformer.compile(backend="eager")
         assert np.allclose(run(pipe), reference, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_through_the_kernels_offloaded_and_compiled(folders):
+    """bf16 on the GPU: a plan calibrated there runs through the Triton kernels (INT8 QK, FP8 PV)
+    within bf16 noise of the torch reference, gives the same output with model CPU offloading on
+    (paro's buffers on the execution device, the weights moved by accelerate's hooks), and under
+    torch.compile (inductor) applied after paro."""
+    from diffusers import DiffusionPipeline
+
+    def cuda_pipe(offload: bool):
+        pipe = DiffusionPipeline.from_pretrained(folders("wan"), dtype=torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.enable_model_cpu_offload() if offload else pipe.to("cuda")
+        return pipe
+
+    pipe = cuda_pipe(offload=False)
+    plan = paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan"], **{**SETTINGS, "block_size": 32, "qk": "int8", "pv": "fp8"})
+    dense = run(pipe)
+    with paro.apply(pipe, plan) as applied:
+        fast = run(pipe)
+    assert applied.backend.name == "triton" and applied.calls["paro"] > 0
+    with paro.apply(pipe, plan, backend="torch"):
+        reference = run(pipe)
+    assert np.abs(fast - reference).mean() < 0.01 < 100 * np.abs(fast - dense).mean()
+
+    offloaded = cuda_pipe(offload=True)
+    assert offloaded.transformer.device.type == "cpu" and offloaded._execution_device.type == "cuda"
+    with paro.apply(offloaded, plan) as applied:
+        assert np.abs(run(offloaded) - fast).max() < 1e-2 and applied.backend.name == "triton"
+
+    with paro.apply(pipe, plan):
+        pipe.transformer.compile()
+        assert np.abs(run(pipe) - fast).mean() < 0.01
