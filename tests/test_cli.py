@@ -38,6 +38,15 @@ def test_calibrate_writes_a_plan_and_reports_json(capsys, tmp_path):
     assert orders == [["HWF", "WFH"], ["FWH", "WHF"]]
 
 
+def test_calibrate_table_names_every_column(capsys, tmp_path):
+    code, stdout, _ = paro(capsys, "calibrate", *FAST, "--density", "0.3",
+                           "--out", tmp_path / "p.safetensors")
+    header = next(line for line in stdout.splitlines() if "layer" in line and "orders" in line)
+    cells = [c.strip() for c in header.strip("┃│ ").split("┃")]
+    assert code == 0 and cells[:2] == ["layer", "attention"] and all(cells)
+    assert "sparse" in stdout
+
+
 def test_plan_show(capsys, plan_file):
     code, stdout, _ = paro(capsys, "plan", "show", plan_file, "--json")
     assert code == 0

@@ -242,3 +242,29 @@ def test_pipelines_get_the_recipes_flow_shift_where_their_scheduler_has_a_fixed_
     assert with_flow_shift(flux, 5.0) is flux
     cogvideox = CogVideoXDDIMScheduler()
     assert with_flow_shift(cogvideox, 5.0) is cogvideox
+
+
+def test_a_pipeline_that_fails_inside_a_library_keeps_its_cause(tmp_path, monkeypatch):
+    """A found folder whose loading fails inside transformers (a dependency error, say) reports that
+    error, not the 'check the id/folder' hint a missing id gets."""
+    pytest.importorskip("transformers")
+    import diffusers
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    cause = "Kernels are not available. Please install a compatible version (0.19.1 <= version < 0.20.0)"
+
+    def broken(*args, **kwargs):
+        raise ImportError(cause)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", broken)
+    with pytest.raises(ModelError) as error:
+        load_model(str(tmp_path / "pipe"))
+    assert cause in str(error.value) and "ImportError" in str(error.value) and "check the id/folder" not in str(error.value)
+
+    def missing(*args, **kwargs):
+        raise OSError("org/name is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", missing)
+    with pytest.raises(ModelError, match="check the id/folder"):
+        load_model("org/name")

@@ -102,3 +102,19 @@ def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_pat
     other.write_text((RECIPES_DIR / "planted.yaml").read_text().replace("block_size: 64", "block_size: 32"))
     code, _, err = paro(capsys, "bench", "quality", "--recipe", other, "--plan", path)
     assert code == 2 and "baselines would not compare" in err
+
+
+def test_bench_quality_takes_the_geometry_and_every_progress_row_completes(capsys, monkeypatch):
+    """--frames/--height/--width reach the run (the planted model's grid is frames x h/2 x w/2),
+    and each progress row, the calibration passes' included, advances to its total."""
+    from paro_cli.output import StepProgress
+
+    rows = {}
+    monkeypatch.setattr(StepProgress, "start", lambda self, name, total: rows.__setitem__(name, [0, total]))
+    monkeypatch.setattr(StepProgress, "step", lambda self, i: rows[list(rows)[-1]].__setitem__(0, i + 1))
+    code, stdout, _ = paro(capsys, "bench", "quality", "--recipe", "planted", "--frames", "4", "--height", "24", "--width", "16",
+                           "--steps", "2", "--prompts", "1", "--density", "0.3", "--no-baselines", "--json")
+    assert code == 0 and json.loads(stdout)["grid"] == [4, 12, 8]
+    assert list(rows) == ["dense", "paro d=0.3 fp32/fp32: profiling orders", "paro d=0.3 fp32/fp32: building masks",
+                          "paro d=0.3 fp32/fp32"]
+    assert all(done == total == 2 for done, total in rows.values())
