@@ -74,3 +74,19 @@ def demo_calibration(demo_model):
 
     recipe = load_recipe("planted", {"sampling.steps": 4})
     return recipe, calibrate(demo_model, recipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """tiny_pipeline(kind) -> the folder of that tiny random-weight diffusers pipeline
+    (tests/tiny_pipelines.py), built and saved once per session on first use."""
+    root, built = tmp_path_factory.mktemp("tiny-pipelines"), {}
+
+    def folder(kind: str):
+        from tiny_pipelines import build_pipeline
+
+        if kind not in built:
+            built[kind] = build_pipeline(kind, root / kind)
+        return built[kind]
+
+    return folder

@@ -11,23 +11,10 @@ import torch
 
 pytest.importorskip("transformers", reason="the pipelines extra")
 import paro  # noqa: E402
-from tiny_pipelines import CALL_ARGS, build_pipeline, example_image  # noqa: E402
+from tiny_pipelines import CALL_ARGS, example_image  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SETTINGS = dict(num_inference_steps=2, density=0.3, block_size=16, qk="fp32", pv="fp32")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Tiny pipeline folders, built once per kind on first use."""
-    root, built = tmp_path_factory.mktemp("api-pipelines"), {}
-
-    def folder(kind: str) -> Path:
-        if kind not in built:
-            built[kind] = build_pipeline(kind, root / kind)
-        return built[kind]
-
-    return folder
 
 
 def load(folder: Path):
@@ -46,17 +33,17 @@ def run(pipe, kind="wan", **extra):
 
 
 @pytest.fixture(scope="module")
-def wan(folders):
+def wan(tiny_pipeline):
     """(pipeline, plan) of the tiny Wan 2.2 pipeline: two experts, a component each."""
-    pipe = load(folders("wan22"))
+    pipe = load(tiny_pipeline("wan22"))
     return pipe, paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan22"], **SETTINGS)
 
 
-def test_readme_example_runs(folders, tmp_path, monkeypatch):
+def test_readme_example_runs(tiny_pipeline, tmp_path, monkeypatch):
     """The README's Python API example, on the tiny Wan 2.1 pipeline: the hub id, device, sizes
     and step counts swapped for the tiny ones, every call as written."""
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
-    for real, tiny in [('"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"', repr(str(folders("wan")))), ('.to("cuda")', ""),
+    for real, tiny in [('"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"', repr(str(tiny_pipeline("wan")))), ('.to("cuda")', ""),
                        ("dtype=torch.bfloat16", "dtype=torch.float32"), ("num_frames=81, height=480, width=832", "num_frames=9, height=64, width=96"),
                        ("num_inference_steps=50", "num_inference_steps=2"), ("block_size=128", "block_size=16")]:
         assert real in code
@@ -94,7 +81,7 @@ def test_apply_then_remove_leaves_the_pipeline_as_it_was(wan):
     assert applied.calls["paro"] > 0 and np.array_equal(run(pipe, "wan22"), dense)
 
 
-def test_refusals_are_exceptions(wan, folders, demo_calibration):
+def test_refusals_are_exceptions(wan, tiny_pipeline, demo_calibration):
     pipe, plan = wan
     dense = run(pipe, "wan22")
     with pytest.raises(paro.PlanError, match="token grid of 3x4x6, this run has 3x2x6"):
@@ -103,7 +90,7 @@ def test_refusals_are_exceptions(wan, folders, demo_calibration):
     assert np.array_equal(run(pipe, "wan22"), dense)  # the failed call left nothing installed
     with pytest.raises(paro.PlanError, match="plan was calibrated for another transformer config"):
         paro.apply(pipe, demo_calibration[1])
-    flux = load(folders("flux"))
+    flux = load(tiny_pipeline("flux"))
     with pytest.raises(paro.PlanError, match="plan is for a wan model, this run uses a flux model"):
         paro.apply(flux, plan)
     with pytest.raises(paro.RecipeError, match="calibrate needs height and width"):
@@ -115,7 +102,7 @@ def test_refusals_are_exceptions(wan, folders, demo_calibration):
     with pytest.raises(paro.RecipeError, match="pipeline_kwargs sets 'height'"):
         paro.calibrate(pipe, ["a cat"], pipeline_kwargs={"height": 64}, **CALL_ARGS["wan22"])
     with pytest.raises(paro.ModelError, match="WanImageToVideoPipeline needs 'image'"):
-        paro.calibrate(load(folders("wan_i2v")), ["a cat"], **CALL_ARGS["wan_i2v"], **SETTINGS)
+        paro.calibrate(load(tiny_pipeline("wan_i2v")), ["a cat"], **CALL_ARGS["wan_i2v"], **SETTINGS)
     compiled = torch.compile(pipe.transformer)
     original, pipe.transformer = pipe.transformer, compiled
     try:
@@ -125,8 +112,8 @@ def test_refusals_are_exceptions(wan, folders, demo_calibration):
         pipe.transformer = original
 
 
-def test_image_to_video_pipeline_takes_its_image(folders):
-    pipe = load(folders("wan_i2v"))
+def test_image_to_video_pipeline_takes_its_image(tiny_pipeline):
+    pipe = load(tiny_pipeline("wan_i2v"))
     image = example_image("wan_i2v")
     plan = paro.calibrate(pipe, ["a cat surfing"], pipeline_kwargs={"image": image}, **CALL_ARGS["wan_i2v"], **SETTINGS)
     dense = run(pipe, "wan_i2v", image=image)
@@ -135,11 +122,11 @@ def test_image_to_video_pipeline_takes_its_image(folders):
     assert applied.calls["paro"] > 0 and np.abs(planned - dense).mean() > 1e-3
 
 
-def test_model_cpu_offload_lora_and_compile_after_apply(folders):
+def test_model_cpu_offload_lora_and_compile_after_apply(tiny_pipeline):
     """What users do to pipelines: offload hooks (here to the CPU itself: the hooks are what
     matters; the GPU test below offloads a CUDA pipeline), a LoRA adapter on the attention
     projections, and torch.compile of the transformer inside the apply block."""
-    pipe = load(folders("wan"))
+    pipe = load(tiny_pipeline("wan"))
     plan = paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan"], **SETTINGS)
     with paro.apply(pipe, plan):
         reference = run(pipe)
@@ -148,7 +135,7 @@ def test_model_cpu_offload_lora_and_compile_after_apply(folders):
         assert np.array_equal(run(pipe), reference) and applied.calls["paro"] > 0
 
     peft = pytest.importorskip("peft")
-    pipe = load(folders("wan"))
+    pipe = load(tiny_pipeline("wan"))
     dense = run(pipe)
     torch.manual_seed(0)
     pipe.transformer.add_adapter(peft.LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
@@ -159,14 +146,14 @@ def test_model_cpu_offload_lora_and_compile_after_apply(folders):
     assert applied.calls["paro"] > 0 and np.abs(lora_planned - with_lora).mean() > 1e-3
     assert np.array_equal(run(pipe), with_lora)
 
-    pipe = load(folders("wan"))
+    pipe = load(tiny_pipeline("wan"))
     with paro.apply(pipe, plan):
         pipe.transformer.compile(backend="eager")
         assert np.allclose(run(pipe), reference, atol=1e-5)
 
 
 @pytest.mark.gpu
-def test_cuda_pipeline_through_the_kernels_offloaded_and_compiled(folders):
+def test_cuda_pipeline_through_the_kernels_offloaded_and_compiled(tiny_pipeline):
     """bf16 on the GPU: a plan calibrated there runs through the Triton kernels (INT8 QK, FP8 PV)
     within bf16 noise of the torch reference, gives the same output with model CPU offloading on
     (paro's buffers on the execution device, the weights moved by accelerate's hooks), and under
@@ -174,7 +161,7 @@ def test_cuda_pipeline_through_the_kernels_offloaded_and_compiled(folders):
     from diffusers import DiffusionPipeline
 
     def cuda_pipe(offload: bool):
-        pipe = DiffusionPipeline.from_pretrained(folders("wan"), dtype=torch.bfloat16)
+        pipe = DiffusionPipeline.from_pretrained(tiny_pipeline("wan"), dtype=torch.bfloat16)
         pipe.set_progress_bar_config(disable=True)
         pipe.enable_model_cpu_offload() if offload else pipe.to("cuda")
         return pipe

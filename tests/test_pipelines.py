@@ -21,7 +21,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the pipelines extra")
-from tiny_pipelines import CALL_ARGS, KINDS, build_pipeline, example_image  # noqa: E402
+from tiny_pipelines import CALL_ARGS, KINDS, example_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a cat surfing a wave"
@@ -91,9 +91,9 @@ def foreign_plan(tmp_path_factory, demo_calibration) -> Path:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_pipeline_through_the_cli(kind, tmp_path_factory, foreign_plan):
+def test_pipeline_through_the_cli(kind, tmp_path_factory, tiny_pipeline, foreign_plan):
     work = tmp_path_factory.mktemp(kind)
-    folder = build_pipeline(kind, work / "pipeline")
+    folder = tiny_pipeline(kind)
     recipe = write_recipe(kind, folder, work / "recipe.yaml")
     image = example_image(kind)
     image_args = []
@@ -129,4 +129,4 @@ def test_pipeline_through_the_cli(kind, tmp_path_factory, foreign_plan):
     refused(paro(first, "generate", *common, "--plan", foreign_plan, "--out", work / "foreign.png"),
             "another transformer config" if kind.startswith("wan") else "plan is for a wan model")
     assert sorted(p.name for p in work.iterdir()) == sorted(
-        ["pipeline", "recipe.yaml", "dense.png", "plan.safetensors", "paro.png", *(["image.png"] if image else [])])
+        ["recipe.yaml", "dense.png", "plan.safetensors", "paro.png", *(["image.png"] if image else [])])
