@@ -46,11 +46,13 @@ RECIPE_CALL_ARGS = ("prompt", "num_inference_steps", "generator", "output_type",
 def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> LoadedModel:
     """What paro runs on: a diffusers pipeline, a bare diffusers transformer, or a model the CLI
     loaded (a LoadedModel). `pipeline_kwargs` go to every pipeline call paro makes (calibration's)."""
+    from diffusers import DiffusionPipeline
+
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, torch.nn.Module):
         loaded = from_transformer(model)
-    elif hasattr(model, "components") and hasattr(model, "transformer"):
+    elif isinstance(model, DiffusionPipeline):
         loaded = from_pipeline(model)
     else:
         raise ModelError(f"paro cannot run on a {type(model).__name__}", "pass a diffusers pipeline or its transformer")

@@ -41,6 +41,7 @@ import torch
 
 from paro_kernels.layout import SequenceLayout
 
+from .errors import PlanError
 from .parallel import gathered_order
 
 DenseFn = Callable[[], torch.Tensor]
@@ -115,7 +116,7 @@ class AttentionInterceptor:
         self.route = (id(module), name)
         active = _ROUTES.setdefault(self.route, [])
         if any(i.transformer is self.transformer for i in active):
-            raise RuntimeError("paro attention is already installed on this transformer; nest nothing")
+            raise PlanError("paro is already applied to this transformer (a plan or a calibration)", "remove() the applied plan first")
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         fused = self.fuse_norm_rope and self.adapter.norm_rope_processor

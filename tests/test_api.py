@@ -88,6 +88,8 @@ def test_refusals_are_exceptions(wan, tiny_pipeline, demo_calibration):
         with paro.apply(pipe, plan):
             run(pipe, "wan22", height=32)
     assert np.array_equal(run(pipe, "wan22"), dense)  # the failed call left nothing installed
+    with paro.apply(pipe, plan), pytest.raises(paro.PlanError, match="already applied to this transformer"):
+        paro.apply(pipe, plan)
     with pytest.raises(paro.PlanError, match="plan was calibrated for another transformer config"):
         paro.apply(pipe, demo_calibration[1])
     flux = load(tiny_pipeline("flux"))

@@ -45,7 +45,7 @@ def test_each_expert_runs_its_side_of_the_boundary_and_the_call_site_is_restored
     recipe = load_recipe("planted", SMALL)
     handlers = {"transformer": Recorder(), "transformer_2": Recorder()}
     with intercept_components(experts, handlers):
-        with pytest.raises(RuntimeError, match="already installed"):
+        with pytest.raises(PlanError, match="already applied to this transformer"):
             AttentionInterceptor(experts.transformer_2, experts.adapter, Recorder()).__enter__()
         sample(experts, recipe, ["a red circle"], [0], decode=False)
     assert transformer_wan.dispatch_attention_fn is stock_fn

@@ -217,6 +217,7 @@ def quality(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     backend: BackendOpt = None,
+    image: ImageOpt = None,
     density: Annotated[Optional[list[float]], typer.Option(help="Densities to measure; repeatable. Default: the recipe's.")] = None,
     precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. fp32/fp32 or int8/fp8; repeatable. Default: the recipe's.")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them).")] = None,
@@ -259,8 +260,9 @@ def quality(
     if max_drop is not None and not all(qb.is_caption(t) for t in texts):
         raise ParoError("--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop")
     seeds = [seed + i for i in range(len(texts))]
+    call_kwargs = {"image": read_image(image)} if image else None
     ui = Output(as_json)
-    loaded = load_model(r.model, r.sampling.dtype)
+    loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
         check_plan(loaded, given, token_grid(loaded, r))
     with ui.progress() as bar:
