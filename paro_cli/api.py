@@ -23,7 +23,8 @@ from .backend import AppliedPlan
 from .calibration import CalibrationProgress
 from .calibration import calibrate as calibrate_loaded
 from .errors import ModelError, RecipeError
-from .models.loading import LoadedModel, from_pipeline, from_transformer
+from .models.loaded import LoadedModel
+from .models.loading import from_pipeline, from_transformer
 from .plan import Plan, load_plan
 from .recipe import Recipe, load_recipe, recipe_as_dict, recipe_from_fields
 

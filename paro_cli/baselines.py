@@ -13,28 +13,10 @@ import dataclasses
 
 import torch
 
-from paro_kernels.layout import num_blocks
 from paro_kernels.orders import candidate_orders
 
-from .calibration import forced_blocks
+from .masks import local_window_mask
 from .plan import Plan, pack_bits
-
-
-def local_window_mask(grid: tuple[int, int, int], block: int, density: float) -> torch.Tensor:
-    """(nb, nb) bool: per query block the round(density * nb) key blocks whose centres (mean
-    token coordinates) are nearest to its own, plus the blocks every mask keeps."""
-    n = grid[0] * grid[1] * grid[2]
-    nb = num_blocks(n, block)
-    coords = torch.stack(torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij"), -1).reshape(n, 3)
-    pad = nb * block - n
-    weights = torch.nn.functional.pad(torch.ones(n, dtype=torch.float64), (0, pad)).view(nb, block, 1)
-    padded = torch.nn.functional.pad(coords, (0, 0, 0, pad)).view(nb, block, 3)
-    centres = (padded * weights).sum(1) / weights.sum(1)
-    distance = torch.cdist(centres, centres)
-    keep = max(1, round(density * nb))
-    kept = forced_blocks(nb, n, block)
-    kept.scatter_(1, distance.topk(keep, dim=1, largest=False).indices, True)
-    return kept
 
 
 def local_window_plan(plan: Plan) -> Plan:

@@ -7,7 +7,7 @@ follow the same trajectory:
      CFG branches and steps. `choose_orders` applies the corrected score of method.md.
   2. MassCollector: at every step, each head's block mass in its chosen order, normalised per
      row block and averaged within its timestep slot; a finished slot becomes masks at once
-     (`select_blocks`), so memory holds one slot's statistics, never an N x N map.
+     (masks.select_blocks), so memory holds one slot's statistics, never an N x N map.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from paro_kernels.stats import block_statistics, mass_recall
 from . import runner
 from .errors import ParoError, RecipeError
 from .intercept import DenseFn, intercept_components
-from .models.loading import LoadedModel
+from .masks import select_blocks
+from .models.loaded import LoadedModel
 from .parallel import gather_heads, local_heads
 from .plan import ComponentPlan, Plan, pack_bits, text_position
 from .recipe import Recipe
@@ -87,32 +88,6 @@ def allowed_orders(requested: tuple[str, ...] | None, names: list[str]) -> list[
     if unknown:
         raise RecipeError(f"calibration.orders has {unknown[0]!r}, not an order of this grid's axes", "use some of " + ", ".join(names))
     return [names.index(o) for o in dict.fromkeys(requested)]
-
-
-def forced_blocks(nb: int, n: int, block: int, device=None) -> torch.Tensor:
-    """Blocks every mask keeps: the diagonal and, if the last block is ragged, its column."""
-    forced = torch.eye(nb, dtype=torch.bool, device=device)
-    if n % block:
-        forced[:, -1] = True
-    return forced
-
-
-def select_blocks(mass: torch.Tensor, density: float, n: int, block: int) -> torch.Tensor:
-    """Kept blocks (H, nb, nb) of one layer at `density`, one threshold shared by its heads.
-
-    `mass` is normalised per row block. Keeping every block with mass >= theta, with theta set so
-    the layer keeps round(density * H * nb * nb) blocks, is a top-k over the layer's unforced
-    blocks: the exact solution a bisection on theta approaches. A sharp head thus keeps few
-    blocks and a diffuse head many, for the same total work.
-    """
-    heads, nb, _ = mass.shape
-    forced = forced_blocks(nb, n, block, mass.device).expand(heads, nb, nb)
-    kept = forced.clone()
-    extra = round(density * kept.numel()) - int(forced.sum())
-    if extra > 0:
-        scores = mass.masked_fill(forced, float("-inf")).flatten()
-        kept.view(-1)[scores.topk(extra).indices] = True
-    return kept
 
 
 def _same_input(expected_grid, expected_layout: SequenceLayout, grid, layout: SequenceLayout) -> None:

@@ -20,11 +20,9 @@ import yaml
 from paro_kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
 
 from .errors import RecipeError
+from .models.loaded import EMBEDDED_MODEL
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-EMBEDDED_MODEL = "embedded"  # the trained demo model shipped in paro_cli/demo/weights
-PLANTED_MODEL = "planted"  # random weights with planted attention: calibration's known answers
-PLANTED_EXPERTS_MODEL = "planted-experts"  # two planted Wan transformers switched at a boundary, as Wan 2.2
 
 Backend = Literal["auto", "triton", "torch"]
 SlotPolicy = Literal["half", "single"]

@@ -13,22 +13,10 @@ from collections.abc import Callable
 import torch
 
 from .errors import ModelError, RecipeError
-from .models.loading import LoadedModel
+from .models.loaded import LoadedModel, token_grid
 from .recipe import Recipe
 
 StepCallback = Callable[[int], None]
-
-
-def token_grid(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int, int]:
-    """The visual token grid this recipe's geometry gives on this model (checked for fit)."""
-    g = recipe.geometry
-    if loaded.pipeline is not None:
-        return loaded.adapter.pipeline_token_grid(loaded.pipeline, g)
-    divisors = loaded.adapter.divisors(loaded.transformer)
-    for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
-        if size % d:
-            raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
-    return loaded.adapter.input_token_grid(loaded.transformer, g.frames, g.height, g.width)
 
 
 def pixels_to_video(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from paro_kernels.orders import candidate_orders
-from paro_cli.calibration import (choose_orders, dense_above, forced_blocks, profiled_steps, select_blocks, slot_bounds,
-                                  slot_of_steps)
+from paro_cli.calibration import choose_orders, dense_above, profiled_steps, slot_bounds, slot_of_steps
 from paro_cli.models.planted import PLANTED_ORDERS
 
 
@@ -43,25 +42,6 @@ def test_masks_hit_target_density_and_keep_forced_blocks(demo_calibration):
             assert kept[:, torch.arange(nb), torch.arange(nb)].all()
     assert n % plan.block_size == 0  # the demo grid has no ragged tail; select_blocks tests cover it
     torch.testing.assert_close(comp.achieved_density.mean(dim=2), torch.full((plan.num_slots, comp.num_layers), 0.3), atol=1 / nb**2, rtol=0)
-
-
-def test_select_blocks_shares_one_threshold_across_heads():
-    g = torch.Generator().manual_seed(0)
-    sharp = torch.eye(8) * 0.9 + torch.rand(8, 8, generator=g) * 0.01
-    diffuse = torch.rand(8, 8, generator=g)
-    mass = torch.stack([sharp, diffuse])
-    mass = mass / mass.sum(-1, keepdim=True)
-    kept = select_blocks(mass, 0.4, n=100, block=13)  # 100 tokens in blocks of 13: ragged last block
-    forced = forced_blocks(8, 100, 13)
-    assert forced[:, -1].all() and kept[:, :, -1].all() and kept[:, torch.arange(8), torch.arange(8)].all()
-    assert int(kept.sum()) == round(0.4 * 2 * 64)
-    assert kept[0].sum() < kept[1].sum()  # the sharp head needs fewer blocks
-    free = ~forced.expand(2, 8, 8)
-    assert mass[kept & free].min() >= mass[~kept].max()  # one theta: all kept >= all dropped
-
-
-def test_density_one_keeps_everything():
-    assert select_blocks(torch.rand(2, 5, 5), 1.0, n=80, block=16).all()
 
 
 def test_choose_orders_rules():

@@ -12,7 +12,7 @@ def tiny_wan_with_plan():
     from test_models import TINY_WAN, full_plan, model_adapter
 
     from paro_kernels.layout import num_blocks
-    from paro_cli.models.loading import LoadedModel
+    from paro_cli.models.loaded import LoadedModel
     from paro_cli.plan import pack_bits
     from diffusers import WanTransformer3DModel
 
@@ -106,7 +106,7 @@ def test_compiled_cogvideox_with_paro_backend_matches_eager():
     from paro_cli.api import apply
     from paro_cli.calibration import calibrate
     from paro_cli.models import adapter_for
-    from paro_cli.models.loading import LoadedModel
+    from paro_cli.models.loaded import LoadedModel
     from paro_cli.models.planted import build_planted_cogvideox
     from paro_cli.recipe import load_recipe
 

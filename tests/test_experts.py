@@ -174,7 +174,8 @@ def test_plan_file_holds_each_experts_own_slots(experts, tmp_path):
 
 
 def test_local_window_baseline_of_an_experts_plan_covers_every_slot(experts, tmp_path):
-    from paro_cli.baselines import local_window_mask, local_window_plan
+    from paro_cli.baselines import local_window_plan
+    from paro_cli.masks import local_window_mask
     from paro_cli.plan import load_plan
 
     plan = calibrate(experts, load_recipe("planted", SMALL))

@@ -11,7 +11,7 @@ from paro_cli.calibration import calibrate
 from paro_cli.errors import PlanError
 from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import ADAPTERS, adapter_for
-from paro_cli.models.loading import LoadedModel
+from paro_cli.models.loaded import LoadedModel
 from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
                                      build_planted_hunyuanvideo, build_planted_transformer)
 from paro_cli.recipe import load_recipe

@@ -12,11 +12,13 @@ from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.errors import ModelError
 from paro_cli.models import adapter_for
-from paro_cli.models.loading import LoadedModel, cast_transformer, resolve_device
+from paro_cli.models.loaded import LoadedModel
+from paro_cli.models.loading import cast_transformer, resolve_device
 from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
                                      build_planted_transformer)
 from paro_cli.recipe import load_recipe
-from paro_cli.runner import sample, token_grid
+from paro_cli.runner import sample
+from paro_cli.models.loaded import token_grid
 
 BUILDERS = {"wan": build_planted_transformer, "flux": build_planted_flux}  # the families diffusers can split
 # 4x8x8 video / 16x16 image tokens (the Flux one with 24 text tokens before them)

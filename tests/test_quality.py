@@ -7,22 +7,11 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from paro_cli.baselines import local_window_mask, local_window_plan
+from paro_cli.baselines import local_window_plan
+from paro_cli.masks import local_window_mask
 from paro_cli.bench.quality import _with, gate_failures
 from paro_cli.recipe import RECIPES_DIR, load_recipe
 from test_cli import paro
-
-
-def test_local_window_keeps_the_nearest_blocks():
-    # one frame of one row: blocks are segments of a line, the window is a band
-    mask = local_window_mask((1, 1, 64), 8, 3 / 8)
-    expected = torch.zeros(8, 8, dtype=torch.bool)
-    for i in range(8):
-        near = sorted(range(8), key=lambda j: (abs(i - j), j))[:3]
-        expected[i, near] = True
-    assert torch.equal(mask, expected)
-    video = local_window_mask((8, 16, 16), 64, 0.3)
-    assert video.diagonal().all() and (video.sum(1) == round(0.3 * 32)).all()
 
 
 def test_local_window_plan_replaces_orders_and_masks(demo_calibration):

@@ -24,6 +24,7 @@ from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks
 from paro_kernels.orders import candidate_orders, head_permutations
 
 from ..errors import ParoError
+from ..masks import random_kept
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,6 @@ def parse_shape(spec: str) -> AttentionShape:
 
 def dense_flops(shape: AttentionShape) -> float:
     return 4.0 * shape.batch * shape.heads * shape.seq**2 * shape.head_dim
-
-
-def random_kept(heads: int, nb: int, density: float, seed: int = 0) -> torch.Tensor:
-    """Block masks with round(density * nb) kept tiles in every row, the diagonal among them:
-    the work a calibrated mask of that density gives, evenly spread over query tiles."""
-    g = torch.Generator().manual_seed(seed)
-    keep = max(1, round(density * nb))
-    scores = torch.rand(heads, nb, nb, generator=g)
-    scores[:, torch.arange(nb), torch.arange(nb)] = 2.0
-    top = scores.topk(keep, dim=-1).indices
-    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, top, True)
 
 
 class Problem:

@@ -24,7 +24,8 @@ from ..demo.world import sample_scenes
 from ..errors import PlanError
 from ..plan import Plan
 from ..recipe import Recipe
-from ..runner import sample, token_grid
+from ..runner import sample
+from ..models.loaded import token_grid
 from .metrics import cosine, psnr, ssim
 
 PSNR_CAP = 100.0  # dB reported for identical videos (PSNR is infinite there; JSON has no inf)

@@ -26,7 +26,7 @@ from ..intercept import AttentionInterceptor, StockAttention
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
 from ..plan import ComponentPlan, Plan, pack_bits, text_position
-from .kernel import random_kept
+from ..masks import random_kept
 
 
 class _NoAttention:

@@ -21,7 +21,7 @@ from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, I
 from ..media import read_image
 from ..output import Output
 from ..plan import load_plan
-from ..runner import token_grid
+from ..models.loaded import token_grid
 
 app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed; output quality against dense.", no_args_is_help=True)
 

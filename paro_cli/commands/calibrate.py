@@ -18,7 +18,7 @@ from ..models.loading import load_model
 from ..options import (BlockOpt, DensityOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
                        RecipeOpt, StepsOpt, WidthOpt, build_recipe)
 from ..output import Output
-from ..runner import token_grid
+from ..models.loaded import token_grid
 
 
 def command(

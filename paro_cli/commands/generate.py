@@ -19,7 +19,8 @@ from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, I
                        prompt_and_seed)
 from ..output import Output
 from ..plan import load_plan
-from ..runner import check_decodable, sample, token_grid
+from ..runner import check_decodable, sample
+from ..models.loaded import token_grid
 
 
 def command(

@@ -17,7 +17,7 @@ import torch
 from ..errors import ModelError
 from ..recipe import Recipe
 from . import adapter_for
-from .loading import LoadedModel
+from .loaded import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,18 @@
-"""What every family adapter shares: the config fields diffusers' transformers all name alike,
-reading one forward call's inputs (keyword or positional), and the token grid of a geometry."""
+"""The adapter contract (TransformerAdapter) and what every family adapter shares: the config
+fields diffusers' transformers all name alike, reading one forward call's inputs (keyword or
+positional), and the token grid of a geometry."""
 
 from __future__ import annotations
 
+import abc
+import types
+
 import torch
 
+from paro_kernels.layout import SequenceLayout
+
 from ..errors import RecipeError
+from .prompt_encoder import HashPromptEncoder
 
 
 def forward_input(args: tuple, kwargs: dict, name: str, position: int):
@@ -29,12 +36,69 @@ def stream_block_layers(transformer: torch.nn.Module) -> list[str]:
             + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
 
 
-class TransformerAdapter:
+class TransformerAdapter(abc.ABC):
+    """What paro needs to know about one diffusers transformer family: the contract every
+    adapter (wan.py, cogvideox.py, hunyuanvideo.py, flux.py) fulfils.
+
+    The abstract members each family must give; the rest have defaults for transformers whose
+    input is a (B, C, F, H, W) latent and whose forward takes `hidden_states` first. A family
+    whose tokens come otherwise (Flux's packed image) overrides `token_grid`,
+    `pipeline_token_grid` and `input_token_grid` instead of `token_grid_of_input` and
+    `pipeline_latent_shape`.
+    """
+
+    family: str  # the plan's family name
+    transformer_class: str  # the diffusers class it adapts (the registry's key)
+    timestep_position: int  # the forward's positional index of `timestep`
     num_train_timesteps = 1000
     classifier_free_guidance = True  # False: guidance-distilled (Flux), guidance goes in as an input
     # The self-attention processor with its QK norm and RoPE fused into one kernel
     # (kernels/paro_kernels/norm_rope.py), built from the stock one, same semantics; None where none exists.
     norm_rope_processor = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in ("family", "transformer_class", "timestep_position") if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"adapter {cls.__name__} does not set {', '.join(missing)}")
+
+    @property
+    @abc.abstractmethod
+    def call_site(self) -> tuple[types.ModuleType, str]:
+        """(module, name) through which the processors call attention (see intercept.py)."""
+
+    @abc.abstractmethod
+    def attention_layers(self, transformer: torch.nn.Module) -> list[str]:
+        """Processor keys of the self-attention layers a plan covers, in layer order."""
+
+    @abc.abstractmethod
+    def divisors(self, transformer: torch.nn.Module) -> tuple[int, int, int]:
+        """What a bare transformer's input (frames, height, width) must be multiples of."""
+
+    @abc.abstractmethod
+    def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
+        """Where a forward call's text tokens sit in its self-attention sequence."""
+
+    @abc.abstractmethod
+    def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
+        """Each axis's (F, H, W) RoPE channels in a head (planted models plant along them)."""
+
+    @abc.abstractmethod
+    def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
+        """The offline prompt encoder of paro's own loop, sized to the model's text input."""
+
+    @abc.abstractmethod
+    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                       grid: tuple[int, int, int], guidance: float) -> dict:
+        """Keyword arguments of one denoising forward of paro's own loop on batch x at timestep t."""
+
+    def token_grid_of_input(self, transformer: torch.nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F', H', W') for an input of shape (B, C, F, H, W)."""
+        raise NotImplementedError(f"{type(self).__name__} reads its token grid otherwise")
+
+    def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
+        """Latent (B, C, F, H, W) a pipeline of this family samples for a pixel geometry."""
+        raise NotImplementedError(f"{type(self).__name__} reads its pipeline's token grid otherwise")
 
     def num_heads(self, transformer: torch.nn.Module) -> int:
         return transformer.config.num_attention_heads

@@ -17,59 +17,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import ModelError
-from ..recipe import EMBEDDED_MODEL, PLANTED_EXPERTS_MODEL, PLANTED_MODEL
-from . import ADAPTERS, adapter_for, config_fingerprint
-from .prompt_encoder import HashPromptEncoder
+from . import ADAPTERS, adapter_for
+from .loaded import ARCHITECTURE_PREFIX, EMBEDDED_MODEL, PLANTED_EXPERTS_MODEL, PLANTED_MODEL, LoadedModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "demo" / "weights"
-ARCHITECTURE_PREFIX = "architecture:"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    model_id: str
-    transformer: torch.nn.Module
-    adapter: Any
-    device: torch.device
-    dtype: torch.dtype
-    pipeline: Any = None
-    prompt_encoder: HashPromptEncoder | None = None
-    # Wan 2.2's low-noise expert: it runs the steps below boundary_ratio * the training
-    # timesteps, `transformer` the ones above (as WanPipeline switches them)
-    transformer_2: torch.nn.Module | None = None
-    boundary_ratio: float | None = None
-    # Arguments every pipeline call gets besides those of the recipe (an image-to-video
-    # pipeline's `image`): the user's, through the Python API's pipeline_kwargs or --image.
-    call_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    @property
-    def components(self) -> dict[str, torch.nn.Module]:
-        """The transformers a plan has one component for, by their pipeline names."""
-        if self.transformer_2 is None:
-            return {"transformer": self.transformer}
-        return {"transformer": self.transformer, "transformer_2": self.transformer_2}
-
-    def transformer_at(self, t) -> torch.nn.Module:
-        """The transformer that runs the step at scheduler timestep t."""
-        if self.transformer_2 is None or t >= self.boundary_ratio * self.adapter.num_train_timesteps:
-            return self.transformer
-        return self.transformer_2
-
-    def fingerprints(self) -> dict[str, str]:
-        return {name: config_fingerprint(m) for name, m in self.components.items()}
 
 
 def resolve_device() -> torch.device:
