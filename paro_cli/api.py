@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .backend import AppliedPlan
+from .plan_attention import AppliedPlan
 from .calibration import CalibrationProgress
 from .calibration import calibrate as calibrate_loaded
 from .errors import ModelError, RecipeError

@@ -7,7 +7,7 @@ self-attention calls to a handler and forwards everything else (cross-attention,
 branches) untouched; a forward pre-hook reads the token grid, the text layout and the timestep.
 Leaving the context restores all three.
 
-Two call sites exist (the adapter names its family's, see models/__init__.py):
+Two call sites exist (each adapter names its family's: TransformerAdapter.call_site, models/base.py):
 - "dispatch": `dispatch_attention_fn(query, key, value, ...)` on (B, S, H, D) tensors, in the
   transformer's own module (Wan, Flux, HunyuanVideo);
 - "sdpa": `F.scaled_dot_product_attention(query, key, value, ...)` on (B, H, S, D) tensors,
@@ -17,8 +17,7 @@ Handlers always see (B, S, H, D).
 
 Several transformers of one family may be intercepted at once (Wan 2.2's two experts): the call
 site is then shared (`_ROUTES`), and each call goes to the interceptor of the transformer whose
-forward is running (`_RUNNING`). `intercept_components` installs one per component of a loaded
-model.
+forward is running (`_RUNNING`). `routed` installs one per component of a model.
 
 Under diffusers' context parallelism (parallel.py) the call site receives this rank's sequence
 shard; `_ulysses` hands it to diffusers' Ulysses all-to-all, and the handler sees this rank's
@@ -42,6 +41,7 @@ import torch
 from paro_kernels.layout import SequenceLayout
 
 from .errors import PlanError
+from .models.fused_gelu import fused_gelu_projections
 from .parallel import gathered_order
 
 DenseFn = Callable[[], torch.Tensor]
@@ -250,11 +250,15 @@ def _router(route: tuple[int, str], sdpa: bool) -> Callable:
 
 
 @contextlib.contextmanager
-def intercept_components(loaded, handlers: dict) -> Iterator[None]:
-    """Each of `loaded`'s transformers (its components: Wan 2.2 has two) routed to its handler."""
+def routed(components: dict[str, torch.nn.Module], adapter, handlers: dict, fuse: bool = False) -> Iterator[None]:
+    """Each transformer's self-attention routed to its handler (Wan 2.2 has two transformers),
+    with paro's fusions around attention too when `fuse` (a backend's `fuses`): the adapter's
+    fused QK norm + RoPE processor and the feed-forward's fused tanh-GELU projections."""
     with contextlib.ExitStack() as stack:
-        for name, transformer in loaded.components.items():
-            stack.enter_context(AttentionInterceptor(transformer, loaded.adapter, handlers[name]))
+        if fuse:
+            stack.enter_context(fused_gelu_projections(components.values()))
+        for name, transformer in components.items():
+            stack.enter_context(AttentionInterceptor(transformer, adapter, handlers[name], fuse_norm_rope=fuse))
         yield
 
 

@@ -92,6 +92,17 @@ class ComponentPlan:
     def num_heads(self) -> int:
         return len(self.orders[0]) if self.orders else 0
 
+    @classmethod
+    def from_masks(cls, config_fingerprint: str, orders: list[list[str]], masks: torch.Tensor, density: float,
+                   candidates: int) -> ComponentPlan:
+        """A component from bool masks (slots, layers, heads, nb, nb) at target `density`, with no
+        calibration scores (recall 1, incoherence 0 for each of the grid's `candidates` orders)."""
+        achieved = masks.float().mean(dim=(-1, -2))
+        layers, heads = achieved.shape[1:]
+        return cls(config_fingerprint=config_fingerprint, orders=orders, packed_masks=pack_bits(masks), num_blocks=masks.shape[-1],
+                   target_density=torch.full_like(achieved, density), achieved_density=achieved,
+                   recall=torch.ones(layers, heads, candidates), incoherence=torch.zeros(layers, heads, candidates))
+
 
 @dataclass
 class Plan:
@@ -215,6 +226,28 @@ class Plan:
                 f"plan is for a token grid of {'x'.join(map(str, self.grid))}, this run has {'x'.join(map(str, grid))}",
                 "use the plan's geometry or calibrate for this one",
             )
+
+
+def make_plan(*, model_id: str, family: str, grid: tuple[int, int, int], layout: SequenceLayout, block_size: int,
+              density: float, qk: str, pv: str, components: dict[str, ComponentPlan], slot_policy: str = "single",
+              slot_bounds: list[float] | None = None, calibration_timesteps: list[float] | None = None,
+              dense_above_t: float | None = None, dense_layers: list[int] | None = None, prompts: list[str] | None = None,
+              seeds: list[int] | None = None) -> Plan:
+    """The one way plans are made (calibration, the benchmarks' synthetic plans, tests): the text
+    fields from the run's sequence layout, and every component checked to fit the grid, block
+    size and timestep slots, so a plan is whole before it is used or saved."""
+    slot_bounds = list(slot_bounds or [])
+    nb = num_blocks(math.prod(grid), block_size)
+    for name, comp in components.items():
+        stored = len(comp.slots_run) if comp.slots_run is not None else len(slot_bounds) + 1
+        if comp.num_blocks != nb or comp.packed_masks.shape[0] != stored or comp.packed_masks.shape[-1] != math.ceil(nb * nb / 8):
+            raise ValueError(f"component {name} has masks {tuple(comp.packed_masks.shape)} of {comp.num_blocks} blocks, "
+                             f"the plan {stored} slots of {nb} blocks")
+    return Plan(model_id=model_id, family=family, grid=tuple(grid), text_tokens=layout.text_len, text_position=text_position(layout),
+                block_size=block_size, density=density, slot_policy=slot_policy, slot_bounds=slot_bounds,
+                calibration_timesteps=list(calibration_timesteps or []), dense_above_t=dense_above_t,
+                dense_layers=list(dense_layers or []), qk=qk, pv=pv, prompts=list(prompts or []), seeds=list(seeds or []),
+                components=components)
 
 
 def text_position(layout) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from paro_kernels.quant import PV_FORMATS, QK_FORMATS, is_scaled
+from paro_kernels.formats import PV_FORMATS, QK_FORMATS, is_scaled
 
 from .errors import RecipeError
 from .models.loaded import EMBEDDED_MODEL

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paro_kernels.orders import candidate_orders
-from paro_cli.calibration import choose_orders, dense_above, profiled_steps, slot_bounds, slot_of_steps
+from paro_cli.calibration.rules import choose_orders, dense_above, profiled_steps, slot_bounds, slot_of_steps
 from paro_cli.models.planted import PLANTED_ORDERS
 
 
@@ -94,7 +94,7 @@ def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
     """Two steps whose timesteps round to one bf16 value stay two steps; the forwards of one
     step (e.g. CFG passes) share it."""
     from paro_kernels.layout import SequenceLayout
-    from paro_cli.calibration import StepTracker
+    from paro_cli.steps import StepTracker
 
     tracker, layout = StepTracker(), SequenceLayout(0)
     seen = []

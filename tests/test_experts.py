@@ -9,10 +9,11 @@ import torch
 
 from conftest import rel_l2
 from paro_cli.api import apply
-from paro_cli.calibration import calibrate, slot_of_steps
+from paro_cli.calibration import calibrate
+from paro_cli.calibration.rules import slot_of_steps
 from paro_cli.cli import main
 from paro_cli.errors import PlanError
-from paro_cli.intercept import AttentionInterceptor, intercept_components
+from paro_cli.intercept import AttentionInterceptor, routed
 from paro_cli.models.loading import load_model
 from paro_cli.models.planted import PLANTED_BOUNDARY, PLANTED_EXPERT_2_ORDERS, PLANTED_ORDERS
 from paro_cli.recipe import load_recipe
@@ -44,7 +45,7 @@ def test_each_expert_runs_its_side_of_the_boundary_and_the_call_site_is_restored
     stock_fn = transformer_wan.dispatch_attention_fn
     recipe = load_recipe("planted", SMALL)
     handlers = {"transformer": Recorder(), "transformer_2": Recorder()}
-    with intercept_components(experts, handlers):
+    with routed(experts.components, experts.adapter, handlers):
         with pytest.raises(PlanError, match="already applied to this transformer"):
             AttentionInterceptor(experts.transformer_2, experts.adapter, Recorder()).__enter__()
         sample(experts, recipe, ["a red circle"], [0], decode=False)

@@ -140,10 +140,9 @@ def test_hooked_gelu_modules_are_not_replaced_and_exceptions_restore():
 
 
 def test_both_experts_fused_through_routed():
-    """backend.routed, which a plan applied on the Triton backend: every transformer of the model
-    (Wan 2.2's two experts) gets the stand-ins, and they leave with it."""
-    from paro_cli.backend import routed
-    from paro_cli.intercept import StockAttention
+    """intercept.routed, which a plan applied on the Triton backend enters with fuse=True: every
+    transformer of the model (Wan 2.2's two experts) gets the stand-ins, and they leave with it."""
+    from paro_cli.intercept import StockAttention, routed
     from paro_cli.models.loading import load_model
 
     experts = load_model("planted-experts", "float32", torch.device("cpu"))

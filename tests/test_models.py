@@ -12,14 +12,15 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from conftest import rel_l2
-from paro_kernels.layout import num_blocks
+from paro_kernels.layout import SequenceLayout, num_blocks
 from paro_cli.api import apply
-from paro_cli.backend import PlanAttention, select_backend
+from paro_cli.backends import select_backend
+from paro_cli.plan_attention import PlanAttention
 from paro_cli.errors import BackendError, ModelError
 from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import config_fingerprint
 from paro_cli.models.loading import load_model
-from paro_cli.plan import ComponentPlan, Plan, pack_bits
+from paro_cli.plan import ComponentPlan, make_plan, pack_bits
 
 TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
                 text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
@@ -37,17 +38,11 @@ def run(model, x):
 
 def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
     nb = num_blocks(grid[0] * grid[1] * grid[2], block)
-    layers = len(orders)
-    masks = torch.ones(2, layers, len(orders[0]), nb, nb, dtype=torch.bool)
-    return Plan(
-        model_id="tiny", family="wan", grid=grid, text_tokens=0, text_position="none", block_size=block, density=1.0,
-        slot_policy="half", slot_bounds=[0.5], calibration_timesteps=[1.0, 0.0], dense_above_t=None, dense_layers=[],
-        qk=qk, pv=pv, prompts=["x"], seeds=[0],
-        components={"transformer": ComponentPlan(
-            config_fingerprint=config_fingerprint(model), orders=orders, packed_masks=pack_bits(masks), num_blocks=nb,
-            target_density=torch.ones(2, layers, 2), achieved_density=torch.ones(2, layers, 2),
-            recall=torch.ones(layers, 2, 6), incoherence=torch.ones(layers, 2, 6))},
-    )
+    masks = torch.ones(2, len(orders), len(orders[0]), nb, nb, dtype=torch.bool)
+    component = ComponentPlan.from_masks(config_fingerprint(model), orders, masks, 1.0, 6)
+    return make_plan(model_id="tiny", family="wan", grid=grid, layout=SequenceLayout(0), block_size=block, density=1.0, qk=qk, pv=pv,
+                     components={"transformer": component}, slot_policy="half", slot_bounds=[0.5],
+                     calibration_timesteps=[1.0, 0.0], prompts=["x"], seeds=[0])
 
 
 class Recorder:

@@ -16,9 +16,9 @@ import torch
 from paro_kernels.layout import block_mask_rows
 from paro_kernels.orders import order_permutation
 
-from ..calibration import StepTracker
+from ..steps import StepTracker
 from ..fileio import atomic_path, check_output_file
-from ..intercept import DenseFn, intercept_components
+from ..intercept import DenseFn, routed
 from ..plan import Plan
 from ..runner import sample
 
@@ -80,7 +80,7 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
         raise ValueError(f"layer {layer} / head {head} outside the plan's {comp.num_layers} layers x {comp.num_heads} heads")
     step = recipe.sampling.steps // 2
     capture = _QKCapture(layer, step)
-    with intercept_components(loaded, dict.fromkeys(loaded.components, capture)):  # whichever expert runs the step
+    with routed(loaded.components, loaded.adapter, dict.fromkeys(loaded.components, capture)):  # whichever expert runs the step
         sample(loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done(), decode=False)
     t = capture.tracker.timesteps[step]
     ran = loaded.transformer_at(t * loaded.adapter.num_train_timesteps)

@@ -20,12 +20,13 @@ from paro_kernels.layout import num_blocks
 from paro_kernels.orders import candidate_orders
 
 from .. import parallel
-from ..backend import PlanAttention, fuses, routed, select_backend
+from ..backends import select_backend
+from ..plan_attention import PlanAttention
 from ..compiled import compiled_forwards
-from ..intercept import AttentionInterceptor, StockAttention
+from ..intercept import AttentionInterceptor, StockAttention, routed
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
-from ..plan import ComponentPlan, Plan, pack_bits, text_position
+from ..plan import ComponentPlan, Plan, make_plan
 from ..masks import random_kept
 
 
@@ -50,14 +51,9 @@ def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv
     g = torch.Generator().manual_seed(seed)
     orders = [[names[i] for i in torch.randint(len(names), (heads,), generator=g).tolist()] for _ in range(layers)]
     masks = torch.stack([random_kept(heads, nb, density, seed=seed + layer) for layer in range(layers)])[None]
-    achieved = masks.float().mean(dim=(-1, -2))
-    component = ComponentPlan(config_fingerprint=config_fingerprint(tr), orders=orders, packed_masks=pack_bits(masks), num_blocks=nb,
-                              target_density=torch.full_like(achieved, density), achieved_density=achieved,
-                              recall=torch.ones(layers, heads, len(names)), incoherence=torch.zeros(layers, heads, len(names)))
-    return Plan(model_id=loaded.model_id, family=loaded.family, grid=grid, text_tokens=layout.text_len,
-                text_position=text_position(layout), block_size=block,
-                density=density, slot_policy="single", slot_bounds=[], calibration_timesteps=[0.5], dense_above_t=None, dense_layers=[],
-                qk=qk, pv=pv, prompts=[], seeds=[], components={"transformer": component})
+    component = ComponentPlan.from_masks(config_fingerprint(tr), orders, masks, density, len(names))
+    return make_plan(model_id=loaded.model_id, family=loaded.family, grid=grid, layout=layout, block_size=block, density=density,
+                     qk=qk, pv=pv, components={"transformer": component}, calibration_timesteps=[0.5])
 
 
 def _time(step, repeats: int, sync) -> dict:
@@ -83,7 +79,7 @@ def _paro_variants(loaded, plans: dict, backends: dict, around=contextlib.nullco
     for (qk, pv), chosen in backends.items():
         handler = PlanAttention(plans[qk, pv][0], "transformer", chosen, loaded.device, qk, pv,
                                 parallel.local_heads(tr, adapter.num_heads(tr)))
-        with routed({"transformer": tr}, adapter, {"transformer": handler}, fuses(chosen)), around():
+        with routed({"transformer": tr}, adapter, {"transformer": handler}, chosen.fuses), around():
             for plan in plans[qk, pv]:
                 handler.use(plan)
                 yield {"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv}
@@ -113,10 +109,10 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
     with AttentionInterceptor(tr, adapter, _NoAttention()):
         rows.append(timed("no attention", density=None, qk=None, pv=None))
     backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
-    # the share of paro's speed-up that is its fusions around attention (backend.fuses)
+    # the share of paro's speed-up that is its fusions around attention (AttentionBackend.fuses)
     fused = [name for name, present in (("norm+RoPE", adapter.norm_rope_processor is not None), ("GELU", tanh_gelu_sites(tr)))
              if present]
-    if fused and any(map(fuses, backends.values())):
+    if fused and any(backend.fuses for backend in backends.values()):
         with routed({"transformer": tr}, adapter, {"transformer": StockAttention()}, fuse=True):
             rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
     plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}

@@ -11,7 +11,8 @@ import typer
 
 from .. import parallel
 from ..api import as_loaded
-from ..backend import BACKENDS, check_plan
+from ..backends import BACKENDS
+from ..plan_attention import check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
 from ..models.architectures import ARCHITECTURES, check_architecture

@@ -12,7 +12,7 @@ only. (Flux's and HunyuanVideo's single-stream blocks apply torch's `nn.GELU` af
 Linear inside the block's forward; those stay as they are.)
 
 Like the fused QK norm + RoPE (intercept.py), this goes with paro's Triton kernels
-(backend.fuses): `fused_gelu_projections` puts a stand-in in place of each such module and the
+(backends.AttentionBackend.fuses): `fused_gelu_projections` puts a stand-in in place of each such module and the
 stock modules back on exit. The stand-in holds the stock Linear itself, so parameter names and
 the weights' storage do not change, and runs the stock module wherever the fused GEMM would not
 compute what it computes (`FusedTanhGelu._fusable`).

@@ -1,109 +1,20 @@
-"""Attention backends and the handler that applies a plan during generation.
-
-Backends are a small table of same-signature functions with their constraints declared beside
-them, checked once when a plan is loaded. A backend the user asked for never falls back
-silently: if it cannot run here, that is a BackendError.
-"""
+"""Applying a plan: the attention handler that runs each self-attention call as the plan says
+(PlanAttention), and a plan installed on a model's transformers until it is removed
+(AppliedPlan, what the Python API's `apply` returns)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from paro_kernels.layout import SequenceLayout, kept_block_lists
 from paro_kernels.orders import head_permutations
-from paro_kernels.quant import PV_FORMATS, QK_FORMATS
-from paro_kernels import triton_attention
-from paro_kernels.reference import paro_attention_reference
 
-from . import __version__
-from .errors import BackendError
-from .intercept import AttentionInterceptor, DenseFn
-from .models.fused_gelu import fused_gelu_projections
+from .backends import AttentionBackend, select_backend
+from .intercept import DenseFn, routed
 from .parallel import local_heads
 from .plan import Plan
-
-
-def _torch_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
-    """The reference itself, computed in float32 (float64 inputs stay float64)."""
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return paro_attention_reference(q, k, v, perm=perm, kept=kept, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute)
-
-
-def _triton_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
-    """The Triton kernel through its custom op (one opaque node under torch.compile)."""
-    return torch.ops.paro.attention(q, k, v, perm, kv_index, kv_count, block, layout.text_len, layout.text_first,
-                                    qk, pv, q.shape[-1] ** -0.5)
-
-
-@dataclass(frozen=True)
-class AttentionBackend:
-    name: str
-    fn: Callable[..., torch.Tensor]
-    devices: tuple[str, ...]
-    qk_formats: tuple[str, ...]
-    pv_formats: tuple[str, ...]
-    head_dims: tuple[int, ...] | None  # None: any
-    dtypes: tuple[torch.dtype, ...] | None  # model dtypes served; None: any
-    block_sizes: tuple[int, ...] | None
-
-    def check(self, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> None:
-        if device.type not in self.devices:
-            raise BackendError(f"backend {self.name!r} does not run on {device.type}", "use backend: auto or torch")
-        if self.dtypes is not None and dtype not in self.dtypes:
-            raise BackendError(f"backend {self.name!r} needs a bf16/fp16 model, this one runs in {dtype}", "set sampling.dtype: bfloat16")
-        if self.block_sizes is not None and block not in self.block_sizes:
-            raise BackendError(f"backend {self.name!r} does not support block size {block}", "recalibrate with block_size " + "/".join(map(str, self.block_sizes)))
-        if qk not in self.qk_formats or pv not in self.pv_formats:
-            raise BackendError(f"backend {self.name!r} has no QK {qk} / PV {pv} mode", "choose another precision or backend")
-        if self.head_dims is not None and head_dim not in self.head_dims:
-            raise BackendError(f"backend {self.name!r} does not support head dim {head_dim}", "use backend: torch")
-
-
-BACKENDS = {
-    "torch": AttentionBackend(
-        name="torch",
-        fn=_torch_attention,
-        devices=("cpu", "cuda"),
-        qk_formats=QK_FORMATS,
-        pv_formats=PV_FORMATS,
-        head_dims=None,
-        dtypes=None,
-        block_sizes=None,
-    ),  # the reference itself, chunked: exact semantics, slow; the CPU path
-    # Reordering fused into loads and stores, kept tiles only; INT4 is simulated (Hopper has no
-    # INT4 tensor cores), so it is never faster.
-    "triton": AttentionBackend(
-        name="triton",
-        fn=_triton_attention,
-        devices=("cuda",),
-        qk_formats=triton_attention.QK_FORMATS,
-        pv_formats=triton_attention.PV_FORMATS,
-        head_dims=tuple(range(8, triton_attention.MAX_HEAD_DIM + 1)),
-        dtypes=(torch.bfloat16, torch.float16),
-        block_sizes=triton_attention.BLOCKS,
-    ),
-}
-
-
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> AttentionBackend:
-    """Resolve "auto" (Triton where it can serve the run, else torch) and check the backend."""
-    if requested == "auto":
-        try:
-            BACKENDS["triton"].check(device, dtype, head_dim, block, qk, pv)
-            requested = "triton"
-        except BackendError:
-            requested = "torch"
-    if requested not in BACKENDS:
-        raise BackendError(f"backend {requested!r} is not available in paro {__version__}", "available: " + ", ".join(BACKENDS))
-    backend = BACKENDS[requested]
-    backend.check(device, dtype, head_dim, block, qk, pv)
-    if backend.name == "triton":
-        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
-    return backend
 
 
 class PlanAttention:
@@ -206,7 +117,7 @@ class AppliedPlan:
                                              local_heads(tr, plan.components[name].num_heads))
                          for name, tr in loaded.components.items()}
         self._installed = contextlib.ExitStack()
-        self._installed.enter_context(routed(loaded.components, loaded.adapter, self.handlers, fuses(self.backend)))
+        self._installed.enter_context(routed(loaded.components, loaded.adapter, self.handlers, self.backend.fuses))
 
     @property
     def calls(self) -> dict[str, int]:
@@ -226,22 +137,3 @@ class AppliedPlan:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def fuses(backend: AttentionBackend) -> bool:
-    """Whether runs on `backend` also fuse work around attention: the QK norm and RoPE
-    (intercept.py) and the feed-forward's tanh-GELU projections (models/fused_gelu.py). With the
-    Triton kernels, i.e. on a GPU in bf16/fp16; the torch path keeps the stock modules."""
-    return backend.name == "triton"
-
-
-@contextlib.contextmanager
-def routed(components: dict[str, torch.nn.Module], adapter, handlers: dict, fuse: bool) -> Iterator[None]:
-    """Each transformer's self-attention routed to its handler (intercept.py), with paro's
-    fusions around attention too when `fuse` (see `fuses`)."""
-    with contextlib.ExitStack() as stack:
-        if fuse:
-            stack.enter_context(fused_gelu_projections(components.values()))
-        for name, transformer in components.items():
-            stack.enter_context(AttentionInterceptor(transformer, adapter, handlers[name], fuse_norm_rope=fuse))
-        yield
