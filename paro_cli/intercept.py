@@ -239,14 +239,14 @@ def _router(route: tuple[int, str], sdpa: bool) -> Callable:
     """The function installed at a call site: hands a call to the running transformer's
     interceptor when one of its marked layers makes it, anything else to the stock function."""
 
-    def routed(*args, **kwargs):
+    def route_call(*args, **kwargs):
         interceptor = _RUNNING.get(route)
         if interceptor is not None and interceptor.state.layer is not None:
             return (interceptor._sdpa if sdpa else interceptor._dispatch)(*args, **kwargs)
         original = _ROUTES[route][0].original
         return (original.scaled_dot_product_attention if sdpa else original)(*args, **kwargs)
 
-    return routed
+    return route_call
 
 
 @contextlib.contextmanager

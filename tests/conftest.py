@@ -60,20 +60,20 @@ def structured_qkv(b, s, h, d, seed=0, dtype=torch.float32, logit_std=2.5):
 
 
 @pytest.fixture(scope="session")
-def demo_model():
+def planted_model():
     from paro_cli.models.loading import load_model
 
     return load_model("planted")
 
 
 @pytest.fixture(scope="session")
-def demo_calibration(demo_model):
+def planted_calibration(planted_model):
     """(recipe, plan) of the planted model at the planted recipe, on a short schedule."""
     from paro_cli.calibration import calibrate
     from paro_cli.recipe import load_recipe
 
     recipe = load_recipe("planted", {"sampling.steps": 4})
-    return recipe, calibrate(demo_model, recipe)
+    return recipe, calibrate(planted_model, recipe)
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +90,57 @@ def tiny_pipeline(tmp_path_factory):
         return built[kind]
 
     return folder
+
+
+class Recorder:
+    """Attention handler that runs every call's stock attention and records what it saw: each
+    forward's (grid, text tokens, normalised timestep) and each call's (layer, q shape)."""
+
+    def __init__(self):
+        self.forwards, self.calls = [], []
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [t for *_, t in self.forwards]
+
+    def on_forward(self, grid, layout, t):
+        self.forwards.append((tuple(grid), layout.text_len, t))
+
+    def attention(self, layer, q, k, v, dense, layout):
+        self.calls.append((layer, tuple(q.shape)))
+        return dense()
+
+
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
+def tiny_wan(seed=0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**TINY_WAN).eval()
+
+
+def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
+    """A plan that keeps every block (two timestep slots) with the given orders [layer][head]."""
+    from paro_kernels.layout import SequenceLayout, num_blocks
+    from paro_cli.models import config_fingerprint
+    from paro_cli.plan import ComponentPlan, make_plan
+
+    nb = num_blocks(grid[0] * grid[1] * grid[2], block)
+    masks = torch.ones(2, len(orders), len(orders[0]), nb, nb, dtype=torch.bool)
+    component = ComponentPlan.from_masks(config_fingerprint(model), orders, masks, 1.0, 6)
+    return make_plan(model_id="tiny", family="wan", grid=grid, layout=SequenceLayout(0), block_size=block, density=1.0, qk=qk, pv=pv,
+                     components={"transformer": component}, slot_policy="half", slot_bounds=[0.5],
+                     calibration_timesteps=[1.0, 0.0], prompts=["x"], seeds=[0])
+
+
+def paro(capsys, *args):
+    """Run `paro ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from paro_cli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

@@ -81,7 +81,7 @@ def test_apply_then_remove_leaves_the_pipeline_as_it_was(wan):
     assert applied.calls["paro"] > 0 and np.array_equal(run(pipe, "wan22"), dense)
 
 
-def test_refusals_are_exceptions(wan, tiny_pipeline, demo_calibration):
+def test_refusals_are_exceptions(wan, tiny_pipeline, planted_calibration):
     pipe, plan = wan
     dense = run(pipe, "wan22")
     with pytest.raises(paro.PlanError, match="token grid of 3x4x6, this run has 3x2x6"):
@@ -91,7 +91,7 @@ def test_refusals_are_exceptions(wan, tiny_pipeline, demo_calibration):
     with paro.apply(pipe, plan), pytest.raises(paro.PlanError, match="already applied to this transformer"):
         paro.apply(pipe, plan)
     with pytest.raises(paro.PlanError, match="plan was calibrated for another transformer config"):
-        paro.apply(pipe, demo_calibration[1])
+        paro.apply(pipe, planted_calibration[1])
     flux = load(tiny_pipeline("flux"))
     with pytest.raises(paro.PlanError, match="plan is for a wan model, this run uses a flux model"):
         paro.apply(flux, plan)

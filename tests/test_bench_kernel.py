@@ -61,7 +61,7 @@ def test_bench_kernel_command_prints_table_and_json(capsys, monkeypatch):
               "device": "a GPU", "torch": torch.__version__, "block": 32}
     seen = {}
 
-    def fake_run(shapes, densities, pairs, block, with_statistics, repeats, progress=None):
+    def fake_run(shapes, densities, pairs, block, with_statistics, repeats, report=None):
         seen.update(shapes=[s.name for s in shapes], densities=densities, repeats=repeats, block=block)
         return result
 

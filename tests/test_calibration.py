@@ -10,14 +10,14 @@ from paro_cli.calibration.rules import choose_orders, dense_above, profiled_step
 from paro_cli.models.planted import PLANTED_ORDERS
 
 
-def test_planted_orders_are_found(demo_calibration):
-    _, plan = demo_calibration
+def test_planted_orders_are_found(planted_calibration):
+    _, plan = planted_calibration
     assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
 
 
-def test_planted_order_wins_on_recall_alone(demo_calibration):
+def test_planted_order_wins_on_recall_alone(planted_calibration):
     """The planted order has the strictly best mass recall, beyond the tie tolerance."""
-    _, plan = demo_calibration
+    _, plan = planted_calibration
     comp = plan.components["transformer"]
     names = candidate_orders(plan.grid)
     for layer, orders in enumerate(PLANTED_ORDERS):
@@ -28,8 +28,8 @@ def test_planted_order_wins_on_recall_alone(demo_calibration):
             assert best > others.max() + 0.005
 
 
-def test_masks_hit_target_density_and_keep_forced_blocks(demo_calibration):
-    recipe, plan = demo_calibration
+def test_masks_hit_target_density_and_keep_forced_blocks(planted_calibration):
+    recipe, plan = planted_calibration
     comp = plan.components["transformer"]
     nb = plan.num_blocks
     n = math.prod(plan.grid)
@@ -67,8 +67,8 @@ def test_slots_and_timestep_map():
     assert profiled_steps(10, 3) == {0, 4, 9}
 
 
-def test_plan_maps_other_step_counts_by_timestep(demo_calibration):
-    _, plan = demo_calibration
+def test_plan_maps_other_step_counts_by_timestep(planted_calibration):
+    _, plan = planted_calibration
     cal = plan.calibration_timesteps
     assert [plan.slot_of(t) for t in cal] == slot_of_steps(len(cal), plan.slot_policy)
     fine = torch.linspace(1.0, 0.0, 50).tolist()  # a 50-step schedule
@@ -76,18 +76,18 @@ def test_plan_maps_other_step_counts_by_timestep(demo_calibration):
     assert slots == sorted(slots) and slots[0] == 0 and slots[-1] == plan.num_slots - 1
 
 
-def test_restricted_orders_are_obeyed_and_checked(demo_model):
+def test_restricted_orders_are_obeyed_and_checked(planted_model):
     from paro_cli.calibration import calibrate
     from paro_cli.errors import RecipeError
     from paro_cli.recipe import load_recipe
 
     recipe = load_recipe("planted", {"sampling.steps": 2, "calibration.orders": ["FHW"]})
-    plan = calibrate(demo_model, recipe)
+    plan = calibrate(planted_model, recipe)
     assert plan.components["transformer"].orders == [["FHW", "FHW"], ["FHW", "FHW"]]
     with pytest.raises(RecipeError, match="calibration.orders"):
         load_recipe("planted", {"calibration.orders": ["FHX"]})
     with pytest.raises(RecipeError, match="not an order of this grid"):
-        calibrate(demo_model, load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}))
+        calibrate(planted_model, load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}))
 
 
 def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():

@@ -7,24 +7,16 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from paro_cli.cli import main
+from conftest import paro
 from paro_cli.output import Output
 
 FAST = ["--recipe", "planted", "--steps", "3"]  # the planted model: small, and its plans fit it
 
 
-def paro(capsys, *args):
-    """Run `paro ARGS`; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
 @pytest.fixture(scope="module")
-def plan_file(tmp_path_factory, demo_calibration):
+def plan_file(tmp_path_factory, planted_calibration):
     path = tmp_path_factory.mktemp("plan") / "plan.safetensors"
-    demo_calibration[1].save(path)
+    planted_calibration[1].save(path)
     return path
 
 
@@ -214,7 +206,7 @@ def test_internal_errors_exit_1(capsys, monkeypatch):
 def test_bare_transformer_folder(capsys, tmp_path):
     """A WanTransformer3DModel saved alone calibrates through the built-in loop; generating a
     video from its latent space (no VAE) is refused before any work."""
-    from test_models import tiny_wan
+    from conftest import tiny_wan
 
     tiny_wan().save_pretrained(tmp_path / "wan")
     out = tmp_path / "plan.safetensors"

@@ -9,7 +9,8 @@ from conftest import rel_l2
 def tiny_wan_with_plan():
     """A tiny bf16 Wan transformer on the GPU, a plan with two timestep slots whose masks differ,
     and one denoising step as a function of the timestep."""
-    from test_models import TINY_WAN, full_plan, model_adapter
+    from conftest import TINY_WAN, full_plan
+    from paro_cli.models import adapter_for
 
     from paro_kernels.layout import num_blocks
     from paro_cli.models.loaded import LoadedModel
@@ -23,7 +24,7 @@ def tiny_wan_with_plan():
     nb = num_blocks(240, 32)
     kept = (torch.rand(2, 2, 2, nb, nb) < 0.4) | torch.eye(nb, dtype=torch.bool)
     plan.components["transformer"].packed_masks = pack_bits(kept)
-    loaded = LoadedModel("tiny", model, model_adapter(model), torch.device("cuda"), torch.bfloat16)
+    loaded = LoadedModel("tiny", model, adapter_for(model), torch.device("cuda"), torch.bfloat16)
     x = torch.randn(2, 4, 3, 16, 20, device="cuda", dtype=torch.bfloat16)
     context = torch.randn(2, 5, 16, device="cuda", dtype=torch.bfloat16)
 

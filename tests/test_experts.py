@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import rel_l2
+from conftest import Recorder, rel_l2
 from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.calibration.rules import slot_of_steps
@@ -26,17 +26,6 @@ SMALL = {"model": "planted-experts", "sampling.steps": 4, "sparsity.block_size":
 @pytest.fixture(scope="module")
 def experts():
     return load_model("planted-experts", "float32", torch.device("cpu"))
-
-
-class Recorder:
-    def __init__(self):
-        self.timesteps = []
-
-    def on_forward(self, grid, layout, t):
-        self.timesteps.append(t)
-
-    def attention(self, layer, q, k, v, dense, layout):
-        return dense()
 
 
 def test_each_expert_runs_its_side_of_the_boundary_and_the_call_site_is_restored(experts):
@@ -81,12 +70,12 @@ def test_density_one_plan_equals_stock_and_splits_calls_between_experts(experts)
     assert rel_l2(out, stock) <= 1e-5
 
 
-def test_plans_are_refused_across_one_and_two_transformers(experts, demo_model, demo_calibration):
+def test_plans_are_refused_across_one_and_two_transformers(experts, planted_model, planted_calibration):
     recipe = load_recipe("planted", SMALL)
     plan = calibrate(experts, recipe)
     with pytest.raises(PlanError, match="transformer_2' this model lacks"):
-        plan.check_run(family="wan", fingerprints=demo_model.fingerprints(), grid=plan.grid)
-    single = demo_calibration[1]
+        plan.check_run(family="wan", fingerprints=planted_model.fingerprints(), grid=plan.grid)
+    single = planted_calibration[1]
     with pytest.raises(PlanError, match="no component 'transformer_2'"):
         single.check_run(family="wan", fingerprints=experts.fingerprints(), grid=single.grid)
 
@@ -105,12 +94,12 @@ def test_cli_calibrates_and_generates_with_two_experts(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["attention_calls"] == {"paro": 3 * 2}
 
 
-def test_guidance_2_needs_two_experts(demo_model, experts):
+def test_guidance_2_needs_two_experts(planted_model, experts):
     from paro_cli.errors import RecipeError
 
     recipe = load_recipe("planted", {**SMALL, "sampling.steps": 2, "sampling.guidance_2": 1.0})
     with pytest.raises(RecipeError, match="guidance_2"):
-        sample(demo_model, recipe, ["a red circle"], [0], decode=False)
+        sample(planted_model, recipe, ["a red circle"], [0], decode=False)
     low_guided = sample(experts, recipe, ["a red circle"], [0], decode=False)
     assert not torch.equal(low_guided, sample(experts, load_recipe("planted", {**SMALL, "sampling.steps": 2}), ["a red circle"], [0],
                                               decode=False))

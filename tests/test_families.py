@@ -5,7 +5,7 @@ the planted orders, and a plan made for one family or geometry is refused by ano
 import pytest
 import torch
 
-from conftest import rel_l2
+from conftest import Recorder, rel_l2
 from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.errors import PlanError
@@ -48,18 +48,6 @@ def planted(request):
     return LoadedModel(f"planted-{request.param}", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
 
 
-class Recorder:
-    def __init__(self):
-        self.forwards, self.calls = [], []
-
-    def on_forward(self, grid, layout, t):
-        self.forwards.append((grid, layout.text_len, round(t, 3)))
-
-    def attention(self, layer, q, k, v, dense, layout):
-        self.calls.append((layer, tuple(q.shape)))
-        return dense()
-
-
 def test_interception_is_transparent_and_reversible(planted):
     recipe = small(planted.family, **{"sampling.steps": 2})
     stock = sample(planted, recipe, ["a red circle"], [0], decode=False)
@@ -71,7 +59,7 @@ def test_interception_is_transparent_and_reversible(planted):
     assert torch.equal(sample(planted, recipe, ["a red circle"], [0], decode=False), stock)
     text = TEXT[planted.family][0]
     assert {f[:2] for f in recorder.forwards} == {(GRID[planted.family], text)}
-    assert len({f[2] for f in recorder.forwards}) == 2  # one normalised timestep per step
+    assert len({round(f[2], 3) for f in recorder.forwards}) == 2  # one normalised timestep per step
     assert [c[0] for c in recorder.calls] == [0, 1] * 2  # both self-attention layers, each step
     batch = 2 if planted.adapter.classifier_free_guidance else 1  # Flux and HunyuanVideo: guidance-distilled
     seen_text = 3 if padded else text  # "a red circle": the handler sees the real tokens only
@@ -224,7 +212,7 @@ def test_cli_calibrates_a_transformer_folder_of_another_family_and_refuses_its_p
     is refused by `bench e2e` before any sampling (exit 2, one line naming both families)."""
     import json
 
-    from test_cli import paro
+    from conftest import paro
 
     build_planted_cogvideox().save_pretrained(tmp_path / "cog")
     build_planted_flux().save_pretrained(tmp_path / "flux")

@@ -9,52 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
-from conftest import rel_l2
-from paro_kernels.layout import SequenceLayout, num_blocks
+from conftest import Recorder, full_plan, rel_l2, tiny_wan
 from paro_cli.api import apply
 from paro_cli.backends import select_backend
 from paro_cli.plan_attention import PlanAttention
 from paro_cli.errors import BackendError, ModelError
 from paro_cli.intercept import AttentionInterceptor
-from paro_cli.models import config_fingerprint
+from paro_cli.models import adapter_for, config_fingerprint
 from paro_cli.models.loading import load_model
-from paro_cli.plan import ComponentPlan, make_plan, pack_bits
-
-TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
-
-
-def tiny_wan(seed=0):
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(**TINY_WAN).eval()
-
+from paro_cli.plan import pack_bits
 
 def run(model, x):
     with torch.no_grad():
         return model(hidden_states=x, timestep=torch.tensor([700.0, 700.0]), encoder_hidden_states=torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)), return_dict=False)[0]
-
-
-def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
-    nb = num_blocks(grid[0] * grid[1] * grid[2], block)
-    masks = torch.ones(2, len(orders), len(orders[0]), nb, nb, dtype=torch.bool)
-    component = ComponentPlan.from_masks(config_fingerprint(model), orders, masks, 1.0, 6)
-    return make_plan(model_id="tiny", family="wan", grid=grid, layout=SequenceLayout(0), block_size=block, density=1.0, qk=qk, pv=pv,
-                     components={"transformer": component}, slot_policy="half", slot_bounds=[0.5],
-                     calibration_timesteps=[1.0, 0.0], prompts=["x"], seeds=[0])
-
-
-class Recorder:
-    def __init__(self):
-        self.calls, self.forwards = [], []
-
-    def on_forward(self, grid, layout, t):
-        self.forwards.append((grid, t))
-
-    def attention(self, layer, q, k, v, dense, layout):
-        self.calls.append((layer, tuple(q.shape)))
-        return dense()
 
 
 def test_interception_is_transparent_and_reversible():
@@ -66,18 +34,12 @@ def test_interception_is_transparent_and_reversible():
 
     original = transformer_wan.dispatch_attention_fn
     rec = Recorder()
-    with AttentionInterceptor(model, model_adapter(model), rec):
+    with AttentionInterceptor(model, adapter_for(model), rec):
         assert torch.equal(run(model, x), stock)
-    assert rec.forwards == [((3, 4, 5), 0.7)]
+    assert rec.forwards == [((3, 4, 5), 0, 0.7)]
     assert rec.calls == [(0, (2, 60, 2, 12)), (1, (2, 60, 2, 12))]  # attn1 only; attn2 untouched
     assert transformer_wan.dispatch_attention_fn is original
     assert all(model.attn_processors[k] is p for k, p in processors.items())
-
-
-def model_adapter(model):
-    from paro_cli.models import adapter_for
-
-    return adapter_for(model)
 
 
 @pytest.mark.parametrize("orders", [[["FHW", "FHW"], ["FHW", "FHW"]], [["HWF", "WFH"], ["FWH", "WHF"]]])
@@ -88,18 +50,18 @@ def test_density_one_plan_equals_stock_model(orders):
     plan = full_plan(model, (3, 4, 5), orders)
     backend = select_backend("torch", torch.device("cpu"), torch.float32, 12, 16, "fp32", "fp32")
     handler = PlanAttention(plan, "transformer", backend, torch.device("cpu"), "fp32", "fp32")
-    with AttentionInterceptor(model, model_adapter(model), handler):
+    with AttentionInterceptor(model, adapter_for(model), handler):
         out = run(model, x)
     assert handler.calls["paro"] == 2
     assert rel_l2(out, stock) <= 1e-5
 
 
-def test_apply_refuses_other_geometry_and_model(demo_model, demo_calibration):
-    _, plan = demo_calibration
+def test_apply_refuses_other_geometry_and_model(planted_model, planted_calibration):
+    _, plan = planted_calibration
     from paro_cli.errors import PlanError
 
     with pytest.raises(PlanError, match="token grid"):
-        with apply(demo_model, plan, backend="auto", grid=(4, 16, 16)):
+        with apply(planted_model, plan, backend="auto", grid=(4, 16, 16)):
             pass
     other = load_model("embedded")
     other.transformer.register_to_config(num_layers=3)  # a different config, same class
@@ -210,7 +172,7 @@ def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
     handler = Recording(plan, "transformer", backend, torch.device("cpu"), "fp32", "fp32")
     handler.seen = []
     x = torch.randn(2, 4, 3, 8, 10)
-    with AttentionInterceptor(model, model_adapter(model), handler), torch.no_grad():
+    with AttentionInterceptor(model, adapter_for(model), handler), torch.no_grad():
         for t in (900.0, 100.0):  # slot 0 (t > 0.5), slot 1
             model(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=torch.zeros(2, 5, 16), return_dict=False)
     assert [(slot, layer) for slot, layer, *_ in handler.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -83,10 +83,10 @@ def diffusers_frames(kind: str, folder: Path, image_path: Path | None) -> np.nda
 
 
 @pytest.fixture(scope="module")
-def foreign_plan(tmp_path_factory, demo_calibration) -> Path:
+def foreign_plan(tmp_path_factory, planted_calibration) -> Path:
     """A plan of the planted Wan transformer: another family, or another Wan config."""
     path = tmp_path_factory.mktemp("foreign") / "planted.safetensors"
-    demo_calibration[1].save(path)
+    planted_calibration[1].save(path)
     return path
 
 

@@ -20,8 +20,8 @@ def test_bit_packing_round_trip_and_order():
     assert pack_bits(one).tolist() == [[128, 0]]
 
 
-def test_round_trip(demo_calibration, tmp_path):
-    _, plan = demo_calibration
+def test_round_trip(planted_calibration, tmp_path):
+    _, plan = planted_calibration
     path = tmp_path / "p.safetensors"
     plan.save(path)
     back = load_plan(path)
@@ -34,8 +34,8 @@ def test_round_trip(demo_calibration, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary left behind
 
 
-def test_header_is_self_describing(demo_calibration, tmp_path):
-    _, plan = demo_calibration
+def test_header_is_self_describing(planted_calibration, tmp_path):
+    _, plan = planted_calibration
     plan.save(tmp_path / "p.safetensors")
     from safetensors import safe_open
 
@@ -50,10 +50,10 @@ def test_header_is_self_describing(demo_calibration, tmp_path):
     assert head["order"] == "HWF" and len(head["density"]) == plan.num_slots
 
 
-def test_refuses_mismatched_runs(demo_calibration):
+def test_refuses_mismatched_runs(planted_calibration):
     from paro_kernels.layout import SequenceLayout
 
-    _, plan = demo_calibration
+    _, plan = planted_calibration
     fp = plan.components["transformer"].config_fingerprint
     video = SequenceLayout(0)
     plan.check_run(family="wan", fingerprints={"transformer": fp}, grid=plan.grid)
@@ -86,8 +86,8 @@ def _resave(plan_path, out, header=None, drop=None, reshape=None):
     save_file(tensors, str(out), metadata=meta)
 
 
-def test_damaged_plans_are_refused_cleanly(demo_calibration, tmp_path):
-    _, plan = demo_calibration
+def test_damaged_plans_are_refused_cleanly(planted_calibration, tmp_path):
+    _, plan = planted_calibration
     good = tmp_path / "good.safetensors"
     plan.save(good)
     cases = {

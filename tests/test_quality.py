@@ -4,18 +4,16 @@ end to end on the planted model (whose planted heads make reordering matter)."""
 import json
 
 import imageio.v3 as iio
-import pytest
-import torch
 
 from paro_cli.baselines import local_window_plan
 from paro_cli.masks import local_window_mask
 from paro_cli.bench.quality import _with, gate_failures
 from paro_cli.recipe import RECIPES_DIR, load_recipe
-from test_cli import paro
+from conftest import paro
 
 
-def test_local_window_plan_replaces_orders_and_masks(demo_calibration):
-    _, plan = demo_calibration
+def test_local_window_plan_replaces_orders_and_masks(planted_calibration):
+    _, plan = planted_calibration
     window = local_window_plan(plan)
     comp = window.components["transformer"]
     assert all(o == "FHW" for row in comp.orders for o in row)
@@ -67,8 +65,8 @@ def test_paro_variants_keep_the_recipes_allowed_orders():
     assert _with(recipe, 0.3, "fp32", "fp32", orders=("FHW",)).calibration.orders == ("FHW",)
 
 
-def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_path, monkeypatch, demo_calibration):
-    _, plan = demo_calibration
+def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_path, monkeypatch, planted_calibration):
+    _, plan = planted_calibration
     path = tmp_path / "plan.safetensors"
     plan.save(path)
 

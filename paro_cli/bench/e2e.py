@@ -38,7 +38,7 @@ def _median_ms(times: list[float]) -> float:
 def run(loaded, recipe, plan, plan_path: str, grid, prompt: str, seed: int, qk: str | None, pv: str | None, progress) -> dict:
     """Dense and plan runs; returns the JSON-ready result."""
     dense_out, dense_steps = _timed_sample(loaded, recipe, prompt, seed, "dense", progress)
-    with apply(loaded, plan, backend=recipe.backend, qk=qk, pv=pv, grid=grid) as handler:
+    with apply(loaded, plan, backend=recipe.backend, qk=qk, pv=pv, grid=grid) as applied:
         paro_out, paro_steps = _timed_sample(loaded, recipe, prompt, seed, "paro", progress)
     dense_ms, paro_ms = _median_ms(dense_steps), _median_ms(paro_steps)
     rel_l2 = ((paro_out.double() - dense_out.double()).norm() / dense_out.double().norm().clamp_min(1e-12)).item()
@@ -49,14 +49,14 @@ def run(loaded, recipe, plan, plan_path: str, grid, prompt: str, seed: int, qk: 
         "plan": plan_path,
         "grid": list(grid),
         "steps": recipe.sampling.steps,
-        "backend": handler.backend.name,
-        "qk": handler.qk,
-        "pv": handler.pv,
+        "backend": applied.backend.name,
+        "qk": applied.qk,
+        "pv": applied.pv,
         "plan_density": plan.density,
         "dense_ms_per_step": round(dense_ms, 3),
         "paro_ms_per_step": round(paro_ms, 3),
         "speedup": round(dense_ms / paro_ms, 4),
         "output_rel_l2": round(rel_l2, 6),
         "psnr_db": None if video_psnr is None else round(video_psnr, 3),
-        "attention_calls": dict(handler.calls),
+        "attention_calls": dict(applied.calls),
     }

@@ -3,8 +3,8 @@ the same block mask, at real models' attention shapes, all timed in one run on o
 
 Times are medians of `triton.testing.do_bench`, taken `repeats` times in interleaved rounds
 (every variant of a shape once per round) and reduced to their median: a shared GPU's clock or
-load drifts during a run, and one-shot timings of the same call were seen to spread by up to
-14% on the H100. "Effective TFLOPs" counts dense FLOPs
+load drifts during a run, and one-shot timings of the same call spread (BENCHMARKS.md).
+"Effective TFLOPs" counts dense FLOPs
 (4 B H S^2 D), so for a sparse kernel it is a speed figure, comparable across rows. Baselines
 run on the same tensors with no reordering at all (they pay no permutation), and Flex gets the
 same kept tiles as paro, its BlockMask built outside the timed call. A baseline that cannot run here is reported as skipped with the
@@ -46,7 +46,7 @@ class AttentionShape:
         return f"{self.name} (B{self.batch} H{self.heads} {'x'.join(map(str, self.grid))}{text} D{self.head_dim})"
 
 
-# Real models' self-attention calls (batch 2 = classifier-free guidance); see h100 baselines.
+# Real models' self-attention calls at their recipes' geometry (batch 2 = classifier-free guidance).
 SHAPES = {
     "cogvideox-5b": AttentionShape("cogvideox-5b", 2, 48, (13, 30, 45), 64, 226),
     "wan2.1-1.3b": AttentionShape("wan2.1-1.3b", 2, 12, (21, 30, 52), 128),
@@ -132,7 +132,7 @@ def interleaved_times(calls: list, timer, repeats: int) -> list[list[float]]:
 
 
 def run(shapes: list[AttentionShape], densities: list[float], precisions: list[tuple[str, str]], block: int,
-        with_statistics: bool = True, repeats: int = 3, progress=None, device: torch.device = torch.device("cuda"),
+        with_statistics: bool = True, repeats: int = 3, report=None, device: torch.device = torch.device("cuda"),
         timer=None) -> dict:
     """Time every variant; returns {"rows": [...], "skipped": [...], "statistics": ...}. A row's
     "ms" is the median of its `repeats` timings, "ms_range" their minimum and maximum. `timer`
@@ -198,8 +198,8 @@ def run(shapes: list[AttentionShape], densities: list[float], precisions: list[t
         for (row, _), times in zip(timed, interleaved_times([fn for _, fn in timed], timer, repeats)):
             row["ms"] = median(times)
             row["ms_range"] = [min(times), max(times)]
-        if progress:
-            progress(f"{shape.name}: {len(timed)} calls timed {repeats}x")
+        if report:
+            report(f"{shape.name}: {len(timed)} calls timed {repeats}x")
         own = [r for r in rows if r["shape"] == shape.name]
         cudnn = next(r["ms"] for r in own if r["kernel"] == "SDPA cuDNN")
         flex_ms = {r["density"]: r["ms"] for r in own if r["kernel"] == "FlexAttention"}

@@ -39,7 +39,7 @@ class _NoAttention:
         pass
 
     def attention(self, layer, q, k, v, dense, layout):
-        return v + 0 * (q + k)  # one elementwise pass: ~0.3 ms a call at Wan2.1-1.3B's size
+        return v + 0 * (q + k)  # one elementwise pass
 
 
 def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv: str, seed: int = 0) -> Plan:
@@ -86,7 +86,7 @@ def _paro_variants(loaded, plans: dict, backends: dict, around=contextlib.nullco
 
 
 def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, compiled: bool, repeats: int,
-        backend: str, progress=lambda msg: None) -> dict:
+        backend: str, report=lambda msg: None) -> dict:
     """Rows of ms per step: dense, the step without attention, and paro per (precision, density)."""
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
@@ -101,7 +101,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
         return compiled_forwards([tr], fullgraph=True) if compiled else contextlib.nullcontext()
 
     def timed(label: str, **row) -> dict:
-        progress(f"timing {label}")
+        report(f"timing {label}")
         with maybe_compiled():
             return {"variant": label, **row, **_time(step, repeats, sync)}
 
@@ -117,7 +117,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
             rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
     plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}
     for row in _paro_variants(loaded, plans, backends, maybe_compiled):
-        progress(f"timing paro d={row['density']} {row['qk']}/{row['pv']}")
+        report(f"timing paro d={row['density']} {row['qk']}/{row['pv']}")
         rows.append({**row, **_time(step, repeats, sync)})
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:
@@ -128,7 +128,7 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
 
 
 def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, repeats: int, backend: str,
-            progress=lambda msg: None) -> dict:
+            report=lambda msg: None) -> dict:
     """Under `parallel.run` with several GPUs: the dense step and paro's per (precision, density),
     each on one GPU (rank 0 alone, the model whole) and then on all of them (Ulysses context
     parallelism), and how far the output of the split step lies from the one-GPU output."""
@@ -143,10 +143,10 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
             return tr(**inputs, return_dict=False)[0]
 
     def measure(gpus: int) -> list[dict]:
-        progress(f"timing dense on {gpus} GPU(s)")
+        report(f"timing dense on {gpus} GPU(s)")
         rows = [{"variant": "dense", "density": 1.0, "qk": None, "pv": None, **_time(output, repeats, sync), "output": output()}]
         for row in _paro_variants(loaded, plans, backends):
-            progress(f"timing paro d={row['density']} {row['qk']}/{row['pv']} on {gpus} GPU(s)")
+            report(f"timing paro d={row['density']} {row['qk']}/{row['pv']} on {gpus} GPU(s)")
             rows.append({**row, **_time(output, repeats, sync), "output": output()})
         return rows
 

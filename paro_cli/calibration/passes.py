@@ -83,7 +83,7 @@ class MassCollector:
         layers, heads, num_slots = len(orders), len(orders[0]), max(slots) + 1
         # Each finished slot is kept bit-packed (pack_bits), with its kept share: at Wan-14B's
         # 720p size (40 x 40 heads, 591 blocks), the 21 slots of a 40-step schedule would take
-        # 11.7 GB of host memory as bools, 1.5 GB packed.
+        # 11.7 GB of host memory as bools, 1.5 GB packed (arithmetic, not a measurement).
         dense = pack_bits(torch.ones(heads, nb, nb, dtype=torch.bool))
         self.packed = dense.expand(num_slots, layers, -1, -1).clone()
         self.achieved = torch.ones(num_slots, layers, heads)

@@ -128,10 +128,10 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
     ui = Output(as_json, silent=not parallel.is_primary())
     loaded = build_architecture(name, resolve_device())
     grid, inputs = step_inputs(loaded, name, load_recipe(name))
-    progress = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731
+    report = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731  (a line of progress: what is timed now)
     title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}"
     if parallel.world_size() > 1:
-        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, progress)
+        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, report)
         if not parallel.is_primary():  # only rank 0 has the one-GPU figures
             return
         result["architecture"] = name
@@ -145,7 +145,7 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
         )
         ui.json(result)
         return
-    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, progress=progress)
+    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, report=report)
     result["architecture"] = name
     dense = result["rows"][0]["ms"]
     ui.table(
@@ -184,7 +184,7 @@ def kernel(
         raise ParoError(f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes)))
     densities = check_densities(density or [1.0, 0.5, 0.3, 0.2])
     ui = Output(as_json)
-    result = kb.run(shapes, densities, pairs, block_size, with_statistics, repeats, progress=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    result = kb.run(shapes, densities, pairs, block_size, with_statistics, repeats, report=lambda msg: ui.print(f"[dim]{msg}[/]"))
 
     def fmt(x, spec):
         return "skipped" if x is None else format(x, spec)

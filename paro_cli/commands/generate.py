@@ -68,7 +68,7 @@ def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | Non
     # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole
     compiled = compiled_forwards(loaded.components.values(), fullgraph=False) if compile_ else contextlib.nullcontext()
     start = time.perf_counter()
-    with attention as handler, compiled, ui.progress() as bar:
+    with attention as applied, compiled, ui.progress() as bar:
         bar.start("generating", r.sampling.steps)
         video = sample(loaded, r, [text], [seed_], on_step=bar.step)
     seconds = time.perf_counter() - start
@@ -76,12 +76,12 @@ def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | Non
         return
     write_video(video[0].numpy(), out, r.sampling.fps)
     f, h, w, _ = video[0].shape
-    mode = f"plan {plan} via {handler.backend.name} ({handler.qk}/{handler.pv})" if loaded_plan else "dense attention"
+    mode = f"plan {plan} via {applied.backend.name} ({applied.qk}/{applied.pv})" if loaded_plan else "dense attention"
     mode += ", compiled" if compile_ else ""
     mode += f", {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""
     ui.print(f"wrote [bold]{out}[/]: {f} frames {w}x{h}, {r.sampling.steps} steps in {seconds:.1f} s, {mode}")
     ui.json({
         "path": str(out), "frames": f, "height": h, "width": w, "steps": r.sampling.steps, "seconds": round(seconds, 3),
-        "prompt": text, "seed": seed_, "plan": plan, "backend": handler.backend.name if loaded_plan else None, "compiled": compile_,
-        "gpus": parallel.world_size(), "attention_calls": dict(handler.calls) if loaded_plan else None,
+        "prompt": text, "seed": seed_, "plan": plan, "backend": applied.backend.name if loaded_plan else None, "compiled": compile_,
+        "gpus": parallel.world_size(), "attention_calls": dict(applied.calls) if loaded_plan else None,
     })

@@ -98,7 +98,7 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
         log(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} min so far)")
-    # Compiled on CUDA: the eager step is bound by small unfused kernels (2.2x slower on the H100).
+    # Compiled on CUDA: the eager step is bound by small unfused kernels.
     step_model = torch.compile(model) if device.type == "cuda" else model
     encoder = HashPromptEncoder(MODEL_CONFIG["text_dim"])
     generator = torch.Generator(device)  # reseeded every step from (seed, step)

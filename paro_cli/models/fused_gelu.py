@@ -4,9 +4,9 @@ Each diffusers `FeedForward` with "gelu-approximate" (Wan's, CogVideoX's, and th
 blocks' of Flux and HunyuanVideo) opens with a `GELU(approximate="tanh")` module: a Linear, whose
 output (the widest activation of a block) is written, read back for the GELU and written again.
 `torch._addmm_activation(bias, x, W^T, use_gelu=True)` runs the GEMM with cuBLASLt's GELU epilogue
-instead, applied to the float32 accumulator before the one rounding and the one write: on the
-H100 that saves 0.59 of Wan2.1-1.3B's 3.45 ms per feed-forward input (BENCHMARKS.md), eager or
-compiled (inductor keeps the op as one extern call). On CUDA that op's GELU is the tanh
+instead, applied to the float32 accumulator before the one rounding and the one write: one
+write of that activation instead of two and a read (timings in BENCHMARKS.md), eager or compiled
+(inductor keeps the op as one extern call). On CUDA that op's GELU is the tanh
 approximation, the stock function; on CPU it is the exact one, so the fused path runs on CUDA
 only. (Flux's and HunyuanVideo's single-stream blocks apply torch's `nn.GELU` after a separate
 Linear inside the block's forward; those stay as they are.)
