@@ -122,9 +122,17 @@ def tiny_wan(seed=0):
     return WanTransformer3DModel(**TINY_WAN).eval()
 
 
+def run_tiny_wan(model, x):
+    """One forward of a tiny_wan model on x (batch 2) at timestep 700, with fixed text."""
+    with torch.no_grad():
+        text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        return model(hidden_states=x, timestep=torch.tensor([700.0, 700.0]), encoder_hidden_states=text, return_dict=False)[0]
+
+
 def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
     """A plan that keeps every block (two timestep slots) with the given orders [layer][head]."""
     from paro_kernels.layout import SequenceLayout, num_blocks
+
     from paro_cli.models import config_fingerprint
     from paro_cli.plan import ComponentPlan, make_plan
 

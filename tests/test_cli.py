@@ -223,10 +223,33 @@ def test_bare_transformer_folder(capsys, tmp_path):
 
 
 def test_help_for_every_command(capsys):
-    for args in (["--help"], ["calibrate", "--help"], ["generate", "--help"], ["bench", "e2e", "--help"], ["plan", "show", "--help"],
-                 ["recipes", "--help"]):
-        code, stdout, _ = paro(capsys, *args)
-        assert code == 0 and "Usage" in stdout
+    """Every command and subcommand answers --help with its usage line and its own options."""
+    expected = {
+        (): ["calibrate", "generate", "bench", "plan", "recipes"],
+        ("calibrate",): ["--recipe", "--density", "--qk", "--pv", "--image", "--out", "--gpus", "--json"],
+        ("generate",): ["--plan", "--prompt", "--seed", "--image", "--compile", "--out", "--json"],
+        ("bench",): ["kernel", "e2e", "quality"],
+        ("bench", "kernel"): ["--shape", "--density", "--precision", "--block-size", "--repeats", "--json"],
+        ("bench", "e2e"): ["--plan", "--architecture", "--density", "--precision", "--compile", "--gpus", "--json"],
+        ("bench", "quality"): ["--density", "--precision", "--frames", "--height", "--width", "--image", "--heatmaps",
+                               "--min-psnr", "--max-drop", "--plan", "--json"],
+        ("plan",): ["show"],
+        ("plan", "show"): ["--json"],
+        ("recipes",): ["[name]"],
+    }
+    for args, words in expected.items():
+        code, stdout, _ = paro(capsys, *args, "--help")
+        usage = " ".join([*args, "[OPTIONS]", "COMMAND"] if args in ((), ("bench",), ("plan",)) else [*args, "[OPTIONS]"])
+        assert code == 0 and "Usage:" in stdout and usage in " ".join(stdout.split()), (args, stdout)
+        missing = [w for w in words if w not in stdout]
+        assert not missing, (args, missing)
+
+
+def test_heatmap_layer_out_of_range_is_refused_before_any_work(capsys, tmp_path):
+    code, stdout, err = paro(capsys, "bench", "quality", *FAST, "--prompts", "1", "--heatmaps", tmp_path / "maps",
+                             "--layer", "7", "--json")
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert "--layer 7 / --head 0 is outside the model's 2 layers x 2 heads" in err and not (tmp_path / "maps").exists()
 
 
 def test_dense_layers_dense_steps_single_slot(capsys, tmp_path):

@@ -17,6 +17,7 @@ from paro_kernels.layout import block_mask_rows
 from paro_kernels.orders import order_permutation
 
 from ..steps import StepTracker
+from ..errors import ParoError
 from ..fileio import atomic_path, check_output_file
 from ..intercept import DenseFn, routed
 from ..plan import Plan
@@ -71,13 +72,18 @@ def _image(attn: torch.Tensor, kept: torch.Tensor | None, block: int, size: int 
     return img
 
 
+def check_layer_and_head(layer: int, head: int, layers: int, heads: int) -> None:
+    if not 0 <= layer < layers or not 0 <= head < heads:
+        raise ParoError(f"--layer {layer} / --head {head} is outside the model's {layers} layers x {heads} heads",
+                        f"choose --layer 0..{layers - 1} and --head 0..{heads - 1}")
+
+
 def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: int, head: int, out_dir: Path) -> dict:
     """Capture the attention at the middle step and write before.png / after.png into out_dir."""
     import imageio.v3 as iio
 
     comp = plan.components["transformer"]
-    if not 0 <= layer < comp.num_layers or not 0 <= head < comp.num_heads:
-        raise ValueError(f"layer {layer} / head {head} outside the plan's {comp.num_layers} layers x {comp.num_heads} heads")
+    check_layer_and_head(layer, head, comp.num_layers, comp.num_heads)
     step = recipe.sampling.steps // 2
     capture = _QKCapture(layer, step)
     with routed(loaded.components, loaded.adapter, dict.fromkeys(loaded.components, capture)):  # whichever expert runs the step

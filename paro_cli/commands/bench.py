@@ -238,7 +238,7 @@ def quality(
     similarity vs dense, prompt fidelity, and two baselines at equal density (no reordering, a
     static local window). Gates make it a CI check."""
     from ..bench import quality as qb
-    from ..bench.heatmap import write_heatmaps
+    from ..bench.heatmap import check_layer_and_head, write_heatmaps
     from ..media import check_video_path, write_video
 
     r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance, backend=backend)
@@ -264,6 +264,9 @@ def quality(
     call_kwargs = {"image": read_image(image)} if image else None
     ui = Output(as_json)
     loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
+    if heatmaps is not None:  # before any generation, as the plan checks below
+        check_layer_and_head(layer, head, len(loaded.adapter.attention_layers(loaded.transformer)),
+                             loaded.adapter.num_heads(loaded.transformer))
     if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
         check_plan(loaded, given, token_grid(loaded, r))
     with ui.progress() as bar:
