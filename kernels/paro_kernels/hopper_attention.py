@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import formats
+from .formats import HOPPER_PV_FORMATS, is_scaled
 from .tile_order import key_tile, program_tile, swizzled_columns
 
 try:
@@ -48,7 +50,6 @@ except ImportError:  # a Triton without this Gluon API: the portable kernel serv
 
 BLOCK = 128  # query rows per program: two consumer warpgroups of 64
 HEAD_DIMS = (64, 128)  # padded head dims the kernel is built and tested for
-PV_FORMATS = ("bf16", "fp16", "fp8")
 SHARED_MEMORY = 232448 - 1024  # H100's per-block limit, less room for the mbarriers
 
 
@@ -61,9 +62,8 @@ def available(device: torch.device) -> bool:
 def chosen(device: torch.device, block: int, head_dim: int, qk: str, pv: str) -> bool:
     """Whether a call goes to this kernel (head_dim: the padded one). Head dim 64 with 8-bit
     QK stays on the portable kernel, which is faster there (module docstring)."""
-    eight_bit_qk = qk in ("int8", "int4", "fp8")
-    return (block == BLOCK and head_dim in HEAD_DIMS and pv in PV_FORMATS and not (head_dim == 64 and eight_bit_qk)
-            and available(device))
+    return (block == BLOCK and head_dim in HEAD_DIMS and pv in HOPPER_PV_FORMATS
+            and not (head_dim == 64 and is_scaled(qk)) and available(device))
 
 
 def stages(head_dim: int, qk_bytes: int, pv_bytes: int) -> int:
@@ -73,6 +73,10 @@ def stages(head_dim: int, qk_bytes: int, pv_bytes: int) -> int:
 
 
 if _IMPORTED:
+    # formats.CODE's codes as the kernels name them (as in triton_attention.py: constexprs, the
+    # only globals a kernel may read). PV is never INT here: HOPPER_PV_FORMATS.
+    FLOAT = gl.constexpr(formats.FLOAT)
+    INT = gl.constexpr(formats.INT)
 
     @gluon.constexpr_function
     def _mma_layout(n, operand_bits):
@@ -98,7 +102,7 @@ if _IMPORTED:
             ready = kv_ready.index(s)
             mbarrier.expect(ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [kv_row0 + kt * BLOCK, 0], ready, k_smem.index(s))
-            if PV == 0:
+            if PV == FLOAT:
                 tma.async_copy_global_to_shared(v_desc, [kv_row0 + kt * BLOCK, 0], ready, v_smem.index(s))
             else:
                 tma.async_copy_global_to_shared(v_desc, [v_row0, kt * BLOCK], ready, v_smem.index(s))
@@ -108,10 +112,10 @@ if _IMPORTED:
         """(score scale, V scale) of key tile kt: the score scale times K's tile scale for 8-bit
         QK, V's tile scale for 8-bit PV (1 otherwise)."""
         scale = score_scale
-        if QK != 0:
+        if QK != FLOAT:
             scale = scale * gl.load(kscale_ptr + kt)
         v_scale = 1.0
-        if PV != 0:
+        if PV != FLOAT:
             v_scale = gl.load(vscale_ptr + kt)
         return scale, v_scale
 
@@ -136,7 +140,7 @@ if _IMPORTED:
         o_layout: gl.constexpr = _mma_layout(HEAD_DIM, pv_ty.primitive_bitwidth)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=32 // pv_ty.primitive_bitwidth)
         q_rows = q_smem.slice(c * 64, 64)
-        if QK == 1:
+        if QK == INT:
             s_zero = gl.zeros([64, BLOCK], gl.int32, s_layout)
         else:
             s_zero = gl.zeros([64, BLOCK], gl.float32, s_layout)
@@ -170,14 +174,14 @@ if _IMPORTED:
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
-            if PV != 0:
+            if PV != FLOAT:
                 alpha = alpha * gl.fdiv(v_scale, v_next)
                 v_scale = v_next
             alpha = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            if PV == 0:
+            if PV == FLOAT:
                 acc = acc * alpha
             p_op = p.to(pv_ty)
-            if PV != 0:
+            if PV != FLOAT:
                 p_op = swizzled_columns(p_op)
             p_op = gl.convert_layout(p_op, p_layout)
 
@@ -188,15 +192,15 @@ if _IMPORTED:
             mbarrier.wait(kv_ready.index(nxt % STAGES), (nxt // STAGES) & 1, pred=nxt < n)
             _acquire(turn, c, nxt)
             v_tile = v_smem.index(j % STAGES)
-            if PV != 0:  # 8-bit V is stored (channels, keys): the K-major operand 8-bit wgmma wants
+            if PV != FLOAT:  # 8-bit V is stored (channels, keys): the K-major operand 8-bit wgmma wants
                 v_tile = v_tile.permute((1, 0))
-            if PV == 0:
+            if PV == FLOAT:
                 acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
             else:  # 8-bit products apart, added in fp32: the tensor cores sum them into acc at reduced precision
                 pv = warpgroup_mma(p_op, v_tile, o_zero, use_acc=False, is_async=True)
             s_next = warpgroup_mma(q_rows, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.arrive(turn.index(1 - c))
-            if PV == 0:
+            if PV == FLOAT:
                 acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
             else:  # P V was issued first: add it in while the score product still runs
                 pv = warpgroup_mma_wait(1, deps=[pv])
@@ -214,7 +218,7 @@ if _IMPORTED:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        if PV != 0:  # undo V's scale, add back the shift the prep pass removed
+        if PV != FLOAT:  # undo V's scale, add back the shift the prep pass removed
             v_shift = gl.load(vshift_ptr + d, mask=d < DIM, other=0.0)
             out = out * v_scale + v_shift[None, :]
         out = gl.where((n_keys > 0) & (l_o > 0)[:, None], out, 0.0)  # a row that saw no key outputs 0
@@ -246,8 +250,8 @@ if _IMPORTED:
         MIN_AMAX_: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """One program: one query tile of one (batch, head), in the portable kernel's launch
-        order (text query tiles of every head first). QK: 0 16-bit, 1 INT8 (INT4 codes too),
-        2 FP8; PV: 0 16-bit, 2 FP8. Out has Q's layout and strides; channels are contiguous."""
+        order (text query tiles of every head first). QK, PV: formats.CODE's codes (PV not
+        INT). Out has Q's layout and strides; channels are contiguous."""
         BLOCK: gl.constexpr = k_desc.block_shape[0]
         n_tiles = n_text_tiles + nb
         tile, bh = program_tile(gl.program_id(0) + gl.program_id(1).to(gl.int64) * n_tiles, n_text_tiles, nb,
@@ -272,14 +276,14 @@ if _IMPORTED:
                     mask=valid[:, None] & (d[None, :] < DIM), other=0.0)
         score_scale0 = score_scale  # consumer 0's, rows [0, 64)
         score_scale1 = score_scale  # consumer 1's, rows [64, 128)
-        if QK != 0:
+        if QK != FLOAT:
             q32 = q.to(gl.float32)
             row_amax = gl.max(gl.abs(q32), 1)
             first = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ql)) < 64
             q_scale0 = gl.maximum(gl.max(gl.where(first, row_amax, 0.0), 0), MIN_AMAX_) / QK_QMAX
             q_scale1 = gl.maximum(gl.max(gl.where(first, 0.0, row_amax), 0), MIN_AMAX_) / QK_QMAX
             q32 = gl.minimum(gl.maximum(q32 / gl.where(first, q_scale0, q_scale1)[:, None], -QK_QMAX), QK_QMAX)
-            if QK == 1:
+            if QK == INT:
                 q32 = (q32 + 12582912.0) - 12582912.0  # round half to even, as torch.round
             score_scale0 = score_scale * q_scale0
             score_scale1 = score_scale * q_scale1
@@ -337,7 +341,7 @@ def launch(q, kp, vp, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift, 
     (B, H, HEAD_DIM, rows) when 8-bit. Same scalar arguments as the portable kernel."""
     head_dim = kp.shape[-1]
     k_desc = _descriptor(kp, [BLOCK, head_dim])
-    v_desc = _descriptor(vp, [head_dim, BLOCK] if pv_code else [BLOCK, head_dim])
+    v_desc = _descriptor(vp, [head_dim, BLOCK] if pv_code != formats.FLOAT else [BLOCK, head_dim])
     _paro_attention_sm90[(n_text_tiles + nb, q.shape[0] * heads)](
         q, k_desc, v_desc, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
         q.stride(0), q.stride(2), q.stride(1),

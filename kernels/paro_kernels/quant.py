@@ -5,7 +5,7 @@ granularity passed as a value (`block_rows`: one scale per block of that many to
 `None` for one scale per channel over all tokens). `fake_quantize` chains the three and is what
 the reference attention applies, so the reference sees exactly the values a kernel multiplies.
 
-Formats and what they stand for:
+Formats (formats.py lists them) and what they stand for:
 
 | name | stored as                | range used           | scale                      |
 |------|--------------------------|----------------------|----------------------------|
@@ -30,11 +30,9 @@ import math
 
 import torch
 
-QK_FORMATS = ("fp32", "bf16", "fp16", "int8", "fp8", "int4")
-PV_FORMATS = ("fp32", "bf16", "fp16", "fp8", "int8")
+from .formats import QMAX, is_scaled
 
 FLOAT_CASTS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
 
 # Tokens `channel_shift` averages: a strided sample estimates channel offsets as well as all
 # tokens do, at a fraction of a pass over K and V.
@@ -46,11 +44,6 @@ MIN_AMAX = 1e-6
 # Query rows that share one scale: a block's rows, but at most this many. Every kernel program
 # (or Hopper consumer warpgroup) then quantises only query rows it owns.
 QUERY_SCALE_ROWS = 64
-
-
-def is_scaled(fmt: str) -> bool:
-    """True for the formats that need a scale (integers and fp8)."""
-    return fmt in QMAX
 
 
 def channel_shift(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from .formats import is_scaled
 from .layout import SequenceLayout, block_mask_rows, chunk_rows, gather_tokens, to_paro_order
 from .orders import inverse_permutation
-from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, is_scaled, quantize_probabilities
+from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, quantize_probabilities
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_shift: torch.Tensor, allowed: torch.Tensor | None, scale: float,

@@ -40,21 +40,20 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from . import hopper_attention
+from . import formats, hopper_attention
+from .formats import CODE, QMAX, is_scaled
 from .layout import SequenceLayout, num_blocks
-from .quant import MIN_AMAX, QMAX, QUERY_SCALE_ROWS, channel_shift
+from .quant import MIN_AMAX, QUERY_SCALE_ROWS, channel_shift
 from .tile_order import key_tile, program_tile, swizzle, swizzled_columns
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Format codes shared by host and kernels.
-FLOAT, INT, FP8 = 0, 1, 2
-PV_INT8 = 3
-
-
-def format_code(fmt: str) -> int:
-    return {"int8": INT, "int4": INT, "fp8": FP8}.get(fmt, FLOAT)
+# The kernels' names for formats.CODE's codes: constexprs, the only globals Triton lets a kernel
+# read. Host code compares formats.CODE[fmt] with the plain ints, formats.FP8 etc.
+FLOAT = tl.constexpr(formats.FLOAT)
+INT = tl.constexpr(formats.INT)
+FP8 = tl.constexpr(formats.FP8)
 
 
 @triton.jit
@@ -139,9 +138,9 @@ def _scores(q, k_tile, k_offs, QK: tl.constexpr, UPCAST: tl.constexpr):
     pipelined), and a tile's element offsets from its first element are the same for every
     tile (`k_offs`, computed once before the loop): per tile only a scalar pointer moves."""
     k = tl.load(k_tile + k_offs)
-    if UPCAST and QK == 0:  # the CPU interpreter multiplies raw bits in 16-bit dots
+    if UPCAST and QK == FLOAT:  # the CPU interpreter multiplies raw bits in 16-bit dots
         k = k.to(tl.float32)
-    if QK == 1:
+    if QK == INT:
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     else:
         s = tl.dot(q, tl.trans(k))
@@ -189,7 +188,7 @@ def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, 
     v = tl.load(v_tile + v_offs)
     if SWIZZLE_V:
         p = swizzled_columns(p)
-    if PV == 3:  # INT8 products accumulate in int32, so they are added after conversion
+    if PV == INT:  # INT8 products accumulate in int32, so they are added after conversion
         acc += tl.dot(p, v, out_dtype=tl.int32).to(tl.float32)
     else:  # FP8 (448 p uses e4m3's whole range) or 16-bit
         if UPCAST:
@@ -204,9 +203,9 @@ def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, 
 @triton.jit
 def _p_format(p, v_dtype, PV: tl.constexpr, UPCAST: tl.constexpr):
     """P in the format of the PV product: FP8 e4m3, INT8 round(127 p), or V's 16-bit type."""
-    if PV == 2:
+    if PV == FP8:
         return _fp8(p, UPCAST)
-    elif PV == 3:
+    elif PV == INT:
         return _rint(p).to(tl.int8)
     else:
         return p.to(v_dtype)
@@ -250,7 +249,7 @@ def _paro_attention_kernel(
     q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, q_offs, d, text_base, vis_base,
                                       stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
     q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
-    if QK == 0:
+    if QK == FLOAT:
         if UPCAST:
             q = q.to(tl.float32)
         else:
@@ -275,7 +274,7 @@ def _paro_attention_kernel(
             q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
             qf = q.to(tl.float32) / q_scale
         qf = tl.minimum(tl.maximum(qf, -QK_QMAX), QK_QMAX)
-        if QK == 1:
+        if QK == INT:
             q = _rint(qf).to(tl.int8)
         else:
             q = _fp8(qf, UPCAST)
@@ -299,11 +298,11 @@ def _paro_attention_kernel(
         _, _, kvalid, ragged = _rows(kt, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, False)
         first_row = kt.to(tl.int64) * BLOCK  # prepped buffers: tile kt starts at row kt * BLOCK
         scale = score_scale
-        if QK != 0:
+        if QK != FLOAT:
             scale = scale * tl.load(k_scales + kt)
         s = _scores(q, k_ptr + first_row * stride_ks, k_offs, QK, UPCAST)
-        p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT, QK != 0 and ROWS > Q_GROUP)
-        if PV != 0:
+        p, alpha, m_i, l_i = _softmax_step(s, kvalid, ragged, m_i, l_i, scale, P_SHIFT, QK != FLOAT and ROWS > Q_GROUP)
+        if PV != FLOAT:
             v_next = tl.load(v_scales + kt)
             alpha = alpha * _ratio(v_scale, v_next, UPCAST)
             v_scale = v_next
@@ -311,7 +310,7 @@ def _paro_attention_kernel(
         acc = _accumulate(acc, _p_format(p, v_dtype, PV, UPCAST), v_ptr + first_row * stride_vs, v_offs, PV, UPCAST, PV_APART, SWIZZLE_V)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if PV != 0:  # undo V's scale, add back the shift the prep pass removed (a row that saw no key stays 0)
+    if PV != FLOAT:  # undo V's scale, add back the shift the prep pass removed (a row that saw no key stays 0)
         v_shift = tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
         out = tl.where(l_i[:, None] > 0, out * v_scale + v_shift[None, :], 0.0)
     o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -323,11 +322,11 @@ def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.cons
     """(codes, scale) of one tile: one scale for the tile (INT/FP8) or none (FLOAT). Codes stay
     fp32 for the store to cast: INT codes are already integers; FP8 codes are rounded by the
     cast (on the CPU interpreter, onto e4m3's grid first: see `_fp8_grid`)."""
-    if FMT == 0:
+    if FMT == FLOAT:
         return x, 1.0
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), MIN_AMAX_) / QMAX_
     y = tl.minimum(tl.maximum(x / scale, -QMAX_), QMAX_)
-    if FMT == 1:
+    if FMT == INT:
         y = _rint(y)
     elif UPCAST:
         y = _fp8_grid(y)
@@ -349,7 +348,7 @@ def _prep_kernel(
     """One fused pass over K and V: gather a tile in paro order, remove K's and V's channel
     shifts, quantise each with one scale per tile, write contiguous paro-order buffers (V
     transposed when 8-bit, as FP8/INT8 tensor-core products want their second operand
-    K-major; its keys swizzled within the tile when SWIZZLE_V). QK, PV: format codes."""
+    K-major; its keys swizzled within the tile when SWIZZLE_V). QK, PV: formats.CODE's codes."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -368,19 +367,19 @@ def _prep_kernel(
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
     k = tl.load(K + k_src, mask=mask, other=0.0).to(tl.float32)
-    if QK != 0:  # softmax ignores a shift shared by all keys; the quantiser does not
+    if QK != FLOAT:  # softmax ignores a shift shared by all keys; the quantiser does not
         k = tl.where(mask, k - tl.load(KShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_, UPCAST)
     tl.store(Kp + dst, k.to(Kp.dtype.element_ty))
-    if QK != 0:
+    if QK != FLOAT:
         tl.store(KScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, k_scale)
 
     v = tl.load(V + v_src, mask=mask, other=0.0).to(tl.float32)
-    if PV != 0:
+    if PV != FLOAT:
         v = tl.where(mask, v - tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
     v, v_scale = _quantise_tile(v, PV, PV_QMAX, MIN_AMAX_, UPCAST)
     tl.store(Vp + vdst, v.to(Vp.dtype.element_ty))
-    if PV != 0:
+    if PV != FLOAT:
         tl.store(VScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, v_scale)
 
 
@@ -388,11 +387,7 @@ def _prep_kernel(
 # Host side
 
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
-QK_FORMATS = ("bf16", "fp16", "int8", "fp8", "int4")
 P_SCALE = {"fp8": QMAX["fp8"], "int8": QMAX["int8"]}  # static scale of 8-bit P (P <= 1)
-PV_FORMATS = ("bf16", "fp16", "fp8", "int8")
-MAX_HEAD_DIM = 128
-BLOCKS = (32, 64, 128)  # 8-bit tensor-core products reduce over >= 32 tokens
 
 
 def padded_head_dim(dim: int) -> int:
@@ -419,8 +414,9 @@ def launch_config(block: int, head_dim: int, qk: str, pv: str) -> dict:
     four programs per SM whose softmax and products overlap; V's keys swizzled (see
     `tile_order.swizzle`). With 16-bit PV the same split measured 28% slower. FP8 P V products are
     always computed apart (see `_accumulate`)."""
-    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": format_code(pv) == FP8, "swizzle_v": False}
-    if not INTERPRET and block >= 128 and head_dim <= 64 and format_code(qk) != FLOAT and format_code(pv) == FP8:
+    fp8_pv = CODE[pv] == formats.FP8
+    config = {**_warps_and_stages(block, head_dim), "split": 1, "pv_apart": fp8_pv, "swizzle_v": False}
+    if not INTERPRET and block >= 128 and head_dim <= 64 and is_scaled(qk) and fp8_pv:
         config.update(num_warps=4, split=2, maxnreg=128, swizzle_v=True)
     return config
 
@@ -430,11 +426,12 @@ def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
         raise ValueError(f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must be bf16 or fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 8 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {q.shape[-1]} unsupported (supported: 8 to {MAX_HEAD_DIM})")
-    if block not in BLOCKS:
-        raise ValueError(f"block {block} unsupported (supported: {BLOCKS})")
-    if qk not in QK_FORMATS or pv not in PV_FORMATS:
+    lo, hi = formats.TRITON_MIN_HEAD_DIM, formats.TRITON_MAX_HEAD_DIM
+    if not lo <= q.shape[-1] <= hi:
+        raise ValueError(f"head dim {q.shape[-1]} unsupported (supported: {lo} to {hi})")
+    if block not in formats.TRITON_BLOCKS:
+        raise ValueError(f"block {block} unsupported (supported: {formats.TRITON_BLOCKS})")
+    if qk not in formats.TRITON_QK_FORMATS or pv not in formats.TRITON_PV_FORMATS:
         raise ValueError(f"unsupported precision QK {qk} / PV {pv}")
     n = layout.visual_len(q.shape[1])
     nb = num_blocks(n, block)
@@ -479,16 +476,16 @@ def paro_attention_triton(
     n = seq - t
     nb = num_blocks(n, block)
     n_text_tiles = num_blocks(t, block)
-    qk_code = format_code(qk)
-    pv_code = PV_INT8 if pv == "int8" else format_code(pv)
+    qk_code, pv_code = CODE[qk], CODE[pv]
     score_scale = (dim**-0.5 if scale is None else scale) * LOG2E
     out = torch.empty_like(q) if out is None else out
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
     hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
-    launch = {"swizzle_v": pv_code == FP8} if hopper else dict(config or launch_config(block, dim, qk, pv))
-    split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", pv_code == FP8), launch.pop("swizzle_v", False)
+    fp8_pv = pv_code == formats.FP8
+    launch = {"swizzle_v": fp8_pv} if hopper else dict(config or launch_config(block, dim, qk, pv))
+    split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", fp8_pv), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")
     ks, vs, k_scale, v_scale, v_shift = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
@@ -499,7 +496,8 @@ def paro_attention_triton(
                                 dim=dim, qk_code=qk_code, qk_qmax=QMAX.get(qk, 1.0), pv_code=pv_code, min_amax=MIN_AMAX,
                                 p_shift=p_shift)
         return out
-    sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if pv_code else vs.stride()  # 8-bit V: (B, H, D, S)
+    # 8-bit V: (B, H, D, S)
+    sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if is_scaled(pv) else vs.stride()
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
     _paro_attention_kernel[((n_text_tiles + nb) * split, bsz * heads)](
         q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
@@ -519,11 +517,10 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
     launched with it). Returns (K, V, K scales, V scales, V shift); the 16-bit formats use no
     scale or shift, whose tensors are then not read."""
     bsz, seq, heads, dim = k.shape
-    qk_code, pv_code = format_code(qk), format_code(pv)
     rows = (n_text_tiles + nb) * block  # whole tiles, text tiles first, channels padded
     width = padded_head_dim(dim)
     kp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[qk])
-    if pv_code:
+    if is_scaled(pv):
         vp = torch.empty(bsz, heads, width, rows, device=k.device, dtype=STORAGE[pv])
         svp = (vp.stride(0), vp.stride(1), vp.stride(3), vp.stride(2))
     else:
@@ -531,13 +528,13 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
         svp = vp.stride()
     k_scale, v_scale = (torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32) for _ in range(2))
     unread = torch.empty(1, device=k.device, dtype=torch.float32)
-    k_shift = channel_shift(k) if qk_code else unread
-    v_shift = channel_shift(v) if pv_code else unread
+    k_shift = channel_shift(k) if is_scaled(qk) else unread
+    v_shift = channel_shift(v) if is_scaled(pv) else unread
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k, v, perm, k_shift, v_shift, kp, vp, k_scale, v_scale,
         *k.stride(), *v.stride(), *kp.stride(), *svp,
         heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0), PV=pv_code,
+        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=CODE[qk], QK_QMAX=QMAX.get(qk, 1.0), PV=CODE[pv],
         PV_QMAX=QMAX.get(pv, 1.0), MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, UPCAST=INTERPRET, **_warps_and_stages(block, dim),
     )
     return kp, vp, k_scale, v_scale, v_shift
