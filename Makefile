@@ -14,7 +14,7 @@ endif
 STAMP := .paro-installed
 OUT := out
 
-.PHONY: install demo train-demo test clean
+.PHONY: install demo train-demo test lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ train-demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff's rules and format, configured in pyproject.toml (line length 120)
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(OUT) $(STAMP) .pytest_cache

@@ -14,11 +14,25 @@ The implementation is paro_cli.api, which the `paro` command runs on too.
 
 from paro_cli import __version__
 from paro_cli.api import apply, calibrate
-from paro_cli.plan_attention import AppliedPlan
 from paro_cli.calibration import CalibrationProgress
 from paro_cli.errors import BackendError, ModelError, ParoError, PlanError, RecipeError
 from paro_cli.plan import Plan, load_plan
+from paro_cli.plan_attention import AppliedPlan
 from paro_cli.recipe import Recipe, load_recipe
 
-__all__ = ["AppliedPlan", "BackendError", "CalibrationProgress", "ModelError", "ParoError", "Plan", "PlanError", "Recipe",
-           "RecipeError", "__version__", "apply", "calibrate", "load_plan", "load_recipe"]
+__all__ = [
+    "AppliedPlan",
+    "BackendError",
+    "CalibrationProgress",
+    "ModelError",
+    "ParoError",
+    "Plan",
+    "PlanError",
+    "Recipe",
+    "RecipeError",
+    "__version__",
+    "apply",
+    "calibrate",
+    "load_plan",
+    "load_recipe",
+]

@@ -19,29 +19,52 @@ from typing import Any
 
 import torch
 
-from .plan_attention import AppliedPlan
 from .calibration import CalibrationProgress
 from .calibration import calibrate as calibrate_loaded
 from .errors import ModelError, RecipeError
 from .models.loaded import LoadedModel
 from .models.loading import from_pipeline, from_transformer
 from .plan import Plan, load_plan
+from .plan_attention import AppliedPlan
 from .recipe import Recipe, load_recipe, recipe_as_dict, recipe_from_fields
 
 # Keyword arguments of `calibrate`, in diffusers' names, and the recipe fields they set.
 SETTINGS = {
-    "seeds": "calibration.seeds", "order_steps": "calibration.order_steps", "orders": "calibration.orders",
-    "num_frames": "geometry.frames", "height": "geometry.height", "width": "geometry.width",
-    "num_inference_steps": "sampling.steps", "guidance_scale": "sampling.guidance", "guidance_scale_2": "sampling.guidance_2",
-    "negative_prompt": "sampling.negative_prompt", "flow_shift": "sampling.flow_shift",
+    "seeds": "calibration.seeds",
+    "order_steps": "calibration.order_steps",
+    "orders": "calibration.orders",
+    "num_frames": "geometry.frames",
+    "height": "geometry.height",
+    "width": "geometry.width",
+    "num_inference_steps": "sampling.steps",
+    "guidance_scale": "sampling.guidance",
+    "guidance_scale_2": "sampling.guidance_2",
+    "negative_prompt": "sampling.negative_prompt",
+    "flow_shift": "sampling.flow_shift",
     "max_sequence_length": "sampling.max_sequence_length",
-    "density": "sparsity.density", "block_size": "sparsity.block_size", "slots": "sparsity.slots",
-    "dense_first_steps": "sparsity.dense_first_steps", "dense_layers": "sparsity.dense_layers",
-    "qk": "precision.qk", "pv": "precision.pv",
+    "density": "sparsity.density",
+    "block_size": "sparsity.block_size",
+    "slots": "sparsity.slots",
+    "dense_first_steps": "sparsity.dense_first_steps",
+    "dense_layers": "sparsity.dense_layers",
+    "qk": "precision.qk",
+    "pv": "precision.pv",
 }
 # Pipeline call arguments paro sets itself from the recipe (see runner.sample).
-RECIPE_CALL_ARGS = ("prompt", "num_inference_steps", "generator", "output_type", "callback_on_step_end", "height", "width",
-                    "num_frames", "guidance_scale", "guidance_scale_2", "negative_prompt", "max_sequence_length")
+RECIPE_CALL_ARGS = (
+    "prompt",
+    "num_inference_steps",
+    "generator",
+    "output_type",
+    "callback_on_step_end",
+    "height",
+    "width",
+    "num_frames",
+    "guidance_scale",
+    "guidance_scale_2",
+    "negative_prompt",
+    "max_sequence_length",
+)
 
 
 def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> LoadedModel:
@@ -62,14 +85,22 @@ def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> Load
             raise ModelError("pipeline_kwargs are for pipelines; this is a bare transformer", "drop pipeline_kwargs")
         clash = sorted(set(pipeline_kwargs) & set(RECIPE_CALL_ARGS))
         if clash:
-            raise RecipeError(f"pipeline_kwargs sets {clash[0]!r}, which calibrate sets itself", "pass it as calibrate's own argument")
+            raise RecipeError(
+                f"pipeline_kwargs sets {clash[0]!r}, which calibrate sets itself", "pass it as calibrate's own argument"
+            )
         loaded.call_kwargs = {**loaded.call_kwargs, **pipeline_kwargs}
     return loaded
 
 
-def calibrate(model: Any, prompts: Sequence[str] | None = None, *, recipe: Recipe | str | None = None,
-              pipeline_kwargs: dict[str, Any] | None = None, progress: CalibrationProgress | None = None,
-              **settings: Any) -> Plan:
+def calibrate(
+    model: Any,
+    prompts: Sequence[str] | None = None,
+    *,
+    recipe: Recipe | str | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    progress: CalibrationProgress | None = None,
+    **settings: Any,
+) -> Plan:
     """Profile `model` on `prompts` and return its plan: a token order per attention head and
     block-sparse masks at the target density, for one geometry.
 
@@ -82,21 +113,30 @@ def calibrate(model: Any, prompts: Sequence[str] | None = None, *, recipe: Recip
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        raise TypeError(f"calibrate() got an unexpected keyword argument {unknown[0]!r} (settings: {', '.join(SETTINGS)})")
+        raise TypeError(
+            f"calibrate() got an unexpected keyword argument {unknown[0]!r} (settings: {', '.join(SETTINGS)})"
+        )
     loaded = as_loaded(model, pipeline_kwargs)
     if recipe is None:
         missing = [name for name in ("height", "width") if settings.get(name) is None]
         if missing:
-            raise RecipeError(f"calibrate needs {' and '.join(missing)}: a plan serves one geometry", "pass the sizes of the runs it is for")
+            raise RecipeError(
+                f"calibrate needs {' and '.join(missing)}: a plan serves one geometry",
+                "pass the sizes of the runs it is for",
+            )
         if settings.get("num_frames") is None:
             if loaded.family != "flux":
-                raise RecipeError("calibrate needs num_frames for a video model: a plan serves one geometry", "pass num_frames")
+                raise RecipeError(
+                    "calibrate needs num_frames for a video model: a plan serves one geometry", "pass num_frames"
+                )
             settings["num_frames"] = 1  # an image
     if prompts is not None:
         if isinstance(prompts, str):
             prompts = [prompts]
         settings["prompts"] = list(prompts)
-    base = (recipe_as_dict(recipe) if isinstance(recipe, Recipe) else recipe_as_dict(load_recipe(recipe)) if recipe else {})
+    base = (
+        recipe_as_dict(recipe) if isinstance(recipe, Recipe) else recipe_as_dict(load_recipe(recipe)) if recipe else {}
+    )
     source = recipe.source if isinstance(recipe, Recipe) else str(recipe or "calibrate()")
     fields = {**SETTINGS, "prompts": "calibration.prompts"}
     seeds = settings.get("seeds")
@@ -106,8 +146,15 @@ def calibrate(model: Any, prompts: Sequence[str] | None = None, *, recipe: Recip
     return calibrate_loaded(loaded, run, progress)
 
 
-def apply(model: Any, plan: Plan | str | Path, *, backend: str = "auto", qk: str | None = None, pv: str | None = None,
-          grid: tuple[int, int, int] | None = None) -> AppliedPlan:
+def apply(
+    model: Any,
+    plan: Plan | str | Path,
+    *,
+    backend: str = "auto",
+    qk: str | None = None,
+    pv: str | None = None,
+    grid: tuple[int, int, int] | None = None,
+) -> AppliedPlan:
     """Run `model`'s self-attention through `plan` until the returned handle's `remove()` or the
     end of a `with` block, which restore the model exactly.
 
@@ -119,4 +166,3 @@ def apply(model: Any, plan: Plan | str | Path, *, backend: str = "auto", qk: str
     """
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     return AppliedPlan(as_loaded(model), plan, backend, qk, pv, grid)
-

@@ -22,13 +22,16 @@ from .errors import BackendError
 def _torch_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
     """The reference itself, computed in float32 (float64 inputs stay float64)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return paro_attention_reference(q, k, v, perm=perm, kept=kept, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute)
+    return paro_attention_reference(
+        q, k, v, perm=perm, kept=kept, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute
+    )
 
 
 def _triton_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
     """The Triton kernel through its custom op (one opaque node under torch.compile)."""
-    return torch.ops.paro.attention(q, k, v, perm, kv_index, kv_count, block, layout.text_len, layout.text_first,
-                                    qk, pv, q.shape[-1] ** -0.5)
+    return torch.ops.paro.attention(
+        q, k, v, perm, kv_index, kv_count, block, layout.text_len, layout.text_first, qk, pv, q.shape[-1] ** -0.5
+    )
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,19 @@ class AttentionBackend:
         if device.type not in self.devices:
             raise BackendError(f"backend {self.name!r} does not run on {device.type}", "use backend: auto or torch")
         if self.dtypes is not None and dtype not in self.dtypes:
-            raise BackendError(f"backend {self.name!r} needs a bf16/fp16 model, this one runs in {dtype}", "set sampling.dtype: bfloat16")
+            raise BackendError(
+                f"backend {self.name!r} needs a bf16/fp16 model, this one runs in {dtype}",
+                "set sampling.dtype: bfloat16",
+            )
         if self.block_sizes is not None and block not in self.block_sizes:
-            raise BackendError(f"backend {self.name!r} does not support block size {block}", "recalibrate with block_size " + "/".join(map(str, self.block_sizes)))
+            raise BackendError(
+                f"backend {self.name!r} does not support block size {block}",
+                "recalibrate with block_size " + "/".join(map(str, self.block_sizes)),
+            )
         if qk not in self.qk_formats or pv not in self.pv_formats:
-            raise BackendError(f"backend {self.name!r} has no QK {qk} / PV {pv} mode", "choose another precision or backend")
+            raise BackendError(
+                f"backend {self.name!r} has no QK {qk} / PV {pv} mode", "choose another precision or backend"
+            )
         if self.head_dims is not None and head_dim not in self.head_dims:
             raise BackendError(f"backend {self.name!r} does not support head dim {head_dim}", "use backend: torch")
 
@@ -86,7 +97,9 @@ BACKENDS = {
 }
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str) -> AttentionBackend:
+def select_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, block: int, qk: str, pv: str
+) -> AttentionBackend:
     """Resolve "auto" (Triton where it can serve the run, else torch) and check the backend."""
     if requested == "auto":
         try:
@@ -95,7 +108,9 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
         except BackendError:
             requested = "torch"
     if requested not in BACKENDS:
-        raise BackendError(f"backend {requested!r} is not available in paro {__version__}", "available: " + ", ".join(BACKENDS))
+        raise BackendError(
+            f"backend {requested!r} is not available in paro {__version__}", "available: " + ", ".join(BACKENDS)
+        )
     backend = BACKENDS[requested]
     backend.check(device, dtype, head_dim, block, qk, pv)
     if backend.name == "triton":

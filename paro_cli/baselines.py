@@ -28,8 +28,11 @@ def local_window_plan(plan: Plan) -> Plan:
         shape = (plan.num_slots, comp.num_layers, comp.num_heads)
         density = torch.full(shape, mask.float().mean().item())
         components[name] = dataclasses.replace(
-            comp, orders=[[arrival] * comp.num_heads for _ in range(comp.num_layers)],
-            packed_masks=pack_bits(mask.expand(*shape, *mask.shape)).contiguous(), achieved_density=density,
-            target_density=torch.full(shape, plan.density), slots_run=None,  # the window in every slot, for each expert
+            comp,
+            orders=[[arrival] * comp.num_heads for _ in range(comp.num_layers)],
+            packed_masks=pack_bits(mask.expand(*shape, *mask.shape)).contiguous(),
+            achieved_density=density,
+            target_density=torch.full(shape, plan.density),
+            slots_run=None,  # the window in every slot, for each expert
         )
     return dataclasses.replace(plan, components=components, extra={**plan.extra, "baseline": "static local window"})

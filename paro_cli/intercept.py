@@ -52,8 +52,9 @@ class AttentionHandler(Protocol):
         """Called before each transformer forward with its token grid, where its text tokens sit
         in self-attention and its normalised timestep."""
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
-                  layout: SequenceLayout) -> torch.Tensor:
+    def attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn, layout: SequenceLayout
+    ) -> torch.Tensor:
         """Self-attention of `layer` on (B, S, H, D) tensors laid out as `layout` (the forward's, or
         a batch element's text without its padding); `dense()` runs the stock call."""
 
@@ -111,18 +112,23 @@ class AttentionInterceptor:
         self.fuse_norm_rope = fuse_norm_rope
         self.state = _State()
 
-    def __enter__(self) -> "AttentionInterceptor":
+    def __enter__(self) -> AttentionInterceptor:
         module, name = self.adapter.call_site
         self.route = (id(module), name)
         active = _ROUTES.setdefault(self.route, [])
         if any(i.transformer is self.transformer for i in active):
-            raise PlanError("paro is already applied to this transformer (a plan or a calibration)", "remove() the applied plan first")
+            raise PlanError(
+                "paro is already applied to this transformer (a plan or a calibration)",
+                "remove() the applied plan first",
+            )
         self.stock = dict(self.transformer.attn_processors)
         processors = dict(self.stock)
         fused = self.fuse_norm_rope and self.adapter.norm_rope_processor
         for i, key in enumerate(self.adapter.attention_layers(self.transformer)):
             stock = self.stock[key]
-            processor = fused(stock) if fused and type(stock).__name__ == fused.replaces else stock  # never over a custom one
+            processor = (
+                fused(stock) if fused and type(stock).__name__ == fused.replaces else stock
+            )  # never over a custom one
             processors[key] = _marker_class(type(processor))(processor, i, self.state)
         self.transformer.set_attn_processor(processors)
         if active:  # another transformer of the family (Wan 2.2's second) holds the call site
@@ -151,7 +157,9 @@ class AttentionInterceptor:
         _RUNNING[self.route] = self
         self.layout = self.adapter.sequence_layout(args, kwargs)
         self.text_lengths = self.adapter.valid_text_lengths(args, kwargs)
-        self.handler.on_forward(self.adapter.token_grid(module, args, kwargs), self.layout, self.adapter.normalised_timestep(args, kwargs))
+        self.handler.on_forward(
+            self.adapter.token_grid(module, args, kwargs), self.layout, self.adapter.normalised_timestep(args, kwargs)
+        )
 
     def _take_layer(self, query, key, attn_mask) -> int | None:
         """The marked layer if this is its self-attention call (each marked invocation makes one).
@@ -185,7 +193,9 @@ class AttentionInterceptor:
         config, local = kwargs["parallel_config"], {**kwargs, "parallel_config": None}
         if self.layout.text_len:
             degree = config.context_parallel_config.ulysses_degree
-            order, inverse = gathered_order(self.layout.text_len, query.shape[1] * degree, degree, self.layout.text_first, query.device)
+            order, inverse = gathered_order(
+                self.layout.text_len, query.shape[1] * degree, degree, self.layout.text_first, query.device
+            )
         else:  # visual tokens alone: the gathered sequence is already in order
             order = inverse = None
 
@@ -195,8 +205,20 @@ class AttentionInterceptor:
             out = self.handler.attention(layer, q, k, v, lambda: self.original(q, k, v, *args, **local), self.layout)
             return out if inverse is None else out[:, inverse]
 
-        return _templated_context_parallel_attention(query, key, value, None, 0.0, False, kwargs.get("scale"), False, False,
-                                                     forward_op=heads_over_sequence, backward_op=None, _parallel_config=config)
+        return _templated_context_parallel_attention(
+            query,
+            key,
+            value,
+            None,
+            0.0,
+            False,
+            kwargs.get("scale"),
+            False,
+            False,
+            forward_op=heads_over_sequence,
+            backward_op=None,
+            _parallel_config=config,
+        )
 
     def _unpadded(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
         """A call whose text (after the video) is padded, per batch element: the video and its
@@ -208,7 +230,13 @@ class AttentionInterceptor:
             real = slice(0, n + length)
             q, k, v = (x[b : b + 1, real] for x in (query, key, value))
             out[b : b + 1, real] = self.handler.attention(
-                layer, q, k, v, lambda q=q, k=k, v=v: self.original(q, k, v, *args, **kwargs), SequenceLayout(length, text_first=False))
+                layer,
+                q,
+                k,
+                v,
+                lambda q=q, k=k, v=v: self.original(q, k, v, *args, **kwargs),
+                SequenceLayout(length, text_first=False),
+            )
             if length < text:
                 out[b : b + 1, n + length :] = self.original(query[b : b + 1, n + length :], k, v, *args, **kwargs)
         return out

@@ -42,7 +42,9 @@ def local_window_mask(grid: tuple[int, int, int], block: int, density: float) ->
     token coordinates) are nearest to its own, plus the blocks every mask keeps."""
     n = grid[0] * grid[1] * grid[2]
     nb = num_blocks(n, block)
-    coords = torch.stack(torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij"), -1).reshape(n, 3)
+    coords = torch.stack(
+        torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij"), -1
+    ).reshape(n, 3)
     pad = nb * block - n
     weights = torch.nn.functional.pad(torch.ones(n, dtype=torch.float64), (0, pad)).view(nb, block, 1)
     padded = torch.nn.functional.pad(coords, (0, 0, 0, pad)).view(nb, block, 3)

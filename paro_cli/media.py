@@ -20,7 +20,9 @@ def check_video_path(path: str | Path) -> Path:
     """Fail before any work if the output cannot be written."""
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ParoError(f"cannot write {path.name}: unknown extension {path.suffix or '(none)'}", "use " + ", ".join(VIDEO_SUFFIXES))
+        raise ParoError(
+            f"cannot write {path.name}: unknown extension {path.suffix or '(none)'}", "use " + ", ".join(VIDEO_SUFFIXES)
+        )
     return check_output_file(path)
 
 

@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-
 PIPED_WIDTH = 120
 
 
@@ -46,12 +45,16 @@ class Output:
             sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @contextlib.contextmanager
-    def progress(self) -> Iterator["StepProgress"]:
+    def progress(self) -> Iterator[StepProgress]:
         """Progress bars on stderr (none with --json). The display starts with the first task,
         so checks that fail before any work print nothing but their error."""
         bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.errors, disable=self.as_json or self.silent,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.errors,
+            disable=self.as_json or self.silent,
         )
         steps = StepProgress(bar)
         try:

@@ -43,7 +43,9 @@ def check_gpus(gpus: int) -> None:
         raise ParoError(f"--gpus {gpus} is not a number of GPUs", "pass --gpus 1 or more")
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > found:
-        raise BackendError(f"--gpus {gpus} needs {gpus} CUDA GPUs, this machine has {found}", f"pass --gpus {found or 1} or fewer")
+        raise BackendError(
+            f"--gpus {gpus} needs {gpus} CUDA GPUs, this machine has {found}", f"pass --gpus {found or 1} or fewer"
+        )
 
 
 def run(gpus: int, job: Callable[..., None], *args: Any) -> None:
@@ -70,8 +72,13 @@ def launch(processes: int, job: Callable[..., None], *args: Any, device_type: st
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        mp.start_processes(_worker, args=(processes, port, device_type, errors, job, args), nprocs=processes, join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(processes, port, device_type, errors, job, args),
+            nprocs=processes,
+            join=True,
+            start_method="spawn",
+        )
     except ProcessException as exc:
         if not errors.empty():
             raise errors.get() from None
@@ -86,9 +93,13 @@ def _worker(rank: int, processes: int, port: int, device_type: str, errors, job,
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     # Collectives may wait long: rank 0 times a model alone while the others wait (bench e2e).
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=processes,
-                            device_id=torch.device("cuda", rank) if device_type == "cuda" else None,
-                            timeout=datetime.timedelta(hours=2))
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        rank=rank,
+        world_size=processes,
+        device_id=torch.device("cuda", rank) if device_type == "cuda" else None,
+        timeout=datetime.timedelta(hours=2),
+    )
     try:
         job(*args)
         dist.barrier()  # no rank ends (and has the launcher stop the rest) while rank 0 still writes
@@ -103,20 +114,26 @@ def check_ulysses(loaded, degree: int, grid: tuple[int, int, int], text_tokens: 
     """Refuse, before any work, a model or geometry that Ulysses degree `degree` cannot split."""
     for name, transformer in loaded.components.items():
         if getattr(transformer, "_cp_plan", None) is None:
-            raise ModelError(f"diffusers has no context-parallel plan for {type(transformer).__name__} ({loaded.family})",
-                             "run this family on one GPU (--gpus 1)")
+            raise ModelError(
+                f"diffusers has no context-parallel plan for {type(transformer).__name__} ({loaded.family})",
+                "run this family on one GPU (--gpus 1)",
+            )
         heads = loaded.adapter.num_heads(transformer)
         if heads % degree:
-            raise ModelError(f"{name} has {heads} attention heads, which {degree} GPUs cannot share evenly",
-                             f"use a number of GPUs that divides {heads}")
+            raise ModelError(
+                f"{name} has {heads} attention heads, which {degree} GPUs cannot share evenly",
+                f"use a number of GPUs that divides {heads}",
+            )
     _check_tokens(degree, grid, text_tokens)
 
 
 def _check_tokens(degree: int, grid: tuple[int, int, int], text_tokens: int) -> None:
     for what, count in (("video/image tokens", grid[0] * grid[1] * grid[2]), ("text tokens", text_tokens)):
         if count % degree:
-            raise ModelError(f"{count} {what} cannot be split evenly over {degree} GPUs",
-                             "change the geometry, the text length or the number of GPUs")
+            raise ModelError(
+                f"{count} {what} cannot be split evenly over {degree} GPUs",
+                "change the geometry, the text length or the number of GPUs",
+            )
 
 
 def enable_ulysses(loaded, grid: tuple[int, int, int]) -> None:
@@ -132,7 +149,9 @@ def enable_ulysses(loaded, grid: tuple[int, int, int]) -> None:
     _give_diffusers_warning_once()
     for transformer in loaded.components.values():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-        transformer.register_forward_pre_hook(functools.partial(_check_forward, loaded.adapter, degree), with_kwargs=True)
+        transformer.register_forward_pre_hook(
+            functools.partial(_check_forward, loaded.adapter, degree), with_kwargs=True
+        )
 
 
 def _check_forward(adapter, degree: int, module, args, kwargs) -> None:
@@ -158,9 +177,11 @@ def _ulysses(transformer: torch.nn.Module) -> tuple[int, int, Any] | None:
     config = getattr(transformer, "_parallel_config", None)
     cp = config.context_parallel_config if config is not None else None
     if cp is not None and cp.ring_degree > 1:
-        raise ModelError(f"{type(transformer).__name__} runs ring attention (ring_degree {cp.ring_degree}), which splits each "
-                         "head's sequence over GPUs: paro's per-head orders and block masks span all of it",
-                         "use Ulysses context parallelism: paro ... --gpus N")
+        raise ModelError(
+            f"{type(transformer).__name__} runs ring attention (ring_degree {cp.ring_degree}), which splits each "
+            "head's sequence over GPUs: paro's per-head orders and block masks span all of it",
+            "use Ulysses context parallelism: paro ... --gpus N",
+        )
     if cp is None or cp.ulysses_degree == 1:
         return None
     mesh = cp._ulysses_mesh
@@ -191,7 +212,9 @@ def gather_heads(transformer: torch.nn.Module, local: torch.Tensor, dim: int) ->
 
 
 @functools.lru_cache(maxsize=8)
-def gathered_order(text_len: int, seq_len: int, degree: int, text_first: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_order(
+    text_len: int, seq_len: int, degree: int, text_first: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, inverse) of a joint text+visual sequence as the Ulysses all-to-all gathers it.
 
     diffusers shards text and visual tokens separately (Flux), so rank r's shard is its text
@@ -201,5 +224,7 @@ def gathered_order(text_len: int, seq_len: int, degree: int, text_first: bool, d
     text, visual = text_len // degree, (seq_len - text_len) // degree
     first, second = (text, visual) if text_first else (visual, text)  # each shard's two parts, in layout order
     shard = torch.arange(degree)[:, None] * (text + visual)
-    order = torch.cat([(shard + torch.arange(first)).flatten(), (shard + first + torch.arange(second)).flatten()]).to(device)
+    order = torch.cat([(shard + torch.arange(first)).flatten(), (shard + first + torch.arange(second)).flatten()]).to(
+        device
+    )
     return order, torch.argsort(order)

@@ -93,15 +93,23 @@ class ComponentPlan:
         return len(self.orders[0]) if self.orders else 0
 
     @classmethod
-    def from_masks(cls, config_fingerprint: str, orders: list[list[str]], masks: torch.Tensor, density: float,
-                   candidates: int) -> ComponentPlan:
+    def from_masks(
+        cls, config_fingerprint: str, orders: list[list[str]], masks: torch.Tensor, density: float, candidates: int
+    ) -> ComponentPlan:
         """A component from bool masks (slots, layers, heads, nb, nb) at target `density`, with no
         calibration scores (recall 1, incoherence 0 for each of the grid's `candidates` orders)."""
         achieved = masks.float().mean(dim=(-1, -2))
         layers, heads = achieved.shape[1:]
-        return cls(config_fingerprint=config_fingerprint, orders=orders, packed_masks=pack_bits(masks), num_blocks=masks.shape[-1],
-                   target_density=torch.full_like(achieved, density), achieved_density=achieved,
-                   recall=torch.ones(layers, heads, candidates), incoherence=torch.zeros(layers, heads, candidates))
+        return cls(
+            config_fingerprint=config_fingerprint,
+            orders=orders,
+            packed_masks=pack_bits(masks),
+            num_blocks=masks.shape[-1],
+            target_density=torch.full_like(achieved, density),
+            achieved_density=achieved,
+            recall=torch.ones(layers, heads, candidates),
+            incoherence=torch.zeros(layers, heads, candidates),
+        )
 
 
 @dataclass
@@ -143,8 +151,13 @@ class Plan:
         data["grid"] = list(self.grid)
         data["candidate_orders"] = candidate_orders(self.grid)
         data["components"] = {
-            name: {"config_fingerprint": c.config_fingerprint, "layers": c.num_layers, "heads": c.num_heads, "orders": c.orders,
-                   "slots_run": c.slots_run}
+            name: {
+                "config_fingerprint": c.config_fingerprint,
+                "layers": c.num_layers,
+                "heads": c.num_heads,
+                "orders": c.orders,
+                "slots_run": c.slots_run,
+            }
             for name, c in self.components.items()
         }
         return data
@@ -174,9 +187,16 @@ class Plan:
         rows = []
         for layer, orders in enumerate(comp.orders):
             d = comp.run_density[:, layer]
-            rows.append([layer, "dense" if layer in self.dense_layers else "sparse",
-                         " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
-                         f"{d.mean():.3f}", f"{d.min():.3f}", f"{d.max():.3f}"])
+            rows.append(
+                [
+                    layer,
+                    "dense" if layer in self.dense_layers else "sparse",
+                    " ".join(f"{o}x{n}" for o, n in Counter(orders).most_common()),
+                    f"{d.mean():.3f}",
+                    f"{d.min():.3f}",
+                    f"{d.max():.3f}",
+                ]
+            )
         return ["layer", "attention", "orders (heads)", "mean density", "min", "max"], rows
 
     def save(self, path: str | Path) -> None:
@@ -195,17 +215,25 @@ class Plan:
     def check_run(self, *, family: str, fingerprints: dict[str, str], grid: tuple[int, int, int] | None) -> None:
         """Refuse a plan made for another model or geometry (None: a grid not known yet)."""
         if family != self.family:
-            raise PlanError(f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model")
+            raise PlanError(
+                f"plan is for a {self.family} model, this run uses a {family} model", "calibrate a plan for this model"
+            )
         extra = [name for name in self.components if name not in fingerprints]
         if extra:
-            raise PlanError(f"plan has a component {extra[0]!r} this model lacks (it has {', '.join(fingerprints)})",
-                            "calibrate a plan for this model")
+            raise PlanError(
+                f"plan has a component {extra[0]!r} this model lacks (it has {', '.join(fingerprints)})",
+                "calibrate a plan for this model",
+            )
         for name, fp in fingerprints.items():
             if name not in self.components:
-                raise PlanError(f"plan has no component {name!r} (it has {', '.join(self.components)})", "calibrate a plan for this model")
+                raise PlanError(
+                    f"plan has no component {name!r} (it has {', '.join(self.components)})",
+                    "calibrate a plan for this model",
+                )
             if self.components[name].config_fingerprint != fp:
                 raise PlanError(
-                    f"plan was calibrated for another {name} config (fingerprint {self.components[name].config_fingerprint}, this model {fp})",
+                    f"plan was calibrated for another {name} config (fingerprint "
+                    f"{self.components[name].config_fingerprint}, this model {fp})",
                     "calibrate a plan for this model",
                 )
         if grid is not None:
@@ -228,11 +256,25 @@ class Plan:
             )
 
 
-def make_plan(*, model_id: str, family: str, grid: tuple[int, int, int], layout: SequenceLayout, block_size: int,
-              density: float, qk: str, pv: str, components: dict[str, ComponentPlan], slot_policy: str = "single",
-              slot_bounds: list[float] | None = None, calibration_timesteps: list[float] | None = None,
-              dense_above_t: float | None = None, dense_layers: list[int] | None = None, prompts: list[str] | None = None,
-              seeds: list[int] | None = None) -> Plan:
+def make_plan(
+    *,
+    model_id: str,
+    family: str,
+    grid: tuple[int, int, int],
+    layout: SequenceLayout,
+    block_size: int,
+    density: float,
+    qk: str,
+    pv: str,
+    components: dict[str, ComponentPlan],
+    slot_policy: str = "single",
+    slot_bounds: list[float] | None = None,
+    calibration_timesteps: list[float] | None = None,
+    dense_above_t: float | None = None,
+    dense_layers: list[int] | None = None,
+    prompts: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> Plan:
     """The one way plans are made (calibration, the benchmarks' synthetic plans, tests): the text
     fields from the run's sequence layout, and every component checked to fit the grid, block
     size and timestep slots, so a plan is whole before it is used or saved."""
@@ -240,14 +282,34 @@ def make_plan(*, model_id: str, family: str, grid: tuple[int, int, int], layout:
     nb = num_blocks(math.prod(grid), block_size)
     for name, comp in components.items():
         stored = len(comp.slots_run) if comp.slots_run is not None else len(slot_bounds) + 1
-        if comp.num_blocks != nb or comp.packed_masks.shape[0] != stored or comp.packed_masks.shape[-1] != math.ceil(nb * nb / 8):
-            raise ValueError(f"component {name} has masks {tuple(comp.packed_masks.shape)} of {comp.num_blocks} blocks, "
-                             f"the plan {stored} slots of {nb} blocks")
-    return Plan(model_id=model_id, family=family, grid=tuple(grid), text_tokens=layout.text_len, text_position=text_position(layout),
-                block_size=block_size, density=density, slot_policy=slot_policy, slot_bounds=slot_bounds,
-                calibration_timesteps=list(calibration_timesteps or []), dense_above_t=dense_above_t,
-                dense_layers=list(dense_layers or []), qk=qk, pv=pv, prompts=list(prompts or []), seeds=list(seeds or []),
-                components=components)
+        if (
+            comp.num_blocks != nb
+            or comp.packed_masks.shape[0] != stored
+            or comp.packed_masks.shape[-1] != math.ceil(nb * nb / 8)
+        ):
+            raise ValueError(
+                f"component {name} has masks {tuple(comp.packed_masks.shape)} of {comp.num_blocks} blocks, "
+                f"the plan {stored} slots of {nb} blocks"
+            )
+    return Plan(
+        model_id=model_id,
+        family=family,
+        grid=tuple(grid),
+        text_tokens=layout.text_len,
+        text_position=text_position(layout),
+        block_size=block_size,
+        density=density,
+        slot_policy=slot_policy,
+        slot_bounds=slot_bounds,
+        calibration_timesteps=list(calibration_timesteps or []),
+        dense_above_t=dense_above_t,
+        dense_layers=list(dense_layers or []),
+        qk=qk,
+        pv=pv,
+        prompts=list(prompts or []),
+        seeds=list(seeds or []),
+        components=components,
+    )
 
 
 def text_position(layout) -> str:
@@ -270,7 +332,9 @@ def load_plan(path: str | Path) -> Plan:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise PlanError(f"{path} is not a readable plan file ({type(exc).__name__})", "re-run `paro calibrate`") from None
+        raise PlanError(
+            f"{path} is not a readable plan file ({type(exc).__name__})", "re-run `paro calibrate`"
+        ) from None
     if "paro" not in meta:
         raise PlanError(f"{path} is a safetensors file but not a paro plan", "pass a file written by `paro calibrate`")
     try:
@@ -279,7 +343,9 @@ def load_plan(path: str | Path) -> Plan:
     except (json.JSONDecodeError, AttributeError):
         raise _damaged(path, "its header is not JSON") from None
     if version != FORMAT_VERSION:
-        raise PlanError(f"{path} has plan format {version}, this paro reads {FORMAT_VERSION}", "recalibrate with this version")
+        raise PlanError(
+            f"{path} has plan format {version}, this paro reads {FORMAT_VERSION}", "recalibrate with this version"
+        )
     try:
         grid = tuple(int(x) for x in header["grid"])
         nb = num_blocks(math.prod(grid), int(header["block_size"]))
@@ -290,7 +356,9 @@ def load_plan(path: str | Path) -> Plan:
             orders = info["orders"]
             layers, heads = len(orders), len(orders[0])
             slots_run = info.get("slots_run")
-            if slots_run is not None and (sorted(set(slots_run)) != slots_run or any(not 0 <= i < slots for i in slots_run)):
+            if slots_run is not None and (
+                sorted(set(slots_run)) != slots_run or any(not 0 <= i < slots for i in slots_run)
+            ):
                 raise _damaged(path, f"component {name} runs slots {slots_run}, the plan has {slots}")
             stored = slots if slots_run is None else len(slots_run)
             expected = {
@@ -304,7 +372,9 @@ def load_plan(path: str | Path) -> Plan:
                 if key not in tensors:
                     raise _damaged(path, f"tensor {key} is missing")
                 if tuple(tensors[key].shape) != shape:
-                    raise _damaged(path, f"tensor {key} has shape {tuple(tensors[key].shape)}, its header implies {shape}")
+                    raise _damaged(
+                        path, f"tensor {key} has shape {tuple(tensors[key].shape)}, its header implies {shape}"
+                    )
             components[name] = ComponentPlan(
                 config_fingerprint=info["config_fingerprint"],
                 orders=orders,

@@ -26,8 +26,16 @@ class PlanAttention:
     attention for dense layers and steps.
     """
 
-    def __init__(self, plan: Plan, component: str, backend: AttentionBackend, device: torch.device, qk: str, pv: str,
-                 heads: slice | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        component: str,
+        backend: AttentionBackend,
+        device: torch.device,
+        qk: str,
+        pv: str,
+        heads: slice | None = None,
+    ):
         self.component = component
         # The heads this rank's calls hold (parallel.local_heads): all of them on one GPU.
         self.heads = heads or slice(0, plan.components[component].num_heads)
@@ -79,13 +87,23 @@ class PlanAttention:
         self.dense_calls += dense
         self.paro_calls += self.comp.num_layers - dense
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn,
-                  layout: SequenceLayout) -> torch.Tensor:
+    def attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: DenseFn, layout: SequenceLayout
+    ) -> torch.Tensor:
         if self.dense_step or layer in self.dense_layers:
             return dense()
         return self.backend.fn(
-            q, k, v, perm=self.perms[layer], kept=self.kept[layer], kv_index=self.kv_index[layer],
-            kv_count=self.kv_count[layer], block=self.plan.block_size, layout=layout, qk=self.qk, pv=self.pv,
+            q,
+            k,
+            v,
+            perm=self.perms[layer],
+            kept=self.kept[layer],
+            kv_index=self.kv_index[layer],
+            kv_count=self.kv_count[layer],
+            block=self.plan.block_size,
+            layout=layout,
+            qk=self.qk,
+            pv=self.pv,
         )
 
 
@@ -106,16 +124,39 @@ class AppliedPlan:
     device first. qk / pv override the plan's precision.
     """
 
-    def __init__(self, loaded, plan: Plan, backend: str = "auto", qk: str | None = None, pv: str | None = None,
-                 grid: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        loaded,
+        plan: Plan,
+        backend: str = "auto",
+        qk: str | None = None,
+        pv: str | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ):
         check_plan(loaded, plan, grid)
         self.plan = plan
         self.qk, self.pv = qk or plan.qk, pv or plan.pv
-        self.backend = select_backend(backend, loaded.device, loaded.dtype, loaded.adapter.head_dim(loaded.transformer),
-                                      plan.block_size, self.qk, self.pv)
-        self.handlers = {name: PlanAttention(plan, name, self.backend, loaded.device, self.qk, self.pv,
-                                             local_heads(tr, plan.components[name].num_heads))
-                         for name, tr in loaded.components.items()}
+        self.backend = select_backend(
+            backend,
+            loaded.device,
+            loaded.dtype,
+            loaded.adapter.head_dim(loaded.transformer),
+            plan.block_size,
+            self.qk,
+            self.pv,
+        )
+        self.handlers = {
+            name: PlanAttention(
+                plan,
+                name,
+                self.backend,
+                loaded.device,
+                self.qk,
+                self.pv,
+                local_heads(tr, plan.components[name].num_heads),
+            )
+            for name, tr in loaded.components.items()
+        }
         self._installed = contextlib.ExitStack()
         self._installed.enter_context(routed(loaded.components, loaded.adapter, self.handlers, self.backend.fuses))
 
@@ -132,7 +173,7 @@ class AppliedPlan:
         """Restore the stock attention (a second call does nothing)."""
         self._installed.close()
 
-    def __enter__(self) -> "AppliedPlan":
+    def __enter__(self) -> AppliedPlan:
         return self
 
     def __exit__(self, *exc) -> None:

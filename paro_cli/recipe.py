@@ -109,13 +109,18 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "calibration.prompts": (lambda v: len(v) >= 1, "a non-empty list of strings"),
     "calibration.seeds": (lambda v: len(v) >= 1, "a non-empty list of integers"),
     "calibration.order_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    "calibration.orders": (lambda v: v is None or (len(v) >= 1 and all(sorted(o) in (sorted("FHW"), sorted("HW")) for o in v)),
-                           "null or a non-empty list of orders such as FHW or HWF (HW, WH for images)"),
+    "calibration.orders": (
+        lambda v: v is None or (len(v) >= 1 and all(sorted(o) in (sorted("FHW"), sorted("HW")) for o in v)),
+        "null or a non-empty list of orders such as FHW or HWF (HW, WH for images)",
+    ),
     "sparsity.density": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "sparsity.block_size": (lambda v: v in (16, 32, 64, 128), "one of 16, 32, 64, 128"),
     "sparsity.dense_first_steps": (lambda v: v >= 0, "an integer >= 0"),
     "sparsity.dense_layers": (lambda v: all(i >= 0 for i in v), "a list of layer indices >= 0"),
-    "precision.qk": (lambda v: v in QK_FORMATS, "one of " + ", ".join(QK_FORMATS) + " (int4 is simulated: no speed-up)"),
+    "precision.qk": (
+        lambda v: v in QK_FORMATS,
+        "one of " + ", ".join(QK_FORMATS) + " (int4 is simulated: no speed-up)",
+    ),
     "precision.pv": (lambda v: v in PV_FORMATS, "one of " + ", ".join(PV_FORMATS)),
 }
 
@@ -195,11 +200,15 @@ def load_recipe(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         first = str(exc).splitlines()[0]
         raise RecipeError(f"recipe {path} is not valid YAML: {first}", "fix the file's syntax") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of fields, got {type(raw).__name__}", "see `paro recipes tiny`")
+        raise RecipeError(
+            f"recipe {path} must be a mapping of fields, got {type(raw).__name__}", "see `paro recipes tiny`"
+        )
     return recipe_from_fields(raw, overrides, str(path))
 
 
-def recipe_from_fields(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "<defaults>") -> Recipe:
+def recipe_from_fields(
+    raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "<defaults>"
+) -> Recipe:
     """A recipe from raw fields (a YAML file's, or a Recipe's as `recipe_as_dict` gives them)
     with dotted-key overrides (None: keep the field), validated; `source` names it in errors."""
     raw = copy.deepcopy(raw)

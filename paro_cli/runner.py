@@ -25,11 +25,15 @@ def pixels_to_video(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None) -> torch.Tensor:
+def _builtin_sample(
+    loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None
+) -> torch.Tensor:
     tr, s, g, adapter = loaded.transformer, recipe.sampling, recipe.geometry, loaded.adapter
     grid = token_grid(loaded, recipe)
     shape = adapter.input_shape(tr, g.frames, g.height, g.width)
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]).to(loaded.device)
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]).to(
+        loaded.device
+    )
     cond = loaded.prompt_encoder(prompts)
     uncond = loaded.prompt_encoder([s.negative_prompt] * len(prompts))
     guided = adapter.classifier_free_guidance and s.guidance > 1.0
@@ -40,7 +44,9 @@ def _builtin_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], see
         x_in = torch.cat([x, x]) if guided else x
         tr = loaded.transformer_at(t)
         guidance = s.guidance if tr is loaded.transformer or s.guidance_2 is None else s.guidance_2
-        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context, grid, guidance), return_dict=False)[0].float()
+        v = tr(**adapter.forward_inputs(tr, x_in.to(loaded.dtype), t, context, grid, guidance), return_dict=False)[
+            0
+        ].float()
         if guided:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
@@ -56,7 +62,13 @@ def with_flow_shift(scheduler, shift: float):
     where it has none (CogVideoX's DDIM) or shifts by resolution itself (FLUX.1-dev's dynamic
     shifting)."""
     config = scheduler.config
-    key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config and not config.get("use_dynamic_shifting") else None
+    key = (
+        "flow_shift"
+        if "flow_shift" in config
+        else "shift"
+        if "shift" in config and not config.get("use_dynamic_shifting")
+        else None
+    )
     if key is None or config[key] == shift:
         return scheduler
     return type(scheduler).from_config(config, **{key: shift})
@@ -71,7 +83,14 @@ def pipeline_call_kwargs(loaded: LoadedModel, sampling, geometry) -> dict:
     return {**kwargs, **loaded.call_kwargs}
 
 
-def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], on_step: StepCallback | None, decode: bool):
+def _pipeline_sample(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    prompts: list[str],
+    seeds: list[int],
+    on_step: StepCallback | None,
+    decode: bool,
+):
     s, g = recipe.sampling, recipe.geometry
 
     def callback(pipe, i, t, kwargs):
@@ -96,7 +115,15 @@ def _pipeline_sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], se
     return out.frames if hasattr(out, "frames") else out.images[:, None]  # images: one frame
 
 
-def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[int], *, on_step: StepCallback | None = None, decode: bool = True):
+def sample(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    on_step: StepCallback | None = None,
+    decode: bool = True,
+):
     """Run the full schedule for each (prompt, seed) pair as one batch.
 
     Returns (B, F, H, W, 3) uint8 video when `decode`, else the final latents.
@@ -104,8 +131,10 @@ def sample(loaded: LoadedModel, recipe: Recipe, prompts: list[str], seeds: list[
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     if recipe.sampling.guidance_2 is not None and loaded.transformer_2 is None:
-        raise RecipeError(f"sampling.guidance_2 is for models with two experts (Wan 2.2 A14B), {loaded.model_id} has one transformer",
-                          "remove sampling.guidance_2")
+        raise RecipeError(
+            f"sampling.guidance_2 is for models with two experts (Wan 2.2 A14B), {loaded.model_id} has one transformer",
+            "remove sampling.guidance_2",
+        )
     if loaded.pipeline is not None:
         check_call_arguments(loaded)
         frames = _pipeline_sample(loaded, recipe, prompts, seeds, on_step, decode)
@@ -121,9 +150,16 @@ def check_call_arguments(loaded: LoadedModel) -> None:
     recipe does not give (an image-to-video pipeline's `image`)."""
     given = {"prompt", *loaded.call_kwargs}
     for name, parameter in inspect.signature(type(loaded.pipeline).__call__).parameters.items():
-        required = parameter.default is parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        required = parameter.default is parameter.empty and parameter.kind not in (
+            parameter.VAR_POSITIONAL,
+            parameter.VAR_KEYWORD,
+        )
         if required and name not in ("self", *given):
-            fix = "pass --image PATH (Python API: pipeline_kwargs={'image': ...})" if name == "image" else f"pass pipeline_kwargs={{{name!r}: ...}}"
+            fix = (
+                "pass --image PATH (Python API: pipeline_kwargs={'image': ...})"
+                if name == "image"
+                else f"pass pipeline_kwargs={{{name!r}: ...}}"
+            )
             raise ModelError(f"{type(loaded.pipeline).__name__} needs {name!r} in every call", fix)
 
 
@@ -135,6 +171,7 @@ def decodable(loaded: LoadedModel) -> bool:
 def check_decodable(loaded: LoadedModel) -> None:
     if not decodable(loaded):
         raise ModelError(
-            f"{loaded.model_id} is a bare transformer with {loaded.transformer.config.in_channels} latent channels and no VAE",
+            f"{loaded.model_id} is a bare transformer with {loaded.transformer.config.in_channels} latent channels "
+            "and no VAE",
             "generate with a full diffusers pipeline folder or hub id",
         )

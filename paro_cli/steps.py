@@ -11,10 +11,16 @@ from .plan import text_position
 
 def _same_input(expected_grid, expected_layout: SequenceLayout, grid, layout: SequenceLayout) -> None:
     if tuple(grid) != tuple(expected_grid):
-        raise ParoError(f"token grid changed during calibration ({expected_grid} -> {tuple(grid)})", "calibrate one geometry at a time")
+        raise ParoError(
+            f"token grid changed during calibration ({expected_grid} -> {tuple(grid)})",
+            "calibrate one geometry at a time",
+        )
     if (layout.text_len, text_position(layout)) != (expected_layout.text_len, text_position(expected_layout)):
-        raise ParoError(f"text tokens in self-attention changed during calibration ({expected_layout.text_len} -> {layout.text_len})",
-                        "calibrate with one text length (the pipeline's max_sequence_length)")
+        raise ParoError(
+            f"text tokens in self-attention changed during calibration ({expected_layout.text_len} -> "
+            f"{layout.text_len})",
+            "calibrate with one text length (the pipeline's max_sequence_length)",
+        )
 
 
 class StepTracker:

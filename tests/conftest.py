@@ -59,6 +59,31 @@ def structured_qkv(b, s, h, d, seed=0, dtype=torch.float32, logit_std=2.5):
     return [x.to(dtype) for x in (q * c, k * c, v)]
 
 
+def attention_case(
+    grid, text_len, text_first, heads, dim, block, batch=1, density=0.4, seed=0, device="cpu", dtype=torch.bfloat16
+):
+    """q, k, v (structured_qkv) with per-head orders and random kept blocks (diagonal kept): the
+    arguments of one paro attention call, as a dict."""
+    from paro_kernels.layout import SequenceLayout, num_blocks
+    from paro_kernels.orders import candidate_orders, head_permutations
+
+    n = grid[0] * grid[1] * grid[2]
+    nb = num_blocks(n, block)
+    g = torch.Generator().manual_seed(seed)
+    kept = (torch.rand(heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
+    orders = [candidate_orders(grid)[(seed + h) % 6] for h in range(heads)]
+    q, k, v = (x.to(device=device, dtype=dtype) for x in structured_qkv(batch, n + text_len, heads, dim, seed=seed))
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        perm=head_permutations(orders, grid).to(device),
+        kept=kept.to(device),
+        block=block,
+        layout=SequenceLayout(text_len, text_first),
+    )
+
+
 @pytest.fixture(scope="session")
 def planted_model():
     from paro_cli.models.loading import load_model
@@ -111,8 +136,18 @@ class Recorder:
         return dense()
 
 
-TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=32,
+)
 
 
 def tiny_wan(seed=0):
@@ -126,22 +161,36 @@ def run_tiny_wan(model, x):
     """One forward of a tiny_wan model on x (batch 2) at timestep 700, with fixed text."""
     with torch.no_grad():
         text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
-        return model(hidden_states=x, timestep=torch.tensor([700.0, 700.0]), encoder_hidden_states=text, return_dict=False)[0]
+        return model(
+            hidden_states=x, timestep=torch.tensor([700.0, 700.0]), encoder_hidden_states=text, return_dict=False
+        )[0]
 
 
 def full_plan(model, grid, orders, qk="fp32", pv="fp32", block=16):
     """A plan that keeps every block (two timestep slots) with the given orders [layer][head]."""
-    from paro_kernels.layout import SequenceLayout, num_blocks
-
     from paro_cli.models import config_fingerprint
     from paro_cli.plan import ComponentPlan, make_plan
+    from paro_kernels.layout import SequenceLayout, num_blocks
 
     nb = num_blocks(grid[0] * grid[1] * grid[2], block)
     masks = torch.ones(2, len(orders), len(orders[0]), nb, nb, dtype=torch.bool)
     component = ComponentPlan.from_masks(config_fingerprint(model), orders, masks, 1.0, 6)
-    return make_plan(model_id="tiny", family="wan", grid=grid, layout=SequenceLayout(0), block_size=block, density=1.0, qk=qk, pv=pv,
-                     components={"transformer": component}, slot_policy="half", slot_bounds=[0.5],
-                     calibration_timesteps=[1.0, 0.0], prompts=["x"], seeds=[0])
+    return make_plan(
+        model_id="tiny",
+        family="wan",
+        grid=grid,
+        layout=SequenceLayout(0),
+        block_size=block,
+        density=1.0,
+        qk=qk,
+        pv=pv,
+        components={"transformer": component},
+        slot_policy="half",
+        slot_bounds=[0.5],
+        calibration_timesteps=[1.0, 0.0],
+        prompts=["x"],
+        seeds=[0],
+    )
 
 
 def paro(capsys, *args):

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the pipelines extra")
 import paro  # noqa: E402
+
 from tiny_pipelines import CALL_ARGS, example_image  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -27,8 +28,13 @@ def load(folder: Path):
 
 def run(pipe, kind="wan", **extra):
     """One seeded call at the tiny geometry; the output as float64 numpy."""
-    out = pipe(prompt="a dog running", generator=torch.Generator().manual_seed(1), output_type="np", num_inference_steps=2,
-               **{**CALL_ARGS[kind], **extra})
+    out = pipe(
+        prompt="a dog running",
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+        num_inference_steps=2,
+        **{**CALL_ARGS[kind], **extra},
+    )
     return np.asarray(out.frames, dtype=np.float64)
 
 
@@ -43,9 +49,14 @@ def test_readme_example_runs(tiny_pipeline, tmp_path, monkeypatch):
     """The README's Python API example, on the tiny Wan 2.1 pipeline: the hub id, device, sizes
     and step counts swapped for the tiny ones, every call as written."""
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
-    for real, tiny in [('"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"', repr(str(tiny_pipeline("wan")))), ('.to("cuda")', ""),
-                       ("dtype=torch.bfloat16", "dtype=torch.float32"), ("num_frames=81, height=480, width=832", "num_frames=9, height=64, width=96"),
-                       ("num_inference_steps=50", "num_inference_steps=2"), ("block_size=128", "block_size=16")]:
+    for real, tiny in [
+        ('"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"', repr(str(tiny_pipeline("wan")))),
+        ('.to("cuda")', ""),
+        ("dtype=torch.bfloat16", "dtype=torch.float32"),
+        ("num_frames=81, height=480, width=832", "num_frames=9, height=64, width=96"),
+        ("num_inference_steps=50", "num_inference_steps=2"),
+        ("block_size=128", "block_size=16"),
+    ]:
         assert real in code
         code = code.replace(real, tiny)
     monkeypatch.chdir(tmp_path)
@@ -169,7 +180,9 @@ def test_cuda_pipeline_through_the_kernels_offloaded_and_compiled(tiny_pipeline)
         return pipe
 
     pipe = cuda_pipe(offload=False)
-    plan = paro.calibrate(pipe, ["a cat surfing"], **CALL_ARGS["wan"], **{**SETTINGS, "block_size": 32, "qk": "int8", "pv": "fp8"})
+    plan = paro.calibrate(
+        pipe, ["a cat surfing"], **CALL_ARGS["wan"], **{**SETTINGS, "block_size": 32, "qk": "int8", "pv": "fp8"}
+    )
     dense = run(pipe)
     with paro.apply(pipe, plan) as applied:
         fast = run(pipe)

@@ -1,5 +1,5 @@
-"""The backend table (paro_cli/backends.py): auto picks what can serve the run, an asked-for backend never falls back."""
-
+"""The backend table (paro_cli/backends.py): auto picks what can serve the run, an asked-for
+backend never falls back."""
 
 import pytest
 import torch

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from paro_kernels.orders import candidate_orders
 from paro_cli.calibration.rules import choose_orders, dense_above, profiled_steps, slot_bounds, slot_of_steps
 from paro_cli.models.planted import PLANTED_ORDERS
+from paro_kernels.orders import candidate_orders
 
 
 def test_planted_orders_are_found(planted_calibration):
@@ -41,7 +41,9 @@ def test_masks_hit_target_density_and_keep_forced_blocks(planted_calibration):
             assert int(kept.sum()) == round(recipe.sparsity.density * kept.numel())
             assert kept[:, torch.arange(nb), torch.arange(nb)].all()
     assert n % plan.block_size == 0  # the demo grid has no ragged tail; select_blocks tests cover it
-    torch.testing.assert_close(comp.achieved_density.mean(dim=2), torch.full((plan.num_slots, comp.num_layers), 0.3), atol=1 / nb**2, rtol=0)
+    torch.testing.assert_close(
+        comp.achieved_density.mean(dim=2), torch.full((plan.num_slots, comp.num_layers), 0.3), atol=1 / nb**2, rtol=0
+    )
 
 
 def test_choose_orders_rules():
@@ -87,14 +89,17 @@ def test_restricted_orders_are_obeyed_and_checked(planted_model):
     with pytest.raises(RecipeError, match="calibration.orders"):
         load_recipe("planted", {"calibration.orders": ["FHX"]})
     with pytest.raises(RecipeError, match="not an order of this grid"):
-        calibrate(planted_model, load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}))
+        calibrate(
+            planted_model,
+            load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}),
+        )
 
 
 def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
     """Two steps whose timesteps round to one bf16 value stay two steps; the forwards of one
     step (e.g. CFG passes) share it."""
-    from paro_kernels.layout import SequenceLayout
     from paro_cli.steps import StepTracker
+    from paro_kernels.layout import SequenceLayout
 
     tracker, layout = StepTracker(), SequenceLayout(0)
     seen = []

@@ -7,8 +7,9 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from conftest import paro
 from paro_cli.output import Output
+
+from conftest import paro
 
 FAST = ["--recipe", "planted", "--steps", "3"]  # the planted model: small, and its plans fit it
 
@@ -31,8 +32,7 @@ def test_calibrate_writes_a_plan_and_reports_json(capsys, tmp_path):
 
 
 def test_calibrate_table_names_every_column(capsys, tmp_path):
-    code, stdout, _ = paro(capsys, "calibrate", *FAST, "--density", "0.3",
-                           "--out", tmp_path / "p.safetensors")
+    code, stdout, _ = paro(capsys, "calibrate", *FAST, "--density", "0.3", "--out", tmp_path / "p.safetensors")
     header = next(line for line in stdout.splitlines() if "layer" in line and "orders" in line)
     cells = [c.strip() for c in header.strip("┃│ ").split("┃")]
     assert code == 0 and cells[:2] == ["layer", "attention"] and all(cells)
@@ -54,8 +54,20 @@ def test_plan_show(capsys, plan_file):
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_generate_writes_a_playable_video(capsys, tmp_path, plan_file, suffix):
     out = tmp_path / f"v{suffix}"
-    code, stdout, _ = paro(capsys, "generate", "--plan", plan_file, "--prompt", "a blue square moving up", "--seed", "3",
-                           *FAST, "--out", out, "--json")
+    code, stdout, _ = paro(
+        capsys,
+        "generate",
+        "--plan",
+        plan_file,
+        "--prompt",
+        "a blue square moving up",
+        "--seed",
+        "3",
+        *FAST,
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0
     frames = iio.imread(out)
     assert frames.shape == (8, 32, 32, 3)
@@ -70,16 +82,40 @@ def test_generate_compiled_equals_eager(capsys, tmp_path, plan_file, monkeypatch
     from torch._dynamo.utils import counters
 
     real_compile, compiles = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiles.append(kw) or real_compile(fn, backend="aot_eager", **kw))  # no C++ build on CPU
-    args = ["generate", "--plan", plan_file, "--qk", "int4", "--prompt", "a blue square moving up", "--seed", "3", *FAST, "--json"]
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: compiles.append(kw) or real_compile(fn, backend="aot_eager", **kw)
+    )  # no C++ build on CPU
+    args = [
+        "generate",
+        "--plan",
+        plan_file,
+        "--qk",
+        "int4",
+        "--prompt",
+        "a blue square moving up",
+        "--seed",
+        "3",
+        *FAST,
+        "--json",
+    ]
     code, stdout, _ = paro(capsys, *args, "--out", tmp_path / "e.png")
     assert code == 0 and not json.loads(stdout)["compiled"] and not compiles
     counters.clear()
     code, stdout, _ = paro(capsys, *args, "--compile", "--out", tmp_path / "c.png")
     data = json.loads(stdout)
-    assert code == 0 and data["compiled"] and compiles == [{"fullgraph": False}] and counters["stats"]["unique_graphs"] >= 1
+    assert (
+        code == 0
+        and data["compiled"]
+        and compiles == [{"fullgraph": False}]
+        and counters["stats"]["unique_graphs"] >= 1
+    )
     assert data["attention_calls"] == {"paro": 3 * 2}
-    assert paro(capsys, *[a for a in args if a not in (plan_file, "--plan", "--qk", "int4")], "--out", tmp_path / "d.png")[0] == 0
+    assert (
+        paro(capsys, *[a for a in args if a not in (plan_file, "--plan", "--qk", "int4")], "--out", tmp_path / "d.png")[
+            0
+        ]
+        == 0
+    )
     eager, compiled, dense = (iio.imread(tmp_path / name).astype(int) for name in ("e.png", "c.png", "d.png"))
     # int4 QK shows the plan in the pixels; compiled, it runs as in eager mode
     assert (eager != dense).mean() > 0.01 and (eager != compiled).mean() <= 0.1 * (eager != dense).mean()
@@ -123,26 +159,38 @@ def test_recipes(capsys):
     assert json.loads(stdout)["sparsity"]["density"] == 0.5
 
 
-@pytest.mark.parametrize("args,message", [
-    (["calibrate", "--density", "1.5"], "sparsity.density is 1.5"),
-    (["calibrate", "--qk", "int3"], "precision.qk is 'int3'"),
-    (["calibrate", "--recipe", "nope"], "no shipped recipe named 'nope'"),
-    (["calibrate", "--frames", "7", "--height", "33"], "geometry.height = 33 is not a multiple"),
-    (["calibrate", "--model", "/no/such/model"], "not found"),
-    (["calibrate", "--out", "OUT/plan.bin"], "must end in .safetensors"),
-    (["calibrate", "--out", "OUT/missing/plan.safetensors"], "does not exist"),
-    (["generate", "--plan", "OUT/none.safetensors", "--out", "OUT/v.mp4"], "plan file OUT/none.safetensors not found"),
-    (["generate", "--recipe", "planted", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"], "token grid of 8x16x16, this run has 4x16x16"),
-    (["generate", "--plan", "PLAN", "--out", "OUT/v.mp4"], "plan was calibrated for another transformer config"),
-    (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
-    (["generate", "--recipe", "planted", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"], "backend is 'gpu'"),
-    (["bench", "e2e"], "needs a plan"),
-    (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
-    (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
-    (["generate", "--gpus", "0", "--out", "OUT/v.mp4"], "--gpus 0 is not a number of GPUs"),
-    (["calibrate", "--model", "architecture:wan9", "--out", "OUT/p.safetensors"], "unknown architecture 'wan9'"),
-    (["generate", "--compile", "--gpus", "2", "--out", "OUT/v.mp4"], "--compile with --gpus is not supported yet"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["calibrate", "--density", "1.5"], "sparsity.density is 1.5"),
+        (["calibrate", "--qk", "int3"], "precision.qk is 'int3'"),
+        (["calibrate", "--recipe", "nope"], "no shipped recipe named 'nope'"),
+        (["calibrate", "--frames", "7", "--height", "33"], "geometry.height = 33 is not a multiple"),
+        (["calibrate", "--model", "/no/such/model"], "not found"),
+        (["calibrate", "--out", "OUT/plan.bin"], "must end in .safetensors"),
+        (["calibrate", "--out", "OUT/missing/plan.safetensors"], "does not exist"),
+        (
+            ["generate", "--plan", "OUT/none.safetensors", "--out", "OUT/v.mp4"],
+            "plan file OUT/none.safetensors not found",
+        ),
+        (
+            ["generate", "--recipe", "planted", "--plan", "PLAN", "--frames", "4", "--out", "OUT/v.mp4"],
+            "token grid of 8x16x16, this run has 4x16x16",
+        ),
+        (["generate", "--plan", "PLAN", "--out", "OUT/v.mp4"], "plan was calibrated for another transformer config"),
+        (["generate", "--out", "OUT/v.avi"], "unknown extension .avi"),
+        (
+            ["generate", "--recipe", "planted", "--plan", "PLAN", "--backend", "gpu", "--out", "OUT/v.mp4"],
+            "backend is 'gpu'",
+        ),
+        (["bench", "e2e"], "needs a plan"),
+        (["bench", "kernel", "--repeats", "0"], "--repeats 0 is not a count of timings"),
+        (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
+        (["generate", "--gpus", "0", "--out", "OUT/v.mp4"], "--gpus 0 is not a number of GPUs"),
+        (["calibrate", "--model", "architecture:wan9", "--out", "OUT/p.safetensors"], "unknown architecture 'wan9'"),
+        (["generate", "--compile", "--gpus", "2", "--out", "OUT/v.mp4"], "--compile with --gpus is not supported yet"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):
     args = [a.replace("OUT", str(tmp_path)).replace("PLAN", str(plan_file)) for a in args]
     code, stdout, err = paro(capsys, *args)
@@ -153,18 +201,38 @@ def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_fi
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs here")
 def test_triton_backend_refused_on_cpu(capsys, tmp_path, plan_file):
-    code, _, err = paro(capsys, "generate", "--recipe", "planted", "--plan", plan_file, "--backend", "triton", "--out", tmp_path / "v.mp4")
+    code, _, err = paro(
+        capsys,
+        "generate",
+        "--recipe",
+        "planted",
+        "--plan",
+        plan_file,
+        "--backend",
+        "triton",
+        "--out",
+        tmp_path / "v.mp4",
+    )
     assert code == 2 and err.startswith("error: backend 'triton' does not run on cpu")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs")
-@pytest.mark.parametrize("command", [["generate", "--out", "OUT/v.mp4"], ["calibrate", "--out", "OUT/p.safetensors"],
-                                     ["bench", "e2e", "--architecture", "wan2.1-t2v-1.3b"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--out", "OUT/v.mp4"],
+        ["calibrate", "--out", "OUT/p.safetensors"],
+        ["bench", "e2e", "--architecture", "wan2.1-t2v-1.3b"],
+    ],
+)
 def test_more_gpus_than_the_machine_has_is_refused(capsys, tmp_path, command):
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     code, _, err = paro(capsys, *[a.replace("OUT", str(tmp_path)) for a in command], "--gpus", "2")
-    assert code == 2 and err == f"error: --gpus 2 needs 2 CUDA GPUs, this machine has {found} (pass --gpus {found or 1} or fewer)\n"
+    assert (
+        code == 2
+        and err == f"error: --gpus 2 needs 2 CUDA GPUs, this machine has {found} (pass --gpus {found or 1} or fewer)\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,9 +243,13 @@ def test_two_gpus_calibrate_generate_and_bench(capfd, tmp_path):
     plan = tmp_path / "p.safetensors"
     code, stdout, _ = paro(capfd, "calibrate", *FAST, "--gpus", "2", "--out", plan, "--json")
     assert code == 0 and json.loads(stdout)["gpus"] == 2
-    orders = [[h["order"] for h in layer["heads"]] for layer in json.loads(stdout)["components"]["transformer"]["per_layer"]]
+    orders = [
+        [h["order"] for h in layer["heads"]] for layer in json.loads(stdout)["components"]["transformer"]["per_layer"]
+    ]
     assert orders == [["HWF", "WFH"], ["FWH", "WHF"]]
-    code, stdout, _ = paro(capfd, "generate", *FAST, "--plan", plan, "--gpus", "2", "--out", tmp_path / "v.png", "--json")
+    code, stdout, _ = paro(
+        capfd, "generate", *FAST, "--plan", plan, "--gpus", "2", "--out", tmp_path / "v.png", "--json"
+    )
     assert code == 0 and json.loads(stdout)["gpus"] == 2 and json.loads(stdout)["attention_calls"]["paro"] > 0
     assert iio.imread(tmp_path / "v.png").shape == (32, 8 * 32, 3)
     code, stdout, _ = paro(capfd, "bench", "e2e", *FAST, "--plan", plan, "--gpus", "2", "--json")
@@ -210,13 +282,44 @@ def test_bare_transformer_folder(capsys, tmp_path):
 
     tiny_wan().save_pretrained(tmp_path / "wan")
     out = tmp_path / "plan.safetensors"
-    code, stdout, err = paro(capsys, "calibrate", "--model", tmp_path / "wan", "--frames", "4", "--height", "16", "--width", "16",
-                             "--steps", "2", "--block-size", "16", "--out", out, "--json")
+    code, stdout, err = paro(
+        capsys,
+        "calibrate",
+        "--model",
+        tmp_path / "wan",
+        "--frames",
+        "4",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--steps",
+        "2",
+        "--block-size",
+        "16",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0, err
     data = json.loads(stdout)
     assert data["grid"] == [4, 8, 8] and data["components"]["transformer"]["layers"] == 2
-    code, _, err = paro(capsys, "generate", "--model", tmp_path / "wan", "--plan", out, "--frames", "4", "--height", "16",
-                        "--width", "16", "--out", tmp_path / "v.mp4")
+    code, _, err = paro(
+        capsys,
+        "generate",
+        "--model",
+        tmp_path / "wan",
+        "--plan",
+        out,
+        "--frames",
+        "4",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--out",
+        tmp_path / "v.mp4",
+    )
     assert code == 2 and "no VAE" in err and not (tmp_path / "v.mp4").exists()
     code, _, err = paro(capsys, "generate", "--plan", out, "--out", tmp_path / "v.mp4")
     assert code == 2 and "another transformer config" in err
@@ -231,23 +334,37 @@ def test_help_for_every_command(capsys):
         ("bench",): ["kernel", "e2e", "quality"],
         ("bench", "kernel"): ["--shape", "--density", "--precision", "--block-size", "--repeats", "--json"],
         ("bench", "e2e"): ["--plan", "--architecture", "--density", "--precision", "--compile", "--gpus", "--json"],
-        ("bench", "quality"): ["--density", "--precision", "--frames", "--height", "--width", "--image", "--heatmaps",
-                               "--min-psnr", "--max-drop", "--plan", "--json"],
+        ("bench", "quality"): [
+            "--density",
+            "--precision",
+            "--frames",
+            "--height",
+            "--width",
+            "--image",
+            "--heatmaps",
+            "--min-psnr",
+            "--max-drop",
+            "--plan",
+            "--json",
+        ],
         ("plan",): ["show"],
         ("plan", "show"): ["--json"],
         ("recipes",): ["[name]"],
     }
     for args, words in expected.items():
         code, stdout, _ = paro(capsys, *args, "--help")
-        usage = " ".join([*args, "[OPTIONS]", "COMMAND"] if args in ((), ("bench",), ("plan",)) else [*args, "[OPTIONS]"])
+        usage = " ".join(
+            [*args, "[OPTIONS]", "COMMAND"] if args in ((), ("bench",), ("plan",)) else [*args, "[OPTIONS]"]
+        )
         assert code == 0 and "Usage:" in stdout and usage in " ".join(stdout.split()), (args, stdout)
         missing = [w for w in words if w not in stdout]
         assert not missing, (args, missing)
 
 
 def test_heatmap_layer_out_of_range_is_refused_before_any_work(capsys, tmp_path):
-    code, stdout, err = paro(capsys, "bench", "quality", *FAST, "--prompts", "1", "--heatmaps", tmp_path / "maps",
-                             "--layer", "7", "--json")
+    code, stdout, err = paro(
+        capsys, "bench", "quality", *FAST, "--prompts", "1", "--heatmaps", tmp_path / "maps", "--layer", "7", "--json"
+    )
     assert code == 2 and stdout == "" and err.count("\n") == 1
     assert "--layer 7 / --head 0 is outside the model's 2 layers x 2 heads" in err and not (tmp_path / "maps").exists()
 
@@ -255,8 +372,10 @@ def test_heatmap_layer_out_of_range_is_refused_before_any_work(capsys, tmp_path)
 def test_dense_layers_dense_steps_single_slot(capsys, tmp_path):
     """Recipe options that route calls to stock attention reach the plan and the generation."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: planted\nsparsity: {density: 0.3, slots: single, dense_first_steps: 1, dense_layers: [1]}\n"
-                      "calibration: {order_steps: 2}\nsampling: {steps: 3}\n")
+    recipe.write_text(
+        "model: planted\nsparsity: {density: 0.3, slots: single, dense_first_steps: 1, dense_layers: [1]}\n"
+        "calibration: {order_steps: 2}\nsampling: {steps: 3}\n"
+    )
     plan = tmp_path / "p.safetensors"
     code, stdout, err = paro(capsys, "calibrate", "--recipe", recipe, "--out", plan, "--json")
     assert code == 0, err
@@ -265,7 +384,9 @@ def test_dense_layers_dense_steps_single_slot(capsys, tmp_path):
     layers = data["components"]["transformer"]["per_layer"]
     assert layers[1]["dense"] and all(d == 1.0 for h in layers[1]["heads"] for d in h["density"])
     assert all(abs(d - 0.3) < 0.05 for h in layers[0]["heads"] for d in h["density"])
-    code, stdout, err = paro(capsys, "generate", "--recipe", recipe, "--plan", plan, "--out", tmp_path / "v.gif", "--json")
+    code, stdout, err = paro(
+        capsys, "generate", "--recipe", recipe, "--plan", plan, "--out", tmp_path / "v.gif", "--json"
+    )
     assert code == 0, err
     # step 1: both layers dense; steps 2-3: layer 1 dense, layer 0 through the plan
     assert json.loads(stdout)["attention_calls"] == {"paro": 2, "dense": 4}

@@ -9,13 +9,14 @@ from conftest import rel_l2
 def tiny_wan_with_plan():
     """A tiny bf16 Wan transformer on the GPU, a plan with two timestep slots whose masks differ,
     and one denoising step as a function of the timestep."""
-    from conftest import TINY_WAN, full_plan
-    from paro_cli.models import adapter_for
+    from diffusers import WanTransformer3DModel
 
-    from paro_kernels.layout import num_blocks
+    from paro_cli.models import adapter_for
     from paro_cli.models.loaded import LoadedModel
     from paro_cli.plan import pack_bits
-    from diffusers import WanTransformer3DModel
+    from paro_kernels.layout import num_blocks
+
+    from conftest import TINY_WAN, full_plan
 
     torch.manual_seed(0)
     model = WanTransformer3DModel(**{**TINY_WAN, "attention_head_dim": 16}).cuda().to(torch.bfloat16).eval()
@@ -30,7 +31,12 @@ def tiny_wan_with_plan():
 
     def step(t):
         with torch.no_grad():
-            return model(hidden_states=x, timestep=torch.tensor([t, t], device="cuda"), encoder_hidden_states=context, return_dict=False)[0]
+            return model(
+                hidden_states=x,
+                timestep=torch.tensor([t, t], device="cuda"),
+                encoder_hidden_states=context,
+                return_dict=False,
+            )[0]
 
     return model, loaded, plan, grid, step
 
@@ -65,12 +71,14 @@ def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host(block,
     replayed after new inputs and a new mask are copied into the captured tensors, equals an
     eager call on them."""
     import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.attention)
-    from test_triton_kernels import case
-
     from paro_kernels.layout import kept_block_lists
 
-    first, second = (case((4, 8, 10), 13, True, heads=3, dim=dim, block=block, batch=2, density=d, seed=s, device="cuda")
-                     for d, s in ((0.3, 0), (0.6, 1)))
+    from conftest import attention_case
+
+    first, second = (
+        attention_case((4, 8, 10), 13, True, heads=3, dim=dim, block=block, batch=2, density=d, seed=s, device="cuda")
+        for d, s in ((0.3, 0), (0.6, 1))
+    )
     inputs = {name: first[name].clone() for name in ("q", "k", "v")}
     index, count = kept_block_lists(first["kept"])
 
@@ -97,7 +105,9 @@ def test_attention_op_is_captured_by_cuda_graphs_and_never_syncs_the_host(block,
     count.copy_(new_count)
     graph.replay()
     assert rel_l2(captured, call()) <= 1e-6
-    assert rel_l2(captured, attend(first["q"], first["k"], first["v"], *kept_block_lists(first["kept"]))) > 1e-2  # it did change
+    assert (
+        rel_l2(captured, attend(first["q"], first["k"], first["v"], *kept_block_lists(first["kept"]))) > 1e-2
+    )  # it did change
 
 
 @pytest.mark.gpu
@@ -113,16 +123,32 @@ def test_compiled_cogvideox_with_paro_backend_matches_eager():
 
     model = build_planted_cogvideox().cuda().to(torch.bfloat16)
     adapter = adapter_for(model)
-    loaded = LoadedModel("planted-cogvideox", model, adapter, torch.device("cuda"), torch.bfloat16, None, adapter.prompt_encoder(model))
-    recipe = load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 4, "geometry.height": 16, "geometry.width": 16,
-                                     "sparsity.block_size": 32, "sparsity.density": 0.5, "precision.qk": "int8", "precision.pv": "fp8"})
+    loaded = LoadedModel(
+        "planted-cogvideox", model, adapter, torch.device("cuda"), torch.bfloat16, None, adapter.prompt_encoder(model)
+    )
+    recipe = load_recipe(
+        "planted",
+        {
+            "sampling.steps": 2,
+            "geometry.frames": 4,
+            "geometry.height": 16,
+            "geometry.width": 16,
+            "sparsity.block_size": 32,
+            "sparsity.density": 0.5,
+            "precision.qk": "int8",
+            "precision.pv": "fp8",
+        },
+    )
     plan = calibrate(loaded, recipe)
     x = torch.randn(2, 4, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
     context = torch.randn(2, 8, 16, device="cuda", dtype=torch.bfloat16)
 
     def step(t):
         with torch.no_grad():
-            return model(**adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context, plan.grid, 1.0), return_dict=False)[0]
+            return model(
+                **adapter.forward_inputs(model, x, torch.tensor(t, device="cuda"), context, plan.grid, 1.0),
+                return_dict=False,
+            )[0]
 
     dense = step(900)
     with apply(loaded, plan, backend="triton", grid=plan.grid) as run:

@@ -49,7 +49,9 @@ def test_checker_is_not_fooled():
 
 
 def test_caption_grammar():
-    objects, background = parse_caption("a red circle moving left and a blue square moving up on a checkered background")
+    objects, background = parse_caption(
+        "a red circle moving left and a blue square moving up on a checkered background"
+    )
     assert objects == [("red", "circle", "left"), ("blue", "square", "up")] and background == "checkered"
     try:
         parse_caption("a red circle moving sideways on a plain background")

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import Recorder, rel_l2
 from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.calibration.rules import slot_of_steps
@@ -19,8 +18,16 @@ from paro_cli.models.planted import PLANTED_BOUNDARY, PLANTED_EXPERT_2_ORDERS, P
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
 
-SMALL = {"model": "planted-experts", "sampling.steps": 4, "sparsity.block_size": 16, "geometry.frames": 4, "geometry.height": 16,
-         "geometry.width": 16}
+from conftest import Recorder, rel_l2
+
+SMALL = {
+    "model": "planted-experts",
+    "sampling.steps": 4,
+    "sparsity.block_size": 16,
+    "geometry.frames": 4,
+    "geometry.height": 16,
+    "geometry.width": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,10 @@ def test_each_expert_gets_its_planted_orders_and_masks_of_its_own_steps(experts)
     assert plan.components["transformer"].orders == [list(o) for o in PLANTED_ORDERS]
     assert plan.components["transformer_2"].orders == [list(o) for o in PLANTED_EXPERT_2_ORDERS]
     slots = slot_of_steps(recipe.sampling.steps, recipe.sparsity.slots)
-    for name, runs in (("transformer", lambda t: t >= PLANTED_BOUNDARY), ("transformer_2", lambda t: t < PLANTED_BOUNDARY)):
+    for name, runs in (
+        ("transformer", lambda t: t >= PLANTED_BOUNDARY),
+        ("transformer_2", lambda t: t < PLANTED_BOUNDARY),
+    ):
         own = sorted({slot for slot, t in zip(slots, plan.calibration_timesteps) if runs(t)})
         comp = plan.components[name]
         assert comp.slots_run == own and comp.packed_masks.shape[0] == len(own)  # its own slots stored, no fillers
@@ -101,8 +111,10 @@ def test_guidance_2_needs_two_experts(planted_model, experts):
     with pytest.raises(RecipeError, match="guidance_2"):
         sample(planted_model, recipe, ["a red circle"], [0], decode=False)
     low_guided = sample(experts, recipe, ["a red circle"], [0], decode=False)
-    assert not torch.equal(low_guided, sample(experts, load_recipe("planted", {**SMALL, "sampling.steps": 2}), ["a red circle"], [0],
-                                              decode=False))
+    assert not torch.equal(
+        low_guided,
+        sample(experts, load_recipe("planted", {**SMALL, "sampling.steps": 2}), ["a red circle"], [0], decode=False),
+    )
 
 
 @pytest.mark.gpu
@@ -110,7 +122,10 @@ def test_two_experts_on_the_triton_backend():
     """bf16 on the GPU: 8-bit plans per expert through the Triton kernels (and the fused norm +
     RoPE processors), each expert's calls through its own component."""
     experts = load_model("planted-experts", "bfloat16", torch.device("cuda"))
-    recipe = load_recipe("planted", {**SMALL, "sparsity.block_size": 32, "precision.qk": "int8", "precision.pv": "fp8", "backend": "triton"})
+    recipe = load_recipe(
+        "planted",
+        {**SMALL, "sparsity.block_size": 32, "precision.qk": "int8", "precision.pv": "fp8", "backend": "triton"},
+    )
     plan = calibrate(experts, recipe)  # (the orders found are checked on CPU, at 16-token blocks)
     dense = sample(experts, recipe, ["a red circle"], [0], decode=False)
     with apply(experts, plan, backend="triton", grid=plan.grid) as run:

@@ -4,7 +4,6 @@ the planted orders, and a plan made for one family or geometry is refused by ano
 
 import pytest
 import torch
-from conftest import Recorder, rel_l2
 
 from paro_cli.api import apply
 from paro_cli.calibration import calibrate
@@ -23,8 +22,14 @@ from paro_cli.models.planted import (
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
 
-BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox, "flux": build_planted_flux,
-            "hunyuanvideo": build_planted_hunyuanvideo}
+from conftest import Recorder, rel_l2
+
+BUILDERS = {
+    "wan": build_planted_transformer,
+    "cogvideox": build_planted_cogvideox,
+    "flux": build_planted_flux,
+    "hunyuanvideo": build_planted_hunyuanvideo,
+}
 # The transformer's input (bare transformers: no VAE): 256 tokens, a 4x8x8 grid for the video
 # families, a 16x16 image for Flux (latent positions packed 2x2).
 VIDEO = {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16}
@@ -33,14 +38,20 @@ GRID = {"wan": (4, 8, 8), "cogvideox": (4, 8, 8), "flux": (1, 16, 16), "hunyuanv
 # text tokens in self-attention (paro's prompt encoder pads to 24; CogVideoX's to 8 here)
 TEXT = {"wan": (0, "none"), "cogvideox": (8, "prefix"), "flux": (24, "prefix"), "hunyuanvideo": (24, "suffix")}
 IMAGE_ORDERS = [[o.replace("F", "") for o in layer] for layer in PLANTED_FLUX_ORDERS]  # F has size 1 in an image
-ORDERS = {"wan": [list(o) for o in PLANTED_ORDERS], "cogvideox": [list(o) for o in PLANTED_ORDERS], "flux": IMAGE_ORDERS,
-          "hunyuanvideo": [list(o) for o in PLANTED_ORDERS]}
+ORDERS = {
+    "wan": [list(o) for o in PLANTED_ORDERS],
+    "cogvideox": [list(o) for o in PLANTED_ORDERS],
+    "flux": IMAGE_ORDERS,
+    "hunyuanvideo": [list(o) for o in PLANTED_ORDERS],
+}
 
 
 def small(family, **overrides):
     """The planted recipe on the small input of `family`, 4 steps, 16-token blocks."""
-    return load_recipe("planted", {"sampling.steps": 4, "sparsity.block_size": 16, **(IMAGE if family == "flux" else VIDEO),
-                                   **overrides})
+    return load_recipe(
+        "planted",
+        {"sampling.steps": 4, "sparsity.block_size": 16, **(IMAGE if family == "flux" else VIDEO), **overrides},
+    )
 
 
 def test_every_registered_family_is_tested_here():
@@ -51,7 +62,15 @@ def test_every_registered_family_is_tested_here():
 def planted(request):
     model = BUILDERS[request.param]()
     adapter = adapter_for(model)
-    return LoadedModel(f"planted-{request.param}", model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+    return LoadedModel(
+        f"planted-{request.param}",
+        model,
+        adapter,
+        torch.device("cpu"),
+        torch.float32,
+        None,
+        adapter.prompt_encoder(model),
+    )
 
 
 def test_interception_is_transparent_and_reversible(planted):
@@ -69,7 +88,9 @@ def test_interception_is_transparent_and_reversible(planted):
     assert [c[0] for c in recorder.calls] == [0, 1] * 2  # both self-attention layers, each step
     batch = 2 if planted.adapter.classifier_free_guidance else 1  # Flux and HunyuanVideo: guidance-distilled
     seen_text = 3 if padded else text  # "a red circle": the handler sees the real tokens only
-    assert {c[1] for c in recorder.calls} == {(batch, 256 + seen_text, 2, planted.adapter.head_dim(planted.transformer))}
+    assert {c[1] for c in recorder.calls} == {
+        (batch, 256 + seen_text, 2, planted.adapter.head_dim(planted.transformer))
+    }
 
 
 def test_density_one_plan_equals_stock_model(planted):
@@ -101,7 +122,9 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
     for family, build in BUILDERS.items():
         model = build()
         adapter = adapter_for(model)
-        loaded[family] = LoadedModel(family, model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model))
+        loaded[family] = LoadedModel(
+            family, model, adapter, torch.device("cpu"), torch.float32, None, adapter.prompt_encoder(model)
+        )
     plans = {family: calibrate(m, small(family, **{"sampling.steps": 2})) for family, m in loaded.items()}
     with pytest.raises(PlanError, match="plan is for a wan model, this run uses a cogvideox model"):
         with apply(loaded["cogvideox"], plans["wan"], backend="torch", grid=plans["wan"].grid):
@@ -117,16 +140,29 @@ def test_plans_are_refused_by_other_families_and_text_layouts():
             pass
     # the same CogVideoX model called with 6 text tokens instead of the plan's 8
     cog = loaded["cogvideox"]
-    inputs = cog.adapter.forward_inputs(cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16), (4, 8, 8), 1.0)
-    with pytest.raises(PlanError, match=r"plan has 8 text tokens \(prefix\) in self-attention, this run has 6 \(prefix\)"):
+    inputs = cog.adapter.forward_inputs(
+        cog.transformer, torch.randn(1, 4, 4, 16, 16), torch.tensor(500), torch.randn(1, 6, 16), (4, 8, 8), 1.0
+    )
+    with pytest.raises(
+        PlanError, match=r"plan has 8 text tokens \(prefix\) in self-attention, this run has 6 \(prefix\)"
+    ):
         with apply(cog, plans["cogvideox"], backend="torch", grid=plans["cogvideox"].grid), torch.no_grad():
             cog.transformer(**inputs)
 
 
-@pytest.mark.parametrize("recipe,grid", [("wan2.1-t2v-1.3b", (21, 30, 52)), ("wan2.1-t2v-14b", (21, 45, 80)), ("wan2.2-t2v-a14b", (21, 45, 80)),
-                                         ("cogvideox-5b", (13, 30, 45)), ("cogvideox-2b", (13, 30, 45)),
-                                         ("flux.1-dev", (1, 64, 64)), ("flux.1-schnell", (1, 64, 64)),
-                                         ("hunyuanvideo", (33, 45, 80))])
+@pytest.mark.parametrize(
+    "recipe,grid",
+    [
+        ("wan2.1-t2v-1.3b", (21, 30, 52)),
+        ("wan2.1-t2v-14b", (21, 45, 80)),
+        ("wan2.2-t2v-a14b", (21, 45, 80)),
+        ("cogvideox-5b", (13, 30, 45)),
+        ("cogvideox-2b", (13, 30, 45)),
+        ("flux.1-dev", (1, 64, 64)),
+        ("flux.1-schnell", (1, 64, 64)),
+        ("hunyuanvideo", (33, 45, 80)),
+    ],
+)
 def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
     """The shipped recipes' geometry through each family's pipeline rules (VAE factors 4 and 8,
     as the real pipelines have; a stand-in pipeline, since the real one needs transformers)."""
@@ -141,11 +177,17 @@ def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
     )
 
     r = load_recipe(recipe)
-    cls = {"wan": WanTransformer3DModel, "cog": CogVideoXTransformer3DModel, "flu": FluxTransformer2DModel,
-           "hun": HunyuanVideoTransformer3DModel}[recipe[:3]]
+    cls = {
+        "wan": WanTransformer3DModel,
+        "cog": CogVideoXTransformer3DModel,
+        "flu": FluxTransformer2DModel,
+        "hun": HunyuanVideoTransformer3DModel,
+    }[recipe[:3]]
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
     transformer = SimpleNamespace(config=SimpleNamespace(**defaults))  # the full-size config, no weights
-    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8, transformer=transformer)
+    pipeline = SimpleNamespace(
+        vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8, transformer=transformer
+    )
     assert ADAPTERS[cls.__name__].pipeline_token_grid(pipeline, r.geometry) == grid
 
 
@@ -164,8 +206,12 @@ def test_pipeline_geometry_must_fit_the_vae_and_patch():
     from paro_cli.errors import RecipeError
     from paro_cli.recipe import Geometry
 
-    pipeline = SimpleNamespace(vae_scale_factor_temporal=4, vae_scale_factor_spatial=8, vae_scale_factor=8,
-                               transformer=SimpleNamespace(config=SimpleNamespace(in_channels=16, patch_size_t=None, patch_size=(1, 2, 2))))
+    pipeline = SimpleNamespace(
+        vae_scale_factor_temporal=4,
+        vae_scale_factor_spatial=8,
+        vae_scale_factor=8,
+        transformer=SimpleNamespace(config=SimpleNamespace(in_channels=16, patch_size_t=None, patch_size=(1, 2, 2))),
+    )
     for adapter in ADAPTERS.values():
         frames = 1 if adapter.family == "flux" else 49
         with pytest.raises(RecipeError, match=r"geometry.height = 484: [\w.]+ pipelines need multiples of 16"):
@@ -174,10 +220,18 @@ def test_pipeline_geometry_must_fit_the_vae_and_patch():
         ADAPTERS["FluxTransformer2DModel"].pipeline_token_grid(pipeline, Geometry(frames=49, height=1024, width=1024))
 
 
-@pytest.mark.parametrize("name,layers,heads,head_dim", [("wan2.1-t2v-1.3b", 30, 12, 128), ("wan2.1-t2v-14b", 40, 40, 128),
-                                                        ("cogvideox-5b", 42, 48, 64), ("cogvideox-2b", 30, 30, 64),
-                                                        ("flux.1-dev", 57, 24, 128), ("flux.1-schnell", 57, 24, 128),
-                                                        ("hunyuanvideo", 60, 24, 128)])
+@pytest.mark.parametrize(
+    "name,layers,heads,head_dim",
+    [
+        ("wan2.1-t2v-1.3b", 30, 12, 128),
+        ("wan2.1-t2v-14b", 40, 40, 128),
+        ("cogvideox-5b", 42, 48, 64),
+        ("cogvideox-2b", 30, 30, 64),
+        ("flux.1-dev", 57, 24, 128),
+        ("flux.1-schnell", 57, 24, 128),
+        ("hunyuanvideo", 60, 24, 128),
+    ],
+)
 def test_full_size_architectures_have_the_published_shapes(name, layers, heads, head_dim):
     """Built on the meta device (no memory): what `paro bench e2e --architecture` times."""
     from paro_cli.models.architectures import build_architecture
@@ -199,11 +253,47 @@ def test_cli_calibrates_a_transformer_folder_of_another_family_and_refuses_its_p
     build_planted_cogvideox().save_pretrained(tmp_path / "cog")
     build_planted_flux().save_pretrained(tmp_path / "flux")
     plan = tmp_path / "cog.plan.safetensors"
-    code, out, _ = paro(capsys, "calibrate", "--recipe", "planted", "--model", tmp_path / "cog", "--frames", 4, "--height", 16,
-                        "--width", 16, "--steps", 3, "--block-size", 16, "--out", plan, "--json")
+    code, out, _ = paro(
+        capsys,
+        "calibrate",
+        "--recipe",
+        "planted",
+        "--model",
+        tmp_path / "cog",
+        "--frames",
+        4,
+        "--height",
+        16,
+        "--width",
+        16,
+        "--steps",
+        3,
+        "--block-size",
+        16,
+        "--out",
+        plan,
+        "--json",
+    )
     assert code == 0 and (json.loads(out)["family"], json.loads(out)["text_tokens"]) == ("cogvideox", 8)
-    code, out, err = paro(capsys, "bench", "e2e", "--recipe", "planted", "--model", tmp_path / "flux", "--frames", 1, "--height", 32,
-                          "--width", 32, "--steps", 3, "--plan", plan)
+    code, out, err = paro(
+        capsys,
+        "bench",
+        "e2e",
+        "--recipe",
+        "planted",
+        "--model",
+        tmp_path / "flux",
+        "--frames",
+        1,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--steps",
+        3,
+        "--plan",
+        plan,
+    )
     assert code == 2 and "plan is for a cogvideox model, this run uses a flux model" in err and "dense" not in out + err
 
 
@@ -239,8 +329,13 @@ def test_pipeline_masks_in_the_model_dtype_are_counted_as_integers():
     with torch.no_grad():
         stock = model(**inputs, return_dict=False)[0]
         with AttentionInterceptor(model, adapter, Recorder()):
-            seen = model(**{**inputs, "encoder_attention_mask": inputs["encoder_attention_mask"].float()}, return_dict=False)[0]
-    assert adapter.valid_text_lengths((), {"encoder_attention_mask": inputs["encoder_attention_mask"].bfloat16()}) == [3, 5]
+            seen = model(
+                **{**inputs, "encoder_attention_mask": inputs["encoder_attention_mask"].float()}, return_dict=False
+            )[0]
+    assert adapter.valid_text_lengths((), {"encoder_attention_mask": inputs["encoder_attention_mask"].bfloat16()}) == [
+        3,
+        5,
+    ]
     assert rel_l2(seen, stock) <= 1e-6
 
 
@@ -250,7 +345,10 @@ def test_flux_calls_with_more_image_tokens_than_the_grid_are_refused():
     adapter = ADAPTERS["FluxTransformer2DModel"]
     ids = torch.zeros(16, 16, 3)
     ids[..., 1], ids[..., 2] = torch.arange(16)[:, None], torch.arange(16)[None, :]
-    kwargs = {"hidden_states": torch.zeros(1, 512, 16), "img_ids": ids.reshape(-1, 3)}  # a reference image's tokens appended
+    kwargs = {
+        "hidden_states": torch.zeros(1, 512, 16),
+        "img_ids": ids.reshape(-1, 3),
+    }  # a reference image's tokens appended
     with pytest.raises(ModelError, match="512 image tokens on a 16x16 grid"):
         adapter.token_grid(None, (), kwargs)
     assert adapter.token_grid(None, (), {**kwargs, "hidden_states": torch.zeros(1, 256, 16)}) == (1, 16, 16)
@@ -267,7 +365,16 @@ def test_cogvideox_bare_loop_schedules_as_the_shipped_pipelines(rope, shift):
 
     model = CogVideoXTransformer3DModel(**{**PLANTED_COGVIDEOX_CONFIG, "use_rotary_positional_embeddings": rope})
     config = adapter_for(model).scheduler(model, load_recipe("planted").sampling).config
-    shipped = {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True,
-               "snr_shift_scale": shift, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-               "set_alpha_to_one": True, "clip_sample": False, "steps_offset": 0}
+    shipped = {
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "rescale_betas_zero_snr": True,
+        "snr_shift_scale": shift,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "set_alpha_to_one": True,
+        "clip_sample": False,
+        "steps_offset": 0,
+    }
     assert {key: config[key] for key in shipped} == shipped

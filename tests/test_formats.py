@@ -14,13 +14,15 @@ ALL_FORMATS = set(QK_FORMATS) | set(PV_FORMATS)
 def test_torch_path_imports_without_triton():
     """formats, quant and the reference import with Triton unimportable (the torch backend and
     the recipe rules need no GPU toolchain); the kernels, as a control, do not."""
-    script = ("import sys\n"
-              "sys.modules['triton'] = None  # any `import triton...` now raises ImportError\n"
-              "import paro_kernels.formats, paro_kernels.quant, paro_kernels.reference\n"
-              "try:\n"
-              "    import paro_kernels.triton_attention\n"
-              "except ImportError:\n"
-              "    print('kernels need triton')\n")
+    script = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # any `import triton...` now raises ImportError\n"
+        "import paro_kernels.formats, paro_kernels.quant, paro_kernels.reference\n"
+        "try:\n"
+        "    import paro_kernels.triton_attention\n"
+        "except ImportError:\n"
+        "    print('kernels need triton')\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "kernels need triton"

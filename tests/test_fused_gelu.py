@@ -10,14 +10,23 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU
 
-from conftest import rel_l2
 from paro_cli.models import fused_gelu
 from paro_cli.models.fused_gelu import FusedTanhGelu, fused_gelu_projections
-from paro_cli.models.planted import (build_planted_cogvideox, build_planted_flux, build_planted_hunyuanvideo,
-                                     build_planted_transformer)
+from paro_cli.models.planted import (
+    build_planted_cogvideox,
+    build_planted_flux,
+    build_planted_hunyuanvideo,
+    build_planted_transformer,
+)
 
-BUILDERS = {"wan": build_planted_transformer, "cogvideox": build_planted_cogvideox, "flux": build_planted_flux,
-            "hunyuanvideo": build_planted_hunyuanvideo}
+from conftest import rel_l2
+
+BUILDERS = {
+    "wan": build_planted_transformer,
+    "cogvideox": build_planted_cogvideox,
+    "flux": build_planted_flux,
+    "hunyuanvideo": build_planted_hunyuanvideo,
+}
 
 
 def feed_forward_input(model, rows=6, seed=0):
@@ -94,6 +103,7 @@ class TaggedTensor(torch.Tensor):
 def stock_variants(proj: torch.nn.Linear) -> dict:
     """Linears computing proj's function (or, without bias, what they compute) that the fused
     GEMM would get wrong or must not touch."""
+
     def clone(cls=torch.nn.Linear, bias=True):
         new = cls(proj.in_features, proj.out_features, bias=bias)
         new.load_state_dict(proj.state_dict(), strict=bias)
@@ -106,8 +116,13 @@ def stock_variants(proj: torch.nn.Linear) -> dict:
     forward_hook.register_forward_hook(lambda module, args, out: out)
     subclassed_weight = clone()
     subclassed_weight.weight = torch.nn.Parameter(proj.weight.detach().clone().as_subclass(TaggedTensor))
-    return {"lora": lora, "own forward": own_forward, "forward hook": forward_hook,
-            "tensor-subclass weight": subclassed_weight, "no bias": clone(bias=False)}
+    return {
+        "lora": lora,
+        "own forward": own_forward,
+        "forward hook": forward_hook,
+        "tensor-subclass weight": subclassed_weight,
+        "no bias": clone(bias=False),
+    }
 
 
 def test_stock_path_where_the_fused_gemm_would_differ(monkeypatch):
@@ -134,7 +149,9 @@ def test_hooked_gelu_modules_are_not_replaced_and_exceptions_restore():
     gelus = [m for m in model.modules() if type(m) is GELU]
     gelus[0].register_forward_hook(lambda module, args, out: out)  # a stand-in would not run it
     with pytest.raises(KeyboardInterrupt), fused_gelu_projections([model]):
-        assert [type(m) for m in model.modules() if isinstance(m, (GELU, FusedTanhGelu))] == [GELU] + [FusedTanhGelu] * (len(gelus) - 1)
+        assert [type(m) for m in model.modules() if isinstance(m, (GELU, FusedTanhGelu))] == [GELU] + [
+            FusedTanhGelu
+        ] * (len(gelus) - 1)
         raise KeyboardInterrupt
     assert [m for m in model.modules() if type(m) is GELU] == gelus
 

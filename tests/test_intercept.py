@@ -1,11 +1,12 @@
-"""Interception (paro_cli/intercept.py): routing a transformer's self-attention calls to a handler is transparent and reversible."""
-
+"""Interception (paro_cli/intercept.py): routing a transformer's self-attention calls to a handler
+is transparent and reversible."""
 
 import torch
-from conftest import Recorder, run_tiny_wan, tiny_wan
 
 from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import adapter_for
+
+from conftest import Recorder, run_tiny_wan, tiny_wan
 
 
 def test_interception_is_transparent_and_reversible():

@@ -26,8 +26,9 @@ def random_perms(heads, n, seed):
     return torch.stack([torch.randperm(n, generator=g) for _ in range(heads)])
 
 
-@pytest.mark.parametrize("n,block,expect", [(0, 16, 0), (1, 16, 1), (16, 16, 1), (17, 16, 2), (105, 16, 7),
-                                            (128, 128, 1)])
+@pytest.mark.parametrize(
+    "n,block,expect", [(0, 16, 0), (1, 16, 1), (16, 16, 1), (17, 16, 2), (105, 16, 7), (128, 128, 1)]
+)
 def test_num_blocks_rounds_up_to_whole_blocks(n, block, expect):
     assert num_blocks(n, block) == expect
 
@@ -65,9 +66,17 @@ def chunk_rows_oracle(max_elems, bsz, heads, seq, block):
     return rows
 
 
-@pytest.mark.parametrize("max_elems,bsz,heads,seq,block", [(1 << 20, 2, 3, 100, 16), (2000, 1, 2, 60, 16),
-                                                           (1, 1, 1, 64, 32), (6400, 1, 1, 100, 16),
-                                                           (6399, 1, 1, 100, 16), (0, 1, 1, 1, 8)])
+@pytest.mark.parametrize(
+    "max_elems,bsz,heads,seq,block",
+    [
+        (1 << 20, 2, 3, 100, 16),
+        (2000, 1, 2, 60, 16),
+        (1, 1, 1, 64, 32),
+        (6400, 1, 1, 100, 16),
+        (6399, 1, 1, 100, 16),
+        (0, 1, 1, 1, 8),
+    ],
+)
 def test_chunk_rows_is_the_most_whole_blocks_within_the_budget(max_elems, bsz, heads, seq, block):
     rows = chunk_rows(max_elems, bsz, heads, seq, block)
     assert rows == chunk_rows_oracle(max_elems, bsz, heads, seq, block)

@@ -1,4 +1,5 @@
-"""Loading (paro_cli/models/loading.py): transformer folders strictly, pipelines with their errors' causes, clear errors for what cannot load; and the import name 'kernels' left to Hugging Face."""
+"""Loading (paro_cli/models/loading.py): transformer folders strictly, pipelines with their errors'
+causes, clear errors for what cannot load; and the import name 'kernels' left to Hugging Face."""
 
 import importlib.metadata
 import json
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_wan
 
 from paro_cli.errors import ModelError
 from paro_cli.models import config_fingerprint
 from paro_cli.models.loading import load_model
+
+from conftest import tiny_wan
 
 
 def test_transformer_folder_loads_strictly(tmp_path):
@@ -41,7 +43,11 @@ def test_loading_errors(tmp_path):
         load_model(str(tmp_path / "empty"))
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(ModelError, match="UNet2DModel.*supported: CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel"):
+    with pytest.raises(
+        ModelError,
+        match="UNet2DModel.*supported: CogVideoXTransformer3DModel, FluxTransformer2DModel, "
+        "HunyuanVideoTransformer3DModel, WanTransformer3DModel",
+    ):
         load_model(str(tmp_path / "unet"))
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
@@ -61,13 +67,20 @@ def test_the_name_kernels_is_left_to_hugging_face(cwd, tmp_path):
     diffusers do) finds Hugging Face's package whenever it is installed, also from the repo root
     (the working directory is first on sys.path there), and never a module of ours."""
     assert not (REPO / "kernels" / "__init__.py").exists()  # a namespace folder loses to any package
-    script = ("import importlib.util, paro_kernels, paro_cli.cli\n"
-              "spec = importlib.util.find_spec('kernels')\n"
-              "print(paro_kernels.__file__)\n"
-              "print(spec.origin if spec and spec.origin else '-')\n"
-              "if spec and spec.origin: import kernels, transformers\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO if cwd == "repo" else tmp_path,
-                          capture_output=True, text=True, check=True)
+    script = (
+        "import importlib.util, paro_kernels, paro_cli.cli\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(paro_kernels.__file__)\n"
+        "print(spec.origin if spec and spec.origin else '-')\n"
+        "if spec and spec.origin: import kernels, transformers\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO if cwd == "repo" else tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ours, theirs = done.stdout.split()
     assert Path(ours) == REPO / "kernels" / "paro_kernels" / "__init__.py"
     assert theirs == "-" or not Path(theirs).is_relative_to(REPO / "kernels")
@@ -94,7 +107,11 @@ def test_a_pipeline_that_fails_inside_a_library_keeps_its_cause(tmp_path, monkey
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", broken)
     with pytest.raises(ModelError) as error:
         load_model(str(tmp_path / "pipe"))
-    assert cause in str(error.value) and "ImportError" in str(error.value) and "check the id/folder" not in str(error.value)
+    assert (
+        cause in str(error.value)
+        and "ImportError" in str(error.value)
+        and "check the id/folder" not in str(error.value)
+    )
 
     def missing(*args, **kwargs):
         raise OSError("org/name is not a local folder and is not a valid model identifier")

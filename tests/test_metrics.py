@@ -19,7 +19,12 @@ def naive_ssim(a, b, size=11, sigma=1.5):
             x, y = a[f, :, :, c], b[f, :, :, c]
             for i in range(x.shape[0]):
                 for j in range(x.shape[1]):
-                    r0, r1, c0, c1_ = max(0, i - half), min(x.shape[0], i + half + 1), max(0, j - half), min(x.shape[1], j + half + 1)
+                    r0, r1, c0, c1_ = (
+                        max(0, i - half),
+                        min(x.shape[0], i + half + 1),
+                        max(0, j - half),
+                        min(x.shape[1], j + half + 1),
+                    )
                     ii, jj = torch.meshgrid(torch.arange(r0, r1), torch.arange(c0, c1_), indexing="ij")
                     w = torch.exp(-((ii - i) ** 2 + (jj - j) ** 2) / (2 * sigma**2)).double()
                     w = w / w.sum()

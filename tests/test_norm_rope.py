@@ -7,9 +7,10 @@ GPU bf16."""
 import pytest
 import torch
 
-from conftest import rel_l2
 from paro_kernels.norm_rope import norm_rope
 from paro_kernels.triton_attention import INTERPRET
+
+from conftest import rel_l2
 
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +61,17 @@ def check(name, case, seed=0, cos_none=False):
     width = dim if per_head else heads * dim
     weight = (torch.rand(width, generator=g) + 0.5).to(DEVICE, x.dtype)
     bias = torch.randn(width, generator=g).to(DEVICE, x.dtype) if has_bias else None
-    kw = dict(heads=heads, norm=norm, per_head=per_head, weight=weight, bias=bias, eps=1e-6,
-              cos=None if cos_none else cos, sin=None if cos_none else sin, rope_start=text)
+    kw = dict(
+        heads=heads,
+        norm=norm,
+        per_head=per_head,
+        weight=weight,
+        bias=bias,
+        eps=1e-6,
+        cos=None if cos_none else cos,
+        sin=None if cos_none else sin,
+        rope_start=text,
+    )
     out, want = norm_rope(x, **kw), reference(x, **kw)
     normed = reference(x, **{**kw, "cos": None, "sin": None}).double()
     # The kernel rounds where the reference does; fp32 sums against float64 ones move a rounded
@@ -96,7 +106,9 @@ def test_bad_tables_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 32760, 12, 128, "rms", False, False, 0), (2, 17776, 48, 64, "layer", True, True, 226)])
+@pytest.mark.parametrize(
+    "shape", [(2, 32760, 12, 128, "rms", False, False, 0), (2, 17776, 48, 64, "layer", True, True, 226)]
+)
 def test_kernel_at_full_size(shape):
     """Wan2.1-1.3B's and CogVideoX-5B's q at 81 / 49 frames."""
     check(str(shape), shape)
@@ -116,9 +128,14 @@ def planted_step(family, dtype, batch, monkeypatch):
     model = (build_planted_transformer if family == "wan" else build_planted_cogvideox)().to(DEVICE, dtype)
     adapter = adapter_for(model)
     grid = (2, 4, 4)
-    tr_input = torch.randn(batch, *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
-                           generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
-    context = torch.randn(batch, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    tr_input = torch.randn(
+        batch,
+        *adapter.input_shape(model, *[g * d for g, d in zip(grid, adapter.divisors(model))]),
+        generator=torch.Generator().manual_seed(0),
+    ).to(DEVICE, dtype)
+    context = torch.randn(batch, 8, adapter.prompt_encoder(model).dim, generator=torch.Generator().manual_seed(1)).to(
+        DEVICE, dtype
+    )
     kwargs = adapter.forward_inputs(model, tr_input, torch.tensor(700.0, device=DEVICE), context, grid, 5.0)
     calls = []
     fused_kernel = paro_kernels.norm_rope.norm_rope
@@ -139,7 +156,9 @@ def test_fused_processor_equals_stock(family, dtype, monkeypatch):
         with torch.enable_grad(), AttentionInterceptor(model, adapter, StockAttention(), fuse_norm_rope=True):
             differentiated = model(**kwargs, return_dict=False)[0]  # autograd on: the stock processor runs
     assert len(calls) == 2 * 2  # q and k of both layers, once
-    assert rel_l2(fused, stock) < (1e-5 if dtype == torch.float32 else 1e-2) and not torch.equal(fused, torch.zeros_like(fused))
+    assert rel_l2(fused, stock) < (1e-5 if dtype == torch.float32 else 1e-2) and not torch.equal(
+        fused, torch.zeros_like(fused)
+    )
     assert torch.equal(differentiated, stock)
 
 

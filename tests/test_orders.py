@@ -1,7 +1,8 @@
 import torch
 
-from conftest import position_in_order
 from paro_kernels.orders import candidate_orders, head_permutations, inverse_permutation, order_permutation
+
+from conftest import position_in_order
 
 
 def test_candidates_are_all_axis_orders():

@@ -6,24 +6,31 @@ import functools
 import pytest
 import torch
 
-from conftest import rel_l2
 from paro_cli import parallel
 from paro_cli.api import apply
 from paro_cli.calibration import calibrate
 from paro_cli.errors import ModelError
 from paro_cli.models import adapter_for
-from paro_cli.models.loaded import LoadedModel
+from paro_cli.models.loaded import LoadedModel, token_grid
 from paro_cli.models.loading import cast_transformer, resolve_device
-from paro_cli.models.planted import (PLANTED_FLUX_ORDERS, PLANTED_ORDERS, build_planted_cogvideox, build_planted_flux,
-                                     build_planted_transformer)
+from paro_cli.models.planted import (
+    PLANTED_FLUX_ORDERS,
+    PLANTED_ORDERS,
+    build_planted_cogvideox,
+    build_planted_flux,
+    build_planted_transformer,
+)
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
-from paro_cli.models.loaded import token_grid
+
+from conftest import rel_l2
 
 BUILDERS = {"wan": build_planted_transformer, "flux": build_planted_flux}  # the families diffusers can split
 # 4x8x8 video / 16x16 image tokens (the Flux one with 24 text tokens before them)
-INPUTS = {"wan": {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16},
-          "flux": {"geometry.frames": 1, "geometry.height": 32, "geometry.width": 32}}
+INPUTS = {
+    "wan": {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16},
+    "flux": {"geometry.frames": 1, "geometry.height": 32, "geometry.width": 32},
+}
 
 
 def loaded_planted(build, device=torch.device("cpu"), dtype=torch.float32) -> LoadedModel:
@@ -42,15 +49,23 @@ def calibrate_and_generate(path, dtype=torch.float32, backend="torch", precision
     results = {}
     for family, build in BUILDERS.items():
         loaded = loaded_planted(build, resolve_device(), dtype)
-        recipe = load_recipe("planted", {"sampling.steps": 3, "sparsity.block_size": block, "sparsity.density": 0.3, **INPUTS[family]})
+        recipe = load_recipe(
+            "planted", {"sampling.steps": 3, "sparsity.block_size": block, "sparsity.density": 0.3, **INPUTS[family]}
+        )
         grid = token_grid(loaded, recipe)
         parallel.enable_ulysses(loaded, grid)
         plan = calibrate(loaded, recipe)
         with apply(loaded, plan, backend=backend, qk=precision[0], pv=precision[1], grid=grid) as run:
             out = sample(loaded, recipe, ["a red circle"], [0], decode=False)
         comp = plan.components["transformer"]
-        results[family] = {"orders": comp.orders, "masks": comp.packed_masks, "recall": comp.recall, "output": out.cpu(),
-                           "calls": run.calls, "density": comp.achieved_density.mean().item()}
+        results[family] = {
+            "orders": comp.orders,
+            "masks": comp.packed_masks,
+            "recall": comp.recall,
+            "output": out.cpu(),
+            "calls": run.calls,
+            "density": comp.achieved_density.mean().item(),
+        }
     if parallel.is_primary():
         torch.save(results, path)
 
@@ -91,7 +106,10 @@ def test_gathered_order_puts_shards_back_in_layout_order():
         layout_order = torch.arange(text + visual)  # token ids in the layout: text first, or visual first
         ids_text = layout_order[:text] if text_first else layout_order[visual:]
         ids_visual = layout_order[text:] if text_first else layout_order[:visual]
-        shards = [torch.cat([t, v] if text_first else [v, t]) for t, v in zip(ids_text.chunk(degree), ids_visual.chunk(degree))]
+        shards = [
+            torch.cat([t, v] if text_first else [v, t])
+            for t, v in zip(ids_text.chunk(degree), ids_visual.chunk(degree))
+        ]
         gathered = torch.cat(shards)[None]
         order, inverse = parallel.gathered_order(text, text + visual, degree, text_first, torch.device("cpu"))
         assert torch.equal(gathered[:, order], layout_order[None])
@@ -126,7 +144,9 @@ def test_ring_attention_is_refused():
     from types import SimpleNamespace
 
     wan = loaded_planted(build_planted_transformer)
-    wan.transformer._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    wan.transformer._parallel_config = SimpleNamespace(
+        context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1)
+    )
     with pytest.raises(ModelError, match="runs ring attention"):
         parallel.local_heads(wan.transformer, 2)
 
@@ -142,7 +162,9 @@ def test_one_process_holds_every_head():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_give_one_gpu_plan_and_output_through_the_kernels(tmp_path):
     """NCCL, bf16 and the Triton kernels at INT8/FP8: plans equal, outputs within bf16 rounding."""
-    job = functools.partial(calibrate_and_generate, dtype=torch.bfloat16, backend="triton", precision=("int8", "fp8"), block=32)
+    job = functools.partial(
+        calibrate_and_generate, dtype=torch.bfloat16, backend="triton", precision=("int8", "fp8"), block=32
+    )
     job(tmp_path / "one.pt")
     parallel.launch(2, job, tmp_path / "two.pt")
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")

@@ -25,14 +25,27 @@ from tiny_pipelines import CALL_ARGS, KINDS, example_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a cat surfing a wave"
-FAMILIES = {"wan": "wan", "wan22": "wan", "wan_i2v": "wan", "cogvideox": "cogvideox", "hunyuanvideo": "hunyuanvideo", "flux": "flux"}
+FAMILIES = {
+    "wan": "wan",
+    "wan22": "wan",
+    "wan_i2v": "wan",
+    "cogvideox": "cogvideox",
+    "hunyuanvideo": "hunyuanvideo",
+    "flux": "flux",
+}
 GRIDS = {kind: [1, 6, 8] if kind == "flux" else [3, 4, 6] for kind in KINDS}
 
 
 def paro(cwd: Path, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "paro_cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "paro_cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -76,8 +89,14 @@ def diffusers_frames(kind: str, folder: Path, image_path: Path | None) -> np.nda
         args["negative_prompt"] = ""
     if image_path is not None:
         args["image"] = Image.open(image_path).convert("RGB")
-    out = pipe(prompt=PROMPT, num_inference_steps=2, generator=[torch.Generator("cpu").manual_seed(0)], output_type="np",
-               guidance_scale=3.5 if kind == "flux" else 5.0, **args)
+    out = pipe(
+        prompt=PROMPT,
+        num_inference_steps=2,
+        generator=[torch.Generator("cpu").manual_seed(0)],
+        output_type="np",
+        guidance_scale=3.5 if kind == "flux" else 5.0,
+        **args,
+    )
     frames = out.images[:, None] if kind == "flux" else out.frames
     return np.concatenate(list((frames[0] * 255).round().astype(np.uint8)), axis=1)
 
@@ -115,18 +134,42 @@ def test_pipeline_through_the_cli(kind, tmp_path_factory, tiny_pipeline, foreign
     assert shown["grid"] == GRIDS[kind] and shown["density"] == 0.3 and shown["block_size"] == 16
     assert sorted(shown["components"]) == (["transformer", "transformer_2"] if kind == "wan22" else ["transformer"])
 
-    generated = json.loads(ok(paro(second, "generate", *common, "--plan", plan, "--prompt", PROMPT, "--seed", 0,
-                                   "--out", work / "paro.png", "--json")).stdout)
+    generated = json.loads(
+        ok(
+            paro(
+                second,
+                "generate",
+                *common,
+                "--plan",
+                plan,
+                "--prompt",
+                PROMPT,
+                "--seed",
+                0,
+                "--out",
+                work / "paro.png",
+                "--json",
+            )
+        ).stdout
+    )
     assert generated["attention_calls"]["paro"] > 0
     planned = iio.imread(work / "paro.png")
-    assert planned.shape == dense.shape and np.abs(planned.astype(int) - dense.astype(int)).mean() > 0.1  # the plan's effect
+    assert (
+        planned.shape == dense.shape and np.abs(planned.astype(int) - dense.astype(int)).mean() > 0.1
+    )  # the plan's effect
 
     bench = json.loads(ok(paro(first, "bench", "e2e", *common, "--plan", plan, "--json")).stdout)
     assert bench["speedup"] > 0 and bench["output_rel_l2"] > 0 and bench["attention_calls"]["paro"] > 0
 
     other = "--height 32" if kind != "flux" else "--height 64"
-    refused(paro(second, "generate", *common, *other.split(), "--plan", plan, "--out", work / "other-size.png"), "token grid")
-    refused(paro(first, "generate", *common, "--plan", foreign_plan, "--out", work / "foreign.png"),
-            "another transformer config" if kind.startswith("wan") else "plan is for a wan model")
+    refused(
+        paro(second, "generate", *common, *other.split(), "--plan", plan, "--out", work / "other-size.png"),
+        "token grid",
+    )
+    refused(
+        paro(first, "generate", *common, "--plan", foreign_plan, "--out", work / "foreign.png"),
+        "another transformer config" if kind.startswith("wan") else "plan is for a wan model",
+    )
     assert sorted(p.name for p in work.iterdir()) == sorted(
-        ["recipe.yaml", "dense.png", "plan.safetensors", "paro.png", *(["image.png"] if image else [])])
+        ["recipe.yaml", "dense.png", "plan.safetensors", "paro.png", *(["image.png"] if image else [])]
+    )

@@ -41,8 +41,22 @@ def test_header_is_self_describing(planted_calibration, tmp_path):
 
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         header = json.loads(f.metadata()["paro"])
-    for key in ("format_version", "tool_version", "model_id", "family", "grid", "text_tokens", "text_position",
-                "block_size", "slot_bounds", "qk", "pv", "prompts", "seeds", "candidate_orders"):
+    for key in (
+        "format_version",
+        "tool_version",
+        "model_id",
+        "family",
+        "grid",
+        "text_tokens",
+        "text_position",
+        "block_size",
+        "slot_bounds",
+        "qk",
+        "pv",
+        "prompts",
+        "seeds",
+        "candidate_orders",
+    ):
         assert key in header
     assert header["components"]["transformer"]["config_fingerprint"]
     summary = plan.summary()
@@ -98,10 +112,17 @@ def test_damaged_plans_are_refused_cleanly(planted_calibration, tmp_path):
         "short masks": dict(reshape="transformer.masks"),
         "other block size": dict(header=lambda h: {**h, "block_size": 32}),
         # a component listing the slots it runs must hold masks of exactly those
-        "slots run, masks of all": dict(header=lambda h: {**h, "components": {
-            n: {**c, "slots_run": [0]} for n, c in h["components"].items()}}),
-        "slots run out of range": dict(header=lambda h: {**h, "components": {
-            n: {**c, "slots_run": list(range(1, len(h["slot_bounds"]) + 2))} for n, c in h["components"].items()}}),
+        "slots run, masks of all": dict(
+            header=lambda h: {**h, "components": {n: {**c, "slots_run": [0]} for n, c in h["components"].items()}}
+        ),
+        "slots run out of range": dict(
+            header=lambda h: {
+                **h,
+                "components": {
+                    n: {**c, "slots_run": list(range(1, len(h["slot_bounds"]) + 2))} for n, c in h["components"].items()
+                },
+            }
+        ),
     }
     for name, change in cases.items():
         bad = tmp_path / f"{name}.safetensors"
@@ -119,6 +140,10 @@ def test_bad_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(PlanError, match="not a paro plan"):
         load_plan(tmp_path / "other.safetensors")
-    save_file({"x": torch.zeros(2)}, str(tmp_path / "future.safetensors"), metadata={"paro": json.dumps({"format_version": 99})})
+    save_file(
+        {"x": torch.zeros(2)},
+        str(tmp_path / "future.safetensors"),
+        metadata={"paro": json.dumps({"format_version": 99})},
+    )
     with pytest.raises(PlanError, match="plan format 99"):
         load_plan(tmp_path / "future.safetensors")

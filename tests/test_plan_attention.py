@@ -1,9 +1,8 @@
-"""Applying a plan (paro_cli/plan_attention.py): density 1 is exact, each layer's orders and each slot's masks reach the backend, plans for another model or geometry are refused."""
-
+"""Applying a plan (paro_cli/plan_attention.py): density 1 is exact, each layer's orders and each
+slot's masks reach the backend, plans for another model or geometry are refused."""
 
 import pytest
 import torch
-from conftest import full_plan, rel_l2, run_tiny_wan, tiny_wan
 
 from paro_cli.api import apply
 from paro_cli.backends import select_backend
@@ -12,6 +11,8 @@ from paro_cli.models import adapter_for
 from paro_cli.models.loading import load_model
 from paro_cli.plan import pack_bits
 from paro_cli.plan_attention import PlanAttention
+
+from conftest import full_plan, rel_l2, run_tiny_wan, tiny_wan
 
 
 @pytest.mark.parametrize("orders", [[["FHW", "FHW"], ["FHW", "FHW"]], [["HWF", "WFH"], ["FWH", "WHF"]]])
@@ -67,13 +68,22 @@ def test_plan_wiring_uses_each_layers_order_and_each_slots_mask():
     x = torch.randn(2, 4, 3, 8, 10)
     with AttentionInterceptor(model, adapter_for(model), handler), torch.no_grad():
         for t in (900.0, 100.0):  # slot 0 (t > 0.5), slot 1
-            model(hidden_states=x, timestep=torch.tensor([t, t]), encoder_hidden_states=torch.zeros(2, 5, 16), return_dict=False)
+            model(
+                hidden_states=x,
+                timestep=torch.tensor([t, t]),
+                encoder_hidden_states=torch.zeros(2, 5, 16),
+                return_dict=False,
+            )
     assert [(slot, layer) for slot, layer, *_ in handler.seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     orders = plan.components["transformer"].orders
     from paro_kernels.orders import head_permutations
 
     for slot, layer, q, k, v, out in handler.seen:
-        expect = paro_attention_reference(q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[slot, layer], block=16)
+        expect = paro_attention_reference(
+            q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[slot, layer], block=16
+        )
         assert rel_l2(out, expect) <= 1e-5
-        other = paro_attention_reference(q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[1 - slot, 1 - layer], block=16)
+        other = paro_attention_reference(
+            q, k, v, perm=head_permutations(orders[layer], grid), kept=kept[1 - slot, 1 - layer], block=16
+        )
         assert rel_l2(out, other) > 1e-3  # the masks differ enough for a wiring mistake to show

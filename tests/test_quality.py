@@ -6,9 +6,10 @@ import json
 import imageio.v3 as iio
 
 from paro_cli.baselines import local_window_plan
-from paro_cli.masks import local_window_mask
 from paro_cli.bench.quality import _with, gate_failures
+from paro_cli.masks import local_window_mask
 from paro_cli.recipe import RECIPES_DIR, load_recipe
+
 from conftest import paro
 
 
@@ -24,17 +25,38 @@ def test_local_window_plan_replaces_orders_and_masks(planted_calibration):
 
 
 def test_gates_name_the_failing_variant():
-    rows = [{"variant": "dense", "density": 1.0, "qk": "fp32", "pv": "fp32", "psnr_db": 100.0, "fidelity_drop": 0.0},
-            {"variant": "paro", "density": 0.3, "qk": "int8", "pv": "fp8", "psnr_db": 28.0, "fidelity_drop": 0.05},
-            {"variant": "local window", "density": 0.3, "qk": "fp32", "pv": "fp32", "psnr_db": 10.0, "fidelity_drop": 0.5}]
+    rows = [
+        {"variant": "dense", "density": 1.0, "qk": "fp32", "pv": "fp32", "psnr_db": 100.0, "fidelity_drop": 0.0},
+        {"variant": "paro", "density": 0.3, "qk": "int8", "pv": "fp8", "psnr_db": 28.0, "fidelity_drop": 0.05},
+        {"variant": "local window", "density": 0.3, "qk": "fp32", "pv": "fp32", "psnr_db": 10.0, "fidelity_drop": 0.5},
+    ]
     assert gate_failures(rows, 30, None) == ["paro d=0.3 int8/fp8: PSNR 28.00 dB < --min-psnr 30"]
     assert gate_failures(rows, None, 3) == ["paro d=0.3 int8/fp8: fidelity drop 5.0 points > --max-drop 3"]
     assert gate_failures(rows, 20, 10) == []
 
 
 def test_bench_quality_end_to_end(capsys, tmp_path):
-    args = ["bench", "quality", "--recipe", "planted", "--steps", "2", "--prompts", "2", "--density", "0.3",
-            "--video", tmp_path / "side.gif", "--heatmaps", tmp_path / "maps", "--layer", "1", "--head", "0", "--json"]
+    args = [
+        "bench",
+        "quality",
+        "--recipe",
+        "planted",
+        "--steps",
+        "2",
+        "--prompts",
+        "2",
+        "--density",
+        "0.3",
+        "--video",
+        tmp_path / "side.gif",
+        "--heatmaps",
+        tmp_path / "maps",
+        "--layer",
+        "1",
+        "--head",
+        "0",
+        "--json",
+    ]
     code, stdout, err = paro(capsys, *args, "--min-psnr", "500")
     assert code == 3 and err.startswith("gate failed: paro d=0.3 fp32/fp32: PSNR") and err.count("\n") == 1
     data = json.loads(stdout)
@@ -61,7 +83,11 @@ def test_bench_quality_refuses_bad_input(capsys, tmp_path):
 def test_paro_variants_keep_the_recipes_allowed_orders():
     recipe = load_recipe("planted", {"calibration.orders": ["HWF", "FWH"]})
     variant = _with(recipe, 0.3, "int8", "fp8")
-    assert variant.calibration.orders == ("HWF", "FWH") and variant.sparsity.density == 0.3 and variant.precision.qk == "int8"
+    assert (
+        variant.calibration.orders == ("HWF", "FWH")
+        and variant.sparsity.density == 0.3
+        and variant.precision.qk == "int8"
+    )
     assert _with(recipe, 0.3, "fp32", "fp32", orders=("FHW",)).calibration.orders == ("FHW",)
 
 
@@ -74,16 +100,34 @@ def test_bench_quality_measures_a_given_plan_without_calibrating(capsys, tmp_pat
         raise AssertionError("calibrated although --plan was given")
 
     monkeypatch.setattr("paro_cli.bench.quality.calibrate", no_calibration)
-    code, stdout, _ = paro(capsys, "bench", "quality", "--recipe", "planted", "--steps", "2", "--prompts", "1",
-                           "--no-baselines", "--plan", path, "--json")
+    code, stdout, _ = paro(
+        capsys,
+        "bench",
+        "quality",
+        "--recipe",
+        "planted",
+        "--steps",
+        "2",
+        "--prompts",
+        "1",
+        "--no-baselines",
+        "--plan",
+        path,
+        "--json",
+    )
     assert code == 0
     data = json.loads(stdout)
     rows = data["rows"]
     assert data["plan"]["path"] == str(path) and data["plan"]["calibration_prompts"] == list(plan.prompts)
-    assert [(r["variant"], r["density"], r["qk"]) for r in rows] == [("dense", 1.0, "fp32"), ("paro", plan.density, plan.qk)]
+    assert [(r["variant"], r["density"], r["qk"]) for r in rows] == [
+        ("dense", 1.0, "fp32"),
+        ("paro", plan.density, plan.qk),
+    ]
     code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--plan", path, "--density", "0.9")
     assert code == 2 and f"is for density {plan.density}" in err and "--density" in err.splitlines()[-1]
-    code, _, err = paro(capsys, "bench", "quality", "--recipe", "tiny", "--plan", path)  # another model: refused up front
+    code, _, err = paro(
+        capsys, "bench", "quality", "--recipe", "tiny", "--plan", path
+    )  # another model: refused up front
     assert code == 2 and "calibrated for another transformer" in err and err.count("\n") == 1
     other = tmp_path / "blocks32.yaml"  # the planted recipe with another block size
     other.write_text((RECIPES_DIR / "planted.yaml").read_text().replace("block_size: 64", "block_size: 32"))
@@ -99,9 +143,32 @@ def test_bench_quality_takes_the_geometry_and_every_progress_row_completes(capsy
     rows = {}
     monkeypatch.setattr(StepProgress, "start", lambda self, name, total: rows.__setitem__(name, [0, total]))
     monkeypatch.setattr(StepProgress, "step", lambda self, i: rows[list(rows)[-1]].__setitem__(0, i + 1))
-    code, stdout, _ = paro(capsys, "bench", "quality", "--recipe", "planted", "--frames", "4", "--height", "24", "--width", "16",
-                           "--steps", "2", "--prompts", "1", "--density", "0.3", "--no-baselines", "--json")
+    code, stdout, _ = paro(
+        capsys,
+        "bench",
+        "quality",
+        "--recipe",
+        "planted",
+        "--frames",
+        "4",
+        "--height",
+        "24",
+        "--width",
+        "16",
+        "--steps",
+        "2",
+        "--prompts",
+        "1",
+        "--density",
+        "0.3",
+        "--no-baselines",
+        "--json",
+    )
     assert code == 0 and json.loads(stdout)["grid"] == [4, 12, 8]
-    assert list(rows) == ["dense", "paro d=0.3 fp32/fp32: profiling orders", "paro d=0.3 fp32/fp32: building masks",
-                          "paro d=0.3 fp32/fp32"]
+    assert list(rows) == [
+        "dense",
+        "paro d=0.3 fp32/fp32: profiling orders",
+        "paro d=0.3 fp32/fp32: building masks",
+        "paro d=0.3 fp32/fp32",
+    ]
     assert all(done == total == 2 for done, total in rows.values())

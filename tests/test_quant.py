@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from paro_kernels.quant import MIN_AMAX, SHIFT_SAMPLES, channel_shift, choose_scale, dequantize, fake_quantize, quantize, quantize_probabilities
+from paro_kernels.quant import (
+    MIN_AMAX,
+    SHIFT_SAMPLES,
+    channel_shift,
+    choose_scale,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_probabilities,
+)
 
 
 def _scales_by_loop(x, block, qmax):

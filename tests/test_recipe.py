@@ -15,24 +15,36 @@ def test_shipped_recipes_are_valid():
 
 
 def test_overrides_reach_nested_fields():
-    r = load_recipe("tiny", {"geometry.frames": 4, "sparsity.density": 0.25, "precision.qk": "int8", "model": "x/y", "sampling.steps": None})
+    r = load_recipe(
+        "tiny",
+        {
+            "geometry.frames": 4,
+            "sparsity.density": 0.25,
+            "precision.qk": "int8",
+            "model": "x/y",
+            "sampling.steps": None,
+        },
+    )
     assert (r.geometry.frames, r.sparsity.density, r.precision.qk, r.model) == (4, 0.25, "int8", "x/y")
     assert r.sampling.steps == load_recipe("tiny").sampling.steps  # None means "not given"
 
 
-@pytest.mark.parametrize("text,message", [
-    ("sparsity: {densty: 0.3}", "unknown recipe key 'sparsity.densty'"),
-    ("colour: red", "unknown recipe key 'colour'"),
-    ("sparsity: {density: 1.5}", "sparsity.density is 1.5"),
-    ("sparsity: {block_size: 48}", "one of 16, 32, 64, 128"),
-    ("precision: {qk: int3}", "precision.qk is 'int3'"),
-    ("sampling: {steps: 0}", "sampling.steps is 0"),
-    ("geometry: {frames: eight}", "geometry.frames must be int"),
-    ("backend: cuda", "backend is 'cuda'"),
-    ("calibration: {prompts: []}", "calibration.prompts"),
-    ("geometry: 3", "geometry must be a mapping"),
-    ("sparsity: {density: [", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("sparsity: {densty: 0.3}", "unknown recipe key 'sparsity.densty'"),
+        ("colour: red", "unknown recipe key 'colour'"),
+        ("sparsity: {density: 1.5}", "sparsity.density is 1.5"),
+        ("sparsity: {block_size: 48}", "one of 16, 32, 64, 128"),
+        ("precision: {qk: int3}", "precision.qk is 'int3'"),
+        ("sampling: {steps: 0}", "sampling.steps is 0"),
+        ("geometry: {frames: eight}", "geometry.frames must be int"),
+        ("backend: cuda", "backend is 'cuda'"),
+        ("calibration: {prompts: []}", "calibration.prompts"),
+        ("geometry: 3", "geometry must be a mapping"),
+        ("sparsity: {density: [", "not valid YAML"),
+    ],
+)
 def test_bad_recipes_name_the_field(tmp_path, text, message):
     path = tmp_path / "r.yaml"
     path.write_text(text)

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from conftest import position_in_order, rel_l2, structured_qkv
 from paro_kernels.layout import SequenceLayout
 from paro_kernels.orders import candidate_orders, head_permutations
 from paro_kernels.reference import paro_attention_reference
+
+from conftest import position_in_order, rel_l2, structured_qkv
 
 
 def sdpa(q, k, v, mask=None):
@@ -55,8 +56,9 @@ def test_block_sparse_equals_masked_softmax(text_len, text_first):
     kept |= torch.eye(nb, dtype=torch.bool)
     q, k, v = structured_qkv(2, 105 + text_len, 2, 8, seed=2, dtype=torch.float64)
     layout = SequenceLayout(text_len, text_first)
-    out = paro_attention_reference(q, k, v, perm=head_permutations(orders, grid), kept=kept, block=block, layout=layout,
-                                   max_chunk_elems=2000)  # several query chunks
+    out = paro_attention_reference(
+        q, k, v, perm=head_permutations(orders, grid), kept=kept, block=block, layout=layout, max_chunk_elems=2000
+    )  # several query chunks
     expect = sdpa(q, k, v, element_mask(orders, kept, grid, block, text_len, text_first))
     assert rel_l2(out, expect) <= 1e-12
 
@@ -69,8 +71,16 @@ def test_bounded_chunks_change_nothing():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("qk,pv,bound", [("bf16", "bf16", 1e-2), ("int8", "bf16", 2e-2), ("int8", "fp8", 4e-2),
-                                         ("fp8", "fp8", 4e-2), ("int8", "int8", 4e-2)])
+@pytest.mark.parametrize(
+    "qk,pv,bound",
+    [
+        ("bf16", "bf16", 1e-2),
+        ("int8", "bf16", 2e-2),
+        ("int8", "fp8", 4e-2),
+        ("fp8", "fp8", 4e-2),
+        ("int8", "int8", 4e-2),
+    ],
+)
 def test_quantised_error_within_budget(qk, pv, bound):
     q, k, v = structured_qkv(2, 200, 2, 32, seed=5)
     perm = head_permutations(["HFW", "WHF"], (2, 10, 10))

@@ -1,9 +1,6 @@
 """Sampling (paro_cli/runner.py): pipelines run with the recipe's scheduler settings."""
 
 
-
-
-
 def test_pipelines_get_the_recipes_flow_shift_where_their_scheduler_has_a_fixed_one():
     from diffusers import (
         CogVideoXDDIMScheduler,

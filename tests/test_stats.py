@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from conftest import position_in_order, structured_qkv
 from paro_kernels.layout import SequenceLayout
 from paro_kernels.orders import head_permutations
 from paro_kernels.stats import block_statistics, mass_recall
+
+from conftest import position_in_order, structured_qkv
 
 
 def full_map_statistics(q, k, orders, grid, block, layout):
@@ -22,8 +23,14 @@ def full_map_statistics(q, k, orders, grid, block, layout):
     mass = torch.zeros(heads, nb, nb, dtype=torch.float64)
     ratios = torch.zeros(heads, dtype=torch.float64)
     for h, order in enumerate(orders):
-        blk = torch.tensor([position_in_order(order, grid, f, y, x) // block
-                            for f in range(grid[0]) for y in range(grid[1]) for x in range(grid[2])])
+        blk = torch.tensor(
+            [
+                position_in_order(order, grid, f, y, x) // block
+                for f in range(grid[0])
+                for y in range(grid[1])
+                for x in range(grid[2])
+            ]
+        )
         for i in range(nb):
             for j in range(nb):
                 tile = probs[:, h][:, blk == i][:, :, blk == j]  # (B, rows, cols)

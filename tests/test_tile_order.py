@@ -103,7 +103,7 @@ def test_key_tile_visits_text_tiles_then_the_kept_list_or_every_tile(n_text_tile
         else:
             expect = text + [n_text_tiles + c for c in range(nb) if kept[tile - n_text_tiles, c]]
         assert out[tile].tolist() == expect + [-1] * (n_tiles - len(expect)), f"query tile {tile}"
-    assert out[n_text_tiles + 3, n_text_tiles:n_text_tiles + 2].tolist() == [n_text_tiles + 1, n_text_tiles + 4]
+    assert out[n_text_tiles + 3, n_text_tiles : n_text_tiles + 2].tolist() == [n_text_tiles + 1, n_text_tiles + 4]
 
 
 def test_swizzle_matches_the_bit_moves_and_permutes_within_groups_of_16():
@@ -112,7 +112,7 @@ def test_swizzle_matches_the_bit_moves_and_permutes_within_groups_of_16():
     got = out.tolist()
     assert got == [swizzle_oracle(k) for k in range(256)]
     for group in range(0, 256, 16):
-        assert sorted(got[group:group + 16]) == list(range(group, group + 16))
+        assert sorted(got[group : group + 16]) == list(range(group, group + 16))
     assert [got[k] for k in (0, 1, 2, 4, 8, 14, 15, 16 + 8)] == [0, 1, 4, 8, 2, 14, 15, 16 + 2]
 
 

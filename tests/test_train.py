@@ -8,7 +8,10 @@ from paro_cli.models.loading import load_model
 
 
 def test_resumed_training_equals_uninterrupted_and_exports(tmp_path):
-    quiet = lambda *_: None
+
+    def quiet(*_):
+        pass
+
     train(tmp_path / "a", steps=1, batch_size=1, lr=1e-3, seed=3, max_minutes=10, log=quiet)
     resumed = train(tmp_path / "a", steps=2, batch_size=1, lr=1e-3, seed=3, max_minutes=10, log=quiet)
     straight = train(tmp_path / "b", steps=2, batch_size=1, lr=1e-3, seed=3, max_minutes=10, log=quiet)
@@ -18,7 +21,9 @@ def test_resumed_training_equals_uninterrupted_and_exports(tmp_path):
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
     export(tmp_path / "a", tmp_path / "out")
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "loss.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "MODEL_CARD.md", "loss.png"} <= {
+        p.name for p in (tmp_path / "out").iterdir()
+    }
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").stat().st_size < 16e6
     loaded = load_model(str(tmp_path / "out"))
     ema = a["ema"]

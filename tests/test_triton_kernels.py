@@ -5,29 +5,26 @@ channels), masks are random with the diagonal kept, sizes are ragged."""
 import pytest
 import torch
 
-from conftest import rel_l2, structured_qkv
 from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to_paro_order
 from paro_kernels.orders import candidate_orders, head_permutations
 from paro_kernels.quant import channel_shift, choose_scale, quantize
 from paro_kernels.reference import paro_attention_reference
 from paro_kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
 
+from conftest import attention_case, rel_l2, structured_qkv
+
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests (TRITON_INTERPRET=1)")
 
 # (QK, PV) -> bound on relative L2 error vs the exact float64 masked attention
-BOUNDS = {("native", "native"): 1e-2, ("int8", "native"): 2e-2, ("native", "fp8"): 4e-2, ("int8", "fp8"): 4e-2, ("fp8", "fp8"): 5e-2,
-          ("int8", "int8"): 4e-2, ("int4", "native"): 1.2e-1}
-
-
-def case(grid, text_len, text_first, heads, dim, block, batch=1, density=0.4, seed=0, device="cpu", dtype=torch.bfloat16):
-    n = grid[0] * grid[1] * grid[2]
-    nb = num_blocks(n, block)
-    g = torch.Generator().manual_seed(seed)
-    kept = (torch.rand(heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
-    orders = [candidate_orders(grid)[(seed + h) % 6] for h in range(heads)]
-    q, k, v = (x.to(device=device, dtype=dtype) for x in structured_qkv(batch, n + text_len, heads, dim, seed=seed))
-    return dict(q=q, k=k, v=v, perm=head_permutations(orders, grid).to(device), kept=kept.to(device), block=block,
-                layout=SequenceLayout(text_len, text_first))
+BOUNDS = {
+    ("native", "native"): 1e-2,
+    ("int8", "native"): 2e-2,
+    ("native", "fp8"): 4e-2,
+    ("int8", "fp8"): 4e-2,
+    ("fp8", "fp8"): 5e-2,
+    ("int8", "int8"): 4e-2,
+    ("int4", "native"): 1.2e-1,
+}
 
 
 def run_kernel(c, qk, pv, poison=True, config=None):
@@ -35,19 +32,38 @@ def run_kernel(c, qk, pv, poison=True, config=None):
     qk, pv = (native if f == "native" else f for f in (qk, pv))
     index, count = kept_block_lists(c["kept"])
     out = torch.full_like(c["q"], float("nan")) if poison else None
-    return paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=c["block"],
-                                 layout=c["layout"], qk=qk, pv=pv, out=out, config=config), qk, pv
+    return (
+        paro_attention_triton(
+            c["q"],
+            c["k"],
+            c["v"],
+            perm=c["perm"],
+            kv_index=index,
+            kv_count=count,
+            block=c["block"],
+            layout=c["layout"],
+            qk=qk,
+            pv=pv,
+            out=out,
+            config=config,
+        ),
+        qk,
+        pv,
+    )
 
 
 def exact(c):
-    return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"])
+    return paro_attention_reference(
+        c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"]
+    )
 
 
 def same_semantics(c, qk, pv):
     """The reference with the kernel's formats: it differs from the kernel only by fp32 sums and
     by 8-bit P, which the kernel rounds against running row maxima."""
-    return paro_attention_reference(c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"],
-                                    layout=c["layout"], qk=qk, pv=pv)
+    return paro_attention_reference(
+        c["q"], c["k"], c["v"], perm=c["perm"], kept=c["kept"], block=c["block"], layout=c["layout"], qk=qk, pv=pv
+    )
 
 
 def with_loud_tokens(c, share=0.1, gain=30.0, seed=0):
@@ -73,7 +89,7 @@ def with_loud_second_halves(c, gain=30.0):
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (9, True), (5, False)])
 def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
-    c = case((3, 5, 9), text_len, text_first, heads=2, dim=32, block=32, seed=text_len)
+    c = attention_case((3, 5, 9), text_len, text_first, heads=2, dim=32, block=32, seed=text_len)
     out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()  # every element written over the NaN poison
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
@@ -84,7 +100,7 @@ def test_interpreted_kernel_matches_reference(modes, text_len, text_first):
 @pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8")], ids=lambda m: f"{m[0]}-{m[1]}")
 def test_interpreted_v_scale_changing_between_tiles(modes):
     """A wrong change of V's scale between key tiles is an error of order 1 here, not 1e-2."""
-    c = with_loud_tokens(case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=0))
+    c = with_loud_tokens(attention_case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=0))
     out, qk, pv = run_kernel(c, *modes)
     assert rel_l2(out, same_semantics(c, qk, pv)) <= 2e-2
 
@@ -97,9 +113,11 @@ def test_interpreted_prep_pass_rounds_as_the_quantiser(qk, pv, text_len, text_fi
     each segment (text, then visual in the head's order) after quant.channel_shift; with 328
     tokens the shift samples every second one."""
     block = 32
-    c = case((4, 8, 9), text_len, text_first, heads=2, dim=dim, block=block, seed=5)
+    c = attention_case((4, 8, 9), text_len, text_first, heads=2, dim=dim, block=block, seed=5)
     n_text_tiles, nb = num_blocks(text_len, block), num_blocks(288, block)
-    kp, vp, k_scale, v_scale, v_shift = prepare_kv(c["k"], c["v"], c["perm"], block, c["layout"], qk, pv, n_text_tiles, nb)
+    kp, vp, k_scale, v_scale, v_shift = prepare_kv(
+        c["k"], c["v"], c["perm"], block, c["layout"], qk, pv, n_text_tiles, nb
+    )
     assert torch.equal(v_shift, channel_shift(c["v"]))
     vp = vp.transpose(-1, -2)  # 8-bit V is stored channels first
     for x, fmt, codes, scales in ((c["k"], qk, kp, k_scale), (c["v"], pv, vp, v_scale)):
@@ -109,10 +127,10 @@ def test_interpreted_prep_pass_rounds_as_the_quantiser(qk, pv, text_len, text_fi
             tiles = num_blocks(segment.shape[2], block)
             want_scale = choose_scale(segment - shift, fmt, block)
             want = quantize(segment - shift, want_scale, fmt, block).float()
-            got = codes[:, :, row:row + tiles * block].float()
-            assert torch.equal(scales[:, :, tile:tile + tiles], want_scale.squeeze(-1))
-            assert torch.equal(got[:, :, :segment.shape[2], :dim], want)
-            assert not got[:, :, segment.shape[2]:].any() and not got[..., dim:].any()  # zero padding
+            got = codes[:, :, row : row + tiles * block].float()
+            assert torch.equal(scales[:, :, tile : tile + tiles], want_scale.squeeze(-1))
+            assert torch.equal(got[:, :, : segment.shape[2], :dim], want)
+            assert not got[:, :, segment.shape[2] :].any() and not got[..., dim:].any()  # zero padding
             row, tile = row + tiles * block, tile + tiles
         assert codes.shape[-1] == padded_head_dim(dim) and row == codes.shape[2]
 
@@ -122,7 +140,7 @@ def test_interpreted_prep_pass_rounds_as_the_quantiser(qk, pv, text_len, text_fi
 def test_interpreted_q_k_v_may_have_different_strides(modes):
     """Each of q, k, v is read with its own strides: the same values stored heads-first (as a
     caller's transpose leaves them) give the same output."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=6)
+    c = attention_case((3, 5, 9), 9, True, heads=2, dim=32, block=32, seed=6)
     want, _, _ = run_kernel(c, *modes)
     for name in ("k", "v"):
         heads_first = c[name].transpose(1, 2).contiguous().transpose(1, 2)
@@ -131,14 +149,17 @@ def test_interpreted_q_k_v_may_have_different_strides(modes):
 
 
 @interpreted
-@pytest.mark.parametrize("modes", [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8"), ("int8", "native"), ("native", "native")],
-                         ids=lambda m: f"{m[0]}-{m[1]}")
+@pytest.mark.parametrize(
+    "modes",
+    [("int8", "fp8"), ("fp8", "fp8"), ("int8", "int8"), ("int8", "native"), ("native", "native")],
+    ids=lambda m: f"{m[0]}-{m[1]}",
+)
 @pytest.mark.parametrize("block", [32, 128])
 def test_interpreted_split_tiles_equal_whole_tiles(modes, block):
     """Two programs per query tile, each with half its rows (the H100 launch at head dim 64 with
     8-bit QK), compute exactly what one program does: a 32-row tile's halves share its query
     scale, a 128-row tile's halves have one each (quant.QUERY_SCALE_ROWS)."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=3)
+    c = attention_case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=3)
     whole, _, _ = run_kernel(c, *modes)
     halves, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2})
     assert not halves.isnan().any()
@@ -152,14 +173,14 @@ def test_interpreted_query_scale_per_64_rows(modes, split):
     """In 128-row tiles each 64 query rows have their own scale, in one program or two: with the
     queries of every tile's second half 30 times louder, a scale for the whole tile would leave
     the first half a few codes (an error of order 1e-1 against the reference)."""
-    c = with_loud_second_halves(case((3, 5, 9), 0, True, heads=2, dim=32, block=128, seed=7))
+    c = with_loud_second_halves(attention_case((3, 5, 9), 0, True, heads=2, dim=32, block=128, seed=7))
     out, qk, pv = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": split})
     assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @interpreted
 def test_split_must_cut_tiles_into_whole_parts():
-    c = case((2, 4, 6), 0, True, heads=1, dim=32, block=64)
+    c = attention_case((2, 4, 6), 0, True, heads=1, dim=32, block=64)
     for split in (3, 8):
         with pytest.raises(ValueError, match=f"split {split} does not cut block 64"):
             run_kernel(c, "int8", "fp8", config={"num_warps": 1, "num_stages": 1, "split": split})
@@ -171,7 +192,7 @@ def test_split_must_cut_tiles_into_whole_parts():
 def test_interpreted_swizzled_v_gives_the_same_product(modes, block):
     """V's keys swizzled by the prep pass and P's columns by the kernel (the H100 launch at head
     dim 64): the same P V, up to the order of fp32 sums."""
-    c = case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=4)
+    c = attention_case((3, 5, 9), 9, True, heads=2, dim=32, block=block, seed=4)
     whole, _, _ = run_kernel(c, *modes)
     swizzled, _, _ = run_kernel(c, *modes, config={"num_warps": 1, "num_stages": 1, "split": 2, "swizzle_v": True})
     assert not swizzled.isnan().any()
@@ -181,7 +202,7 @@ def test_interpreted_swizzled_v_gives_the_same_product(modes, block):
 @interpreted
 @pytest.mark.parametrize("dim", [16, 24])  # 24: channels padded to 32 and masked
 def test_interpreted_fp16_is_tight(dim):
-    c = case((2, 4, 6), 3, True, heads=2, dim=dim, block=32, dtype=torch.float16)
+    c = attention_case((2, 4, 6), 3, True, heads=2, dim=dim, block=32, dtype=torch.float16)
     out, _, _ = run_kernel(c, "native", "native")
     assert rel_l2(out, exact(c)) <= 1e-3
     out, _, _ = run_kernel(c, "int8", "fp8")
@@ -192,7 +213,7 @@ def test_interpreted_fp16_is_tight(dim):
 @pytest.mark.parametrize("modes", [("int8", "fp8"), ("native", "native")], ids=lambda m: f"{m[0]}-{m[1]}")
 def test_interpreted_row_with_no_key_outputs_zero(modes):
     """As the reference: no key, no output (not V's shift, which the 8-bit PV path adds back)."""
-    c = case((2, 4, 8), 0, True, heads=2, dim=32, block=32, density=0.5)
+    c = attention_case((2, 4, 8), 0, True, heads=2, dim=32, block=32, density=0.5)
     c["kept"][1, 1] = False
     out, _, _ = run_kernel(c, *modes)
     rows = c["perm"][1, 32:64].long()
@@ -204,7 +225,7 @@ def test_interpreted_row_with_no_key_outputs_zero(modes):
 def test_custom_op_and_shape_checks(device):
     import paro_kernels.ops  # noqa: F401
 
-    c = case((2, 4, 8), 0, True, heads=2, dim=16, block=32, device=device)
+    c = attention_case((2, 4, 8), 0, True, heads=2, dim=16, block=32, device=device)
     index, count = kept_block_lists(c["kept"])
     out = torch.ops.paro.attention(c["q"], c["k"], c["v"], c["perm"], index, count, 32, 0, True, "int8", "fp8", 0.25)
     assert rel_l2(out, exact(c)) <= 4e-2
@@ -212,7 +233,9 @@ def test_custom_op_and_shape_checks(device):
         q = torch.zeros(1, 32, 2, 160, dtype=torch.bfloat16, device=device)
         paro_attention_triton(q, q, q, perm=c["perm"], kv_index=index, kv_count=count, block=32)
     with pytest.raises(ValueError, match="bf16 or fp16"):
-        paro_attention_triton(c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=32)
+        paro_attention_triton(
+            c["q"].float(), c["k"].float(), c["v"].float(), perm=c["perm"], kv_index=index, kv_count=count, block=32
+        )
     with pytest.raises(ValueError, match="do not fit"):
         paro_attention_triton(c["q"], c["k"], c["v"], perm=c["perm"], kv_index=index, kv_count=count, block=64)
 
@@ -220,14 +243,19 @@ def test_custom_op_and_shape_checks(device):
 # ---------------------------------------------------------------------------------------------
 # On the GPU (run on the H100 before a kernel change lands)
 
-GPU_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 16, 16), 512, True, 128), ((6, 10, 14), 33, False, 64)]
+GPU_CASES = [
+    ((5, 12, 18), 226, True, 64),
+    ((4, 9, 16), 0, True, 128),
+    ((3, 16, 16), 512, True, 128),
+    ((6, 10, 14), 33, False, 64),
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("modes", list(BOUNDS), ids=lambda m: f"{m[0]}-{m[1]}")
 @pytest.mark.parametrize("grid,text_len,text_first,dim", GPU_CASES, ids=lambda x: str(x))
 def test_gpu_kernel_matches_reference(modes, grid, text_len, text_first, dim):
-    c = case(grid, text_len, text_first, heads=3, dim=dim, block=64, batch=2, density=0.3, device="cuda")
+    c = attention_case(grid, text_len, text_first, heads=3, dim=dim, block=64, batch=2, density=0.3, device="cuda")
     out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()
     assert rel_l2(out, exact(c)) <= BOUNDS[modes]
@@ -236,11 +264,13 @@ def test_gpu_kernel_matches_reference(modes, grid, text_len, text_first, dim):
 
 @pytest.mark.gpu
 def test_gpu_identity_order_and_density_one_equal_flash():
-    c = case((4, 8, 8), 0, True, heads=4, dim=64, block=64, batch=2, device="cuda", dtype=torch.float16)
+    c = attention_case((4, 8, 8), 0, True, heads=4, dim=64, block=64, batch=2, device="cuda", dtype=torch.float16)
     c["perm"] = torch.arange(256, device="cuda").expand(4, 256).contiguous()
     c["kept"] = torch.ones_like(c["kept"])
     out, _, _ = run_kernel(c, "native", "native")
-    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (c["q"], c["k"], c["v"]))).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (c["q"], c["k"], c["v"]))
+    ).transpose(1, 2)
     assert rel_l2(out, sdpa) <= 2e-3
 
 
@@ -259,8 +289,12 @@ def test_gpu_statistics_kernel_matches_torch():
     assert torch.equal(mass_recall(fast.mass, 0.3).argmax(0), mass_recall(slow.mass, 0.3).argmax(0))
 
 
-HOPPER_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 16, 16), 512, True, 128),
-                ((6, 10, 14), 33, False, 96)]
+HOPPER_CASES = [
+    ((5, 12, 18), 226, True, 64),
+    ((4, 9, 16), 0, True, 128),
+    ((3, 16, 16), 512, True, 128),
+    ((6, 10, 14), 33, False, 96),
+]
 
 
 @pytest.mark.gpu
@@ -269,7 +303,7 @@ HOPPER_CASES = [((5, 12, 18), 226, True, 64), ((4, 9, 16), 0, True, 128), ((3, 1
 def test_gpu_block_128_matches_reference(modes, grid, text_len, text_first, dim):
     """Block 128 is the warp-specialised Hopper kernel's (kernels/paro_kernels/hopper_attention.py) on an
     H100, for the calls it covers; an empty kept row outputs what the reference does."""
-    c = case(grid, text_len, text_first, heads=3, dim=dim, block=128, batch=2, density=0.3, device="cuda")
+    c = attention_case(grid, text_len, text_first, heads=3, dim=dim, block=128, batch=2, density=0.3, device="cuda")
     c["kept"][1, 1] = False  # with no text, the row attends to nothing
     out, qk, pv = run_kernel(c, *modes)
     assert not out.isnan().any()
@@ -283,7 +317,9 @@ def test_gpu_block_128_matches_reference(modes, grid, text_len, text_first, dim)
 def test_gpu_v_scale_changing_between_tiles(modes, block, dim):
     """As the interpreted test, on the kernels an H100 runs: the Hopper kernel (block 128, head
     dim 128), the split portable kernel (block 128, head dim 64), the portable kernel."""
-    c = with_loud_tokens(case((8, 12, 16), 226, True, heads=2, dim=dim, block=block, batch=2, density=0.5, device="cuda"))
+    c = with_loud_tokens(
+        attention_case((8, 12, 16), 226, True, heads=2, dim=dim, block=block, batch=2, density=0.5, device="cuda")
+    )
     out, qk, pv = run_kernel(c, *modes)
     assert rel_l2(out, same_semantics(c, qk, pv)) <= 2e-2
 
@@ -295,13 +331,17 @@ def test_gpu_query_scale_per_64_rows(modes, dim):
     """As the interpreted test, on the kernels an H100 runs at block 128: the Hopper kernel (head
     dim 128: a scale per consumer warpgroup), the portable kernel split in two programs (head dim
     64, FP8 PV) and whole (head dim 64, 16-bit PV: a scale per row)."""
-    c = with_loud_second_halves(case((8, 12, 16), 0, True, heads=2, dim=dim, block=128, batch=2, density=0.5, device="cuda"))
+    c = with_loud_second_halves(
+        attention_case((8, 12, 16), 0, True, heads=2, dim=dim, block=128, batch=2, density=0.5, device="cuda")
+    )
     out, qk, pv = run_kernel(c, *modes)
     assert rel_l2(out, same_semantics(c, qk, pv)) <= 1e-2
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"
+)
 def test_gpu_hopper_kernel_serves_block_128_on_sm90():
     from paro_kernels import hopper_attention
 
@@ -313,3 +353,28 @@ def test_gpu_hopper_kernel_serves_block_128_on_sm90():
     assert not hopper_attention.chosen(device, 128, 64, "int8", "fp8")  # the portable kernel is faster there
     assert not hopper_attention.chosen(device, 64, 128, "bf16", "bf16")
     assert not hopper_attention.chosen(device, 128, 128, "int8", "int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"
+)
+def test_gpu_calls_the_hopper_kernel_chooses_reach_its_launch_and_no_others(monkeypatch):
+    """The dispatch itself: paro_attention_triton hands exactly the calls `chosen` names to
+    hopper_attention.launch (whose outputs match the reference), every other call to the portable kernel."""
+    from paro_kernels import hopper_attention
+
+    launches = []
+    real_launch = hopper_attention.launch
+    monkeypatch.setattr(hopper_attention, "launch", lambda *a, **k: launches.append(1) or real_launch(*a, **k))
+    for block, dim, qk, pv, hopper in (
+        (128, 128, "int8", "fp8", True),
+        (128, 64, "bf16", "bf16", True),
+        (128, 64, "int8", "fp8", False),
+        (64, 128, "bf16", "bf16", False),
+    ):
+        launches.clear()
+        c = attention_case((2, 8, 16), 64, True, 2, dim, block, device="cuda")
+        out, qk_, pv_ = run_kernel(c, qk, pv)
+        assert len(launches) == hopper, (block, dim, qk, pv)
+        assert rel_l2(out, same_semantics(c, qk_, pv_)) <= 1e-2

@@ -41,9 +41,15 @@ from .tile_order import key_tile, program_tile, swizzled_columns
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
     _IMPORTED = True
 except ImportError:  # a Triton without this Gluon API: the portable kernel serves
     _IMPORTED = False
@@ -55,15 +61,24 @@ SHARED_MEMORY = 232448 - 1024  # H100's per-block limit, less room for the mbarr
 
 def available(device: torch.device) -> bool:
     """True on an sm_90 GPU with the Triton release this module was written for."""
-    return (_IMPORTED and device.type == "cuda" and triton.__version__.startswith("3.6.")
-            and torch.cuda.get_device_capability(device) == (9, 0))
+    return (
+        _IMPORTED
+        and device.type == "cuda"
+        and triton.__version__.startswith("3.6.")
+        and torch.cuda.get_device_capability(device) == (9, 0)
+    )
 
 
 def chosen(device: torch.device, block: int, head_dim: int, qk: str, pv: str) -> bool:
     """Whether a call goes to this kernel (head_dim: the padded one). Head dim 64 with 8-bit
     QK stays on the portable kernel, which is faster there (module docstring)."""
-    return (block == BLOCK and head_dim in HEAD_DIMS and pv in HOPPER_PV_FORMATS
-            and not (head_dim == 64 and is_scaled(qk)) and available(device))
+    return (
+        block == BLOCK
+        and head_dim in HEAD_DIMS
+        and pv in HOPPER_PV_FORMATS
+        and not (head_dim == 64 and is_scaled(qk))
+        and available(device)
+    )
 
 
 def stages(head_dim: int, qk_bytes: int, pv_bytes: int) -> int:
@@ -91,8 +106,23 @@ if _IMPORTED:
         mbarrier.wait(turn.index(c), k & 1, pred=k >= 0)
 
     @gluon.jit
-    def _produce(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, list_ptr, is_text, n_text_tiles, n_keys, n_tiles,
-                 kv_row0, v_row0, PV: gl.constexpr, STAGES: gl.constexpr):
+    def _produce(
+        k_desc,
+        v_desc,
+        k_smem,
+        v_smem,
+        kv_ready,
+        kv_empty,
+        list_ptr,
+        is_text,
+        n_text_tiles,
+        n_keys,
+        n_tiles,
+        kv_row0,
+        v_row0,
+        PV: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
         """The producer warp: TMA copies of the visited K and V tiles into the ring."""
         BLOCK: gl.constexpr = k_desc.block_shape[0]
         for j in range(gl.maximum(n_keys, 1)):
@@ -120,9 +150,29 @@ if _IMPORTED:
         return scale, v_scale
 
     @gluon.jit
-    def _consume(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
-                 is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N,
-                 QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr):
+    def _consume(
+        c: gl.constexpr,
+        q_smem,
+        k_smem,
+        v_smem,
+        kv_ready,
+        kv_empty,
+        turn,
+        kscale_ptr,
+        vscale_ptr,
+        list_ptr,
+        is_text,
+        n_text_tiles,
+        n_keys,
+        n_tiles,
+        score_scale,
+        T,
+        N,
+        QK: gl.constexpr,
+        PV: gl.constexpr,
+        P_SHIFT: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
         """Consumer c: the online softmax of query rows [64 c, 64 c + 64). Returns (acc, l_i,
         the scale of the V tile acc is in units of: see triton_attention's module docstring).
 
@@ -138,7 +188,9 @@ if _IMPORTED:
         HEAD_DIM: gl.constexpr = q_smem.shape[1]
         s_layout: gl.constexpr = _mma_layout(BLOCK, qk_ty.primitive_bitwidth)
         o_layout: gl.constexpr = _mma_layout(HEAD_DIM, pv_ty.primitive_bitwidth)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=32 // pv_ty.primitive_bitwidth)
+        p_layout: gl.constexpr = gl.DotOperandLayout(
+            operand_index=0, parent=o_layout, k_width=32 // pv_ty.primitive_bitwidth
+        )
         q_rows = q_smem.slice(c * 64, 64)
         if QK == INT:
             s_zero = gl.zeros([64, BLOCK], gl.int32, s_layout)
@@ -198,7 +250,9 @@ if _IMPORTED:
                 acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
             else:  # 8-bit products apart, added in fp32: the tensor cores sum them into acc at reduced precision
                 pv = warpgroup_mma(p_op, v_tile, o_zero, use_acc=False, is_async=True)
-            s_next = warpgroup_mma(q_rows, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s_next = warpgroup_mma(
+                q_rows, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
             mbarrier.arrive(turn.index(1 - c))
             if PV == FLOAT:
                 acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
@@ -210,8 +264,26 @@ if _IMPORTED:
         return acc, l_i, v_scale
 
     @gluon.jit
-    def _store(acc, l_i, v_scale, row0: gl.constexpr, n_keys, tile, n_text_tiles, T, N, o_ptr, vshift_ptr, perm_h,
-               text_base, vis_base, stride_qs, BLOCK: gl.constexpr, PV: gl.constexpr, DIM: gl.constexpr):
+    def _store(
+        acc,
+        l_i,
+        v_scale,
+        row0: gl.constexpr,
+        n_keys,
+        tile,
+        n_text_tiles,
+        T,
+        N,
+        o_ptr,
+        vshift_ptr,
+        perm_h,
+        text_base,
+        vis_base,
+        stride_qs,
+        BLOCK: gl.constexpr,
+        PV: gl.constexpr,
+        DIM: gl.constexpr,
+    ):
         """Normalise 64 rows and write them back through the head's order."""
         o_layout: gl.constexpr = acc.type.layout
         HEAD_DIM: gl.constexpr = acc.shape[1]
@@ -223,39 +295,137 @@ if _IMPORTED:
             out = out * v_scale + v_shift[None, :]
         out = gl.where((n_keys > 0) & (l_o > 0)[:, None], out, 0.0)  # a row that saw no key outputs 0
         is_text = tile < n_text_tiles
-        pos = gl.where(is_text, tile, tile - n_text_tiles) * BLOCK + row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+        pos = (
+            gl.where(is_text, tile, tile - n_text_tiles) * BLOCK
+            + row0
+            + gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+        )
         valid = pos < gl.where(is_text, T, N)
         token = gl.load(perm_h + gl.where(valid & ~is_text, pos, 0))
         original = gl.where(is_text, text_base + pos, vis_base + token).to(gl.int64)
-        gl.store(o_ptr + original[:, None] * stride_qs + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=valid[:, None] & (d[None, :] < DIM))
+        gl.store(
+            o_ptr + original[:, None] * stride_qs + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=valid[:, None] & (d[None, :] < DIM),
+        )
 
     @gluon.jit
-    def _consumer(c: gl.constexpr, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
-                  is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
-                  vis_base, stride_qs, QK: gl.constexpr, PV: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr,
-                  DIM: gl.constexpr):
+    def _consumer(
+        c: gl.constexpr,
+        q_smem,
+        k_smem,
+        v_smem,
+        kv_ready,
+        kv_empty,
+        turn,
+        kscale_ptr,
+        vscale_ptr,
+        list_ptr,
+        is_text,
+        n_text_tiles,
+        n_keys,
+        n_tiles,
+        score_scale,
+        T,
+        N,
+        tile,
+        o_ptr,
+        vshift_ptr,
+        perm_h,
+        text_base,
+        vis_base,
+        stride_qs,
+        QK: gl.constexpr,
+        PV: gl.constexpr,
+        P_SHIFT: gl.constexpr,
+        STAGES: gl.constexpr,
+        DIM: gl.constexpr,
+    ):
         """Consumer c's rows: the online softmax, then the store."""
-        acc, l_i, v_scale = _consume(c, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr,
-                                     is_text, n_text_tiles, n_keys, n_tiles, score_scale, T, N, QK, PV, P_SHIFT, STAGES)
-        _store(acc, l_i, v_scale, c * 64, n_keys, tile, n_text_tiles, T, N, o_ptr, vshift_ptr, perm_h, text_base, vis_base,
-               stride_qs, k_smem.shape[1], PV, DIM)
+        acc, l_i, v_scale = _consume(
+            c,
+            q_smem,
+            k_smem,
+            v_smem,
+            kv_ready,
+            kv_empty,
+            turn,
+            kscale_ptr,
+            vscale_ptr,
+            list_ptr,
+            is_text,
+            n_text_tiles,
+            n_keys,
+            n_tiles,
+            score_scale,
+            T,
+            N,
+            QK,
+            PV,
+            P_SHIFT,
+            STAGES,
+        )
+        _store(
+            acc,
+            l_i,
+            v_scale,
+            c * 64,
+            n_keys,
+            tile,
+            n_text_tiles,
+            T,
+            N,
+            o_ptr,
+            vshift_ptr,
+            perm_h,
+            text_base,
+            vis_base,
+            stride_qs,
+            k_smem.shape[1],
+            PV,
+            DIM,
+        )
 
     @gluon.jit
     def _paro_attention_sm90(
-        Q, k_desc, v_desc, Out, Perm, KvIndex, KvCount, KScale, VScale, VShift,
-        stride_qb, stride_qh, stride_qs,
-        H, T, N, n_text_tiles, nb, score_scale, text_first,
-        HEAD_DIM: gl.constexpr, DIM: gl.constexpr, QK: gl.constexpr, QK_QMAX: gl.constexpr, PV: gl.constexpr,
-        MIN_AMAX_: gl.constexpr, P_SHIFT: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        Q,
+        k_desc,
+        v_desc,
+        Out,
+        Perm,
+        KvIndex,
+        KvCount,
+        KScale,
+        VScale,
+        VShift,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        H,
+        T,
+        N,
+        n_text_tiles,
+        nb,
+        score_scale,
+        text_first,
+        HEAD_DIM: gl.constexpr,
+        DIM: gl.constexpr,
+        QK: gl.constexpr,
+        QK_QMAX: gl.constexpr,
+        PV: gl.constexpr,
+        MIN_AMAX_: gl.constexpr,
+        P_SHIFT: gl.constexpr,
+        STAGES: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """One program: one query tile of one (batch, head), in the portable kernel's launch
         order (text query tiles of every head first). QK, PV: formats.CODE's codes (PV not
         INT). Out has Q's layout and strides; channels are contiguous."""
         BLOCK: gl.constexpr = k_desc.block_shape[0]
         n_tiles = n_text_tiles + nb
-        tile, bh = program_tile(gl.program_id(0) + gl.program_id(1).to(gl.int64) * n_tiles, n_text_tiles, nb,
-                                gl.num_programs(1))
+        tile, bh = program_tile(
+            gl.program_id(0) + gl.program_id(1).to(gl.int64) * n_tiles, n_text_tiles, nb, gl.num_programs(1)
+        )
         b = bh // H
         h = bh % H
         perm_h = Perm + h.to(gl.int64) * N
@@ -272,8 +442,11 @@ if _IMPORTED:
         original = gl.where(is_text, text_base + pos, vis_base + token)
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ql))
         q_base = Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-        q = gl.load(q_base + original[:, None].to(gl.int64) * stride_qs + d[None, :],
-                    mask=valid[:, None] & (d[None, :] < DIM), other=0.0)
+        q = gl.load(
+            q_base + original[:, None].to(gl.int64) * stride_qs + d[None, :],
+            mask=valid[:, None] & (d[None, :] < DIM),
+            other=0.0,
+        )
         score_scale0 = score_scale  # consumer 0's, rows [0, 64)
         score_scale1 = score_scale  # consumer 1's, rows [64, 128)
         if QK != FLOAT:
@@ -311,22 +484,107 @@ if _IMPORTED:
         # Consumer 0 runs in the program's own warps (the default partition), consumer 1 and the
         # producer in workers. (Gluon passes constexprs to partitions only when they are spelled
         # out in the tuple.)
-        gl.warp_specialize([
-            (_consumer, (0, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
-                           n_text_tiles, n_keys, n_tiles, score_scale0, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
-                           vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
-            (_consumer, (1, q_smem, k_smem, v_smem, kv_ready, kv_empty, turn, kscale_ptr, vscale_ptr, list_ptr, is_text,
-                           n_text_tiles, n_keys, n_tiles, score_scale1, T, N, tile, o_ptr, vshift_ptr, perm_h, text_base,
-                           vis_base, stride_qs, QK, PV, P_SHIFT, STAGES, DIM)),
-            (_produce, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, list_ptr, is_text, n_text_tiles, n_keys,
-                        n_tiles, bh * n_tiles * BLOCK, bh * HEAD_DIM, PV, STAGES)),
-        ], [4, 1], [240, 24])
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        0,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        kv_ready,
+                        kv_empty,
+                        turn,
+                        kscale_ptr,
+                        vscale_ptr,
+                        list_ptr,
+                        is_text,
+                        n_text_tiles,
+                        n_keys,
+                        n_tiles,
+                        score_scale0,
+                        T,
+                        N,
+                        tile,
+                        o_ptr,
+                        vshift_ptr,
+                        perm_h,
+                        text_base,
+                        vis_base,
+                        stride_qs,
+                        QK,
+                        PV,
+                        P_SHIFT,
+                        STAGES,
+                        DIM,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        1,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        kv_ready,
+                        kv_empty,
+                        turn,
+                        kscale_ptr,
+                        vscale_ptr,
+                        list_ptr,
+                        is_text,
+                        n_text_tiles,
+                        n_keys,
+                        n_tiles,
+                        score_scale1,
+                        T,
+                        N,
+                        tile,
+                        o_ptr,
+                        vshift_ptr,
+                        perm_h,
+                        text_base,
+                        vis_base,
+                        stride_qs,
+                        QK,
+                        PV,
+                        P_SHIFT,
+                        STAGES,
+                        DIM,
+                    ),
+                ),
+                (
+                    _produce,
+                    (
+                        k_desc,
+                        v_desc,
+                        k_smem,
+                        v_smem,
+                        kv_ready,
+                        kv_empty,
+                        list_ptr,
+                        is_text,
+                        n_text_tiles,
+                        n_keys,
+                        n_tiles,
+                        bh * n_tiles * BLOCK,
+                        bh * HEAD_DIM,
+                        PV,
+                        STAGES,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [240, 24],
+        )
 
 
 def _tile_layout(shape, element_bits):
     """Shared-memory layout of a TMA tile: the widest swizzle its rows allow."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=min(128, shape[-1] * element_bits // 8), element_bitwidth=element_bits,
-                                rank=2)
+    return gl.NVMMASharedLayout(
+        swizzle_byte_width=min(128, shape[-1] * element_bits // 8), element_bitwidth=element_bits, rank=2
+    )
 
 
 def _descriptor(buffer: torch.Tensor, block_shape: list[int]):
@@ -335,17 +593,65 @@ def _descriptor(buffer: torch.Tensor, block_shape: list[int]):
     return TensorDescriptor.from_tensor(flat, block_shape, _tile_layout(block_shape, buffer.element_size() * 8))
 
 
-def launch(q, kp, vp, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift, *, heads, t, n, n_text_tiles, nb,
-           score_scale, text_first, dim, qk_code, qk_qmax, pv_code, min_amax, p_shift):
+def launch(
+    q,
+    kp,
+    vp,
+    out,
+    perm,
+    kv_index,
+    kv_count,
+    k_scale,
+    v_scale,
+    v_shift,
+    *,
+    heads,
+    t,
+    n,
+    n_text_tiles,
+    nb,
+    score_scale,
+    text_first,
+    dim,
+    qk_code,
+    qk_qmax,
+    pv_code,
+    min_amax,
+    p_shift,
+):
     """Launch on the prep pass's buffers: kp (B, H, rows, HEAD_DIM); vp the same when 16-bit,
     (B, H, HEAD_DIM, rows) when 8-bit. Same scalar arguments as the portable kernel."""
     head_dim = kp.shape[-1]
     k_desc = _descriptor(kp, [BLOCK, head_dim])
     v_desc = _descriptor(vp, [head_dim, BLOCK] if pv_code != formats.FLOAT else [BLOCK, head_dim])
     _paro_attention_sm90[(n_text_tiles + nb, q.shape[0] * heads)](
-        q, k_desc, v_desc, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
-        q.stride(0), q.stride(2), q.stride(1),
-        heads, t, n, n_text_tiles, nb, score_scale, text_first,
-        HEAD_DIM=head_dim, DIM=dim, QK=qk_code, QK_QMAX=qk_qmax, PV=pv_code, MIN_AMAX_=min_amax, P_SHIFT=p_shift,
-        STAGES=stages(head_dim, kp.element_size(), vp.element_size()), num_warps=4,
+        q,
+        k_desc,
+        v_desc,
+        out,
+        perm,
+        kv_index,
+        kv_count,
+        k_scale,
+        v_scale,
+        v_shift,
+        q.stride(0),
+        q.stride(2),
+        q.stride(1),
+        heads,
+        t,
+        n,
+        n_text_tiles,
+        nb,
+        score_scale,
+        text_first,
+        HEAD_DIM=head_dim,
+        DIM=dim,
+        QK=qk_code,
+        QK_QMAX=qk_qmax,
+        PV=pv_code,
+        MIN_AMAX_=min_amax,
+        P_SHIFT=p_shift,
+        STAGES=stages(head_dim, kp.element_size(), vp.element_size()),
+        num_warps=4,
     )

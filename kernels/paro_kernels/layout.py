@@ -51,7 +51,9 @@ def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(2, perm.to(x.device)[None, :, :, None].expand(b, h, n, d))
 
 
-def to_paro_order(x: torch.Tensor, layout: SequenceLayout, perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def to_paro_order(
+    x: torch.Tensor, layout: SequenceLayout, perm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' (B, S, H, D) -> (text, permuted visual), each (B, H, len, D)."""
     text, visual = layout.split(x.transpose(1, 2), dim=2)
     if perm is not None:

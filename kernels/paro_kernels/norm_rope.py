@@ -33,9 +33,28 @@ TILE, PER_WARP = 2048, 1024
 
 
 @triton.jit
-def _norm_rope_kernel(x_ptr, out_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, n_rows, rows_per_token, seq_len, rope_start, eps,
-                      cos_row_stride, CHUNK: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_D: tl.constexpr, RMS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _norm_rope_kernel(
+    x_ptr,
+    out_ptr,
+    w_ptr,
+    b_ptr,
+    cos_ptr,
+    sin_ptr,
+    n_rows,
+    rows_per_token,
+    seq_len,
+    rope_start,
+    eps,
+    cos_row_stride,
+    CHUNK: tl.constexpr,
+    DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr,
+    PER_HEAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """ROWS rows of CHUNK consecutive heads of one token (a row-wide norm: all of its heads) as
     a contiguous [ROWS, BLOCK_H, BLOCK_D] tile, split into the even and odd channels of each pair
     in registers: loads and stores stay contiguous and wide, and a token's cos/sin row is read
@@ -93,8 +112,19 @@ def launch_shape(heads: int, dim: int, per_head: bool, tile: int) -> tuple[int, 
     return chunk, block_h, block_d, max(1, tile // (block_h * block_d))
 
 
-def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight: torch.Tensor, bias: torch.Tensor | None,
-              eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None, rope_start: int = 0) -> torch.Tensor:
+def norm_rope(
+    x: torch.Tensor,
+    *,
+    heads: int,
+    norm: str,
+    per_head: bool,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    rope_start: int = 0,
+) -> torch.Tensor:
     """Normalised and rotated copy of projected queries or keys x (B, S, heads * D).
 
     weight / bias: the norm's affine parameters, (heads * D) for a row norm, (D) per head.
@@ -111,7 +141,9 @@ def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight:
         rope_start = seq_len
         cos = sin = torch.zeros(1, dim, device=x.device)
     elif cos.reshape(-1, dim).shape != (seq_len - rope_start, dim) or sin.shape != cos.shape:
-        raise ValueError(f"cos/sin must be ({seq_len - rope_start}, {dim}) tables, got {tuple(cos.shape)} / {tuple(sin.shape)}")
+        raise ValueError(
+            f"cos/sin must be ({seq_len - rope_start}, {dim}) tables, got {tuple(cos.shape)} / {tuple(sin.shape)}"
+        )
     cos, sin = (t.reshape(-1, dim) for t in (cos, sin))
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("cos/sin rows must be contiguous and strided alike")
@@ -120,8 +152,26 @@ def norm_rope(x: torch.Tensor, *, heads: int, norm: str, per_head: bool, weight:
     chunk, block_h, block_d, rows = launch_shape(heads, dim, per_head, TILE)
     n_rows = batch * seq_len * heads // chunk
     _norm_rope_kernel[(triton.cdiv(n_rows, rows),)](
-        x, out, weight, bias if bias is not None else weight, cos, sin, n_rows, heads // chunk, seq_len, rope_start, eps,
-        cos.stride(0), CHUNK=chunk, DIM=dim, ROWS=rows, BLOCK_H=block_h, BLOCK_D=block_d, RMS=norm == "rms",
-        PER_HEAD=per_head, HAS_BIAS=bias is not None, num_warps=min(16, max(2, rows * block_h * block_d // PER_WARP)),
+        x,
+        out,
+        weight,
+        bias if bias is not None else weight,
+        cos,
+        sin,
+        n_rows,
+        heads // chunk,
+        seq_len,
+        rope_start,
+        eps,
+        cos.stride(0),
+        CHUNK=chunk,
+        DIM=dim,
+        ROWS=rows,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        RMS=norm == "rms",
+        PER_HEAD=per_head,
+        HAS_BIAS=bias is not None,
+        num_warps=min(16, max(2, rows * block_h * block_d // PER_WARP)),
     )
     return out

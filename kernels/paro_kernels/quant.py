@@ -89,7 +89,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str, block_rows: int | N
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_rows: int | None, dtype: torch.dtype) -> torch.Tensor:
-    return (codes.to(dtype) * _expand(scale, codes.shape[-2], block_rows).to(dtype))
+    return codes.to(dtype) * _expand(scale, codes.shape[-2], block_rows).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:

@@ -33,8 +33,15 @@ from .orders import inverse_permutation
 from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, quantize_probabilities
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_shift: torch.Tensor, allowed: torch.Tensor | None, scale: float,
-            pv: str) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    v_shift: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+    pv: str,
+) -> torch.Tensor:
     """softmax(q k^T * scale) (v + v_shift) over `allowed` (H, rows, S) keys, with P rounded to
     `pv`; v is V less its shift. A row with no key outputs 0."""
     s = (q @ k.transpose(-1, -2)) * scale
@@ -43,9 +50,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_shift: torch.Te
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
+    denominator = p.sum(dim=-1, keepdim=True)
     o = quantize_probabilities(p, pv) @ v
-    return torch.where(l > 0, o / l + v_shift, torch.zeros_like(o))
+    return torch.where(denominator > 0, o / denominator + v_shift, torch.zeros_like(o))
 
 
 def paro_attention_reference(

@@ -116,13 +116,33 @@ def _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK: tl
 
 
 @triton.jit
-def _gather_tile(X, tile, n_text_tiles, T, N, perm_h, offs, d, text_base, vis_base, stride_s, stride_d,
-                 BLOCK: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+def _gather_tile(
+    X,
+    tile,
+    n_text_tiles,
+    T,
+    N,
+    perm_h,
+    offs,
+    d,
+    text_base,
+    vis_base,
+    stride_s,
+    stride_d,
+    BLOCK: tl.constexpr,
+    DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Load one tile of X (already offset to its batch and head) through the head's order, in
     fp32 when UPCAST (the CPU interpreter's 16-bit dots are wrong). Returns (tile, original
     rows, valid rows)."""
     rows, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, text_base, vis_base, BLOCK, True)
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d, mask=_row_mask(valid, d, DIM, HEAD_DIM), other=0.0)
+    x = tl.load(
+        X + rows[:, None].to(tl.int64) * stride_s + d[None, :] * stride_d,
+        mask=_row_mask(valid, d, DIM, HEAD_DIM),
+        other=0.0,
+    )
     if UPCAST:
         x = x.to(tl.float32)
     return x, original, valid
@@ -176,8 +196,9 @@ def _ratio(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, PV_APART: tl.constexpr,
-                SWIZZLE_V: tl.constexpr):
+def _accumulate(
+    acc, p, v_tile, v_offs, PV: tl.constexpr, UPCAST: tl.constexpr, PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr
+):
     """acc + P V for the V tile at `v_tile` (element offsets `v_offs`, as in `_scores`), P
     already in V's format (upcast to fp32 on the CPU interpreter). PV_APART: compute P V into a
     fresh accumulator and add it in fp32. The tensor cores sum FP8 products into an accumulator
@@ -213,14 +234,48 @@ def _p_format(p, v_dtype, PV: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _paro_attention_kernel(
-    Q, K, V, Out, Perm, KvIndex, KvCount, KScale, VScale, VShift,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    H, T, N, n_text_tiles, nb, score_scale, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
-    QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, UPCAST: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    P_SHIFT: tl.constexpr, SPLIT: tl.constexpr, PV_APART: tl.constexpr, SWIZZLE_V: tl.constexpr, Q_GROUP: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Perm,
+    KvIndex,
+    KvCount,
+    KScale,
+    VScale,
+    VShift,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    H,
+    T,
+    N,
+    n_text_tiles,
+    nb,
+    score_scale,
+    text_first,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM: tl.constexpr,
+    QK: tl.constexpr,
+    QK_QMAX: tl.constexpr,
+    PV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    MIN_AMAX_: tl.constexpr,
+    P_SHIFT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PV_APART: tl.constexpr,
+    SWIZZLE_V: tl.constexpr,
+    Q_GROUP: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
     order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
@@ -246,8 +301,24 @@ def _paro_attention_kernel(
     k_scales = KScale + bh.to(tl.int64) * n_tiles
     v_scales = VScale + bh.to(tl.int64) * n_tiles
 
-    q, original, valid = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, q_offs, d, text_base, vis_base,
-                                      stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)
+    q, original, valid = _gather_tile(
+        q_ptr,
+        tile,
+        n_text_tiles,
+        T,
+        N,
+        perm_h,
+        q_offs,
+        d,
+        text_base,
+        vis_base,
+        stride_qs,
+        stride_qd,
+        BLOCK,
+        DIM,
+        HEAD_DIM,
+        False,
+    )
     q_mask = _row_mask(valid, d, DIM, HEAD_DIM)
     if QK == FLOAT:
         if UPCAST:
@@ -266,8 +337,24 @@ def _paro_attention_kernel(
             amax = 0.0
             for other in tl.static_range(1, PARTS):
                 sibling = part - part % PARTS + (part + other) % PARTS
-                other_q = _gather_tile(q_ptr, tile, n_text_tiles, T, N, perm_h, sibling.to(tl.int32) * ROWS + tl.arange(0, ROWS),
-                                       d, text_base, vis_base, stride_qs, stride_qd, BLOCK, DIM, HEAD_DIM, False)[0]
+                other_q = _gather_tile(
+                    q_ptr,
+                    tile,
+                    n_text_tiles,
+                    T,
+                    N,
+                    perm_h,
+                    sibling.to(tl.int32) * ROWS + tl.arange(0, ROWS),
+                    d,
+                    text_base,
+                    vis_base,
+                    stride_qs,
+                    stride_qd,
+                    BLOCK,
+                    DIM,
+                    HEAD_DIM,
+                    False,
+                )[0]
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32)), 1), 0))
             # q's own rows last: their load and the other programs' are then in flight together
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
@@ -307,14 +394,27 @@ def _paro_attention_kernel(
             alpha = alpha * _ratio(v_scale, v_next, UPCAST)
             v_scale = v_next
         acc = acc * alpha[:, None]
-        acc = _accumulate(acc, _p_format(p, v_dtype, PV, UPCAST), v_ptr + first_row * stride_vs, v_offs, PV, UPCAST, PV_APART, SWIZZLE_V)
+        acc = _accumulate(
+            acc,
+            _p_format(p, v_dtype, PV, UPCAST),
+            v_ptr + first_row * stride_vs,
+            v_offs,
+            PV,
+            UPCAST,
+            PV_APART,
+            SWIZZLE_V,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if PV != FLOAT:  # undo V's scale, add back the shift the prep pass removed (a row that saw no key stays 0)
         v_shift = tl.load(VShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)
         out = tl.where(l_i[:, None] > 0, out * v_scale + v_shift[None, :], 0.0)
     o_ptr = Out + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    tl.store(o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd, out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(
+        o_ptr + original[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd,
+        out.to(Out.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @triton.jit
@@ -335,15 +435,47 @@ def _quantise_tile(x, FMT: tl.constexpr, QMAX_: tl.constexpr, MIN_AMAX_: tl.cons
 
 @triton.jit
 def _prep_kernel(
-    K, V, Perm, KShift, VShift, Kp, Vp, KScale, VScale,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_vpb, stride_vph, stride_vps, stride_vpd,
-    H, T, N, n_text_tiles, nb, text_first,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DIM: tl.constexpr,
-    QK: tl.constexpr, QK_QMAX: tl.constexpr, PV: tl.constexpr, PV_QMAX: tl.constexpr, MIN_AMAX_: tl.constexpr,
-    SWIZZLE_V: tl.constexpr, UPCAST: tl.constexpr,
+    K,
+    V,
+    Perm,
+    KShift,
+    VShift,
+    Kp,
+    Vp,
+    KScale,
+    VScale,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_pd,
+    stride_vpb,
+    stride_vph,
+    stride_vps,
+    stride_vpd,
+    H,
+    T,
+    N,
+    n_text_tiles,
+    nb,
+    text_first,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM: tl.constexpr,
+    QK: tl.constexpr,
+    QK_QMAX: tl.constexpr,
+    PV: tl.constexpr,
+    PV_QMAX: tl.constexpr,
+    MIN_AMAX_: tl.constexpr,
+    SWIZZLE_V: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One fused pass over K and V: gather a tile in paro order, remove K's and V's channel
     shifts, quantise each with one scale per tile, write contiguous paro-order buffers (V
@@ -356,14 +488,26 @@ def _prep_kernel(
     offs = tl.arange(0, BLOCK)
     d = tl.arange(0, HEAD_DIM)
     perm_h = Perm + h.to(tl.int64) * N
-    source, original, valid, ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True)
+    source, original, valid, ragged = _rows(
+        tile, n_text_tiles, T, N, perm_h, offs, (1 - text_first) * N, text_first * T, BLOCK, True
+    )
     buf_rows, buf_original, buf_valid, buf_ragged = _rows(tile, n_text_tiles, T, N, perm_h, offs, 0, 0, BLOCK, False)
     rows = original[:, None].to(tl.int64)
     k_src = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows * stride_ks + d[None, :] * stride_kd
     v_src = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows * stride_vs + d[None, :] * stride_vd
-    dst = b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + buf_rows[:, None].to(tl.int64) * stride_ps + d[None, :] * stride_pd
+    dst = (
+        b.to(tl.int64) * stride_pb
+        + h.to(tl.int64) * stride_ph
+        + buf_rows[:, None].to(tl.int64) * stride_ps
+        + d[None, :] * stride_pd
+    )
     v_rows = tile * BLOCK + swizzle(offs) if SWIZZLE_V else buf_rows
-    vdst = b.to(tl.int64) * stride_vpb + h.to(tl.int64) * stride_vph + v_rows[:, None].to(tl.int64) * stride_vps + d[None, :] * stride_vpd
+    vdst = (
+        b.to(tl.int64) * stride_vpb
+        + h.to(tl.int64) * stride_vph
+        + v_rows[:, None].to(tl.int64) * stride_vps
+        + d[None, :] * stride_vpd
+    )
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
     k = tl.load(K + k_src, mask=mask, other=0.0).to(tl.float32)
@@ -386,7 +530,13 @@ def _prep_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side
 
-STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}
+STORAGE = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.int8,
+    "int4": torch.int8,
+    "fp8": torch.float8_e4m3fn,
+}
 P_SCALE = {"fp8": QMAX["fp8"], "int8": QMAX["int8"]}  # static scale of 8-bit P (P <= 1)
 
 
@@ -423,7 +573,9 @@ def launch_config(block: int, head_dim: int, qk: str, pv: str) -> dict:
 
 def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 4:
-        raise ValueError(f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must be bf16 or fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     lo, hi = formats.TRITON_MIN_HEAD_DIM, formats.TRITON_MAX_HEAD_DIM
@@ -436,10 +588,15 @@ def _check(q, k, v, perm, kv_index, kv_count, block, layout, qk, pv):
     n = layout.visual_len(q.shape[1])
     nb = num_blocks(n, block)
     if perm.shape != (q.shape[2], n) or kv_index.shape != (q.shape[2], nb, nb) or kv_count.shape != (q.shape[2], nb):
-        raise ValueError(f"perm/kv_index/kv_count shapes {tuple(perm.shape)}/{tuple(kv_index.shape)}/{tuple(kv_count.shape)} "
-                         f"do not fit H={q.shape[2]}, N={n}, block={block}")
-    for name, t, dtypes in (("perm", perm, (torch.int32, torch.int64)), ("kv_index", kv_index, (torch.int32,)),
-                            ("kv_count", kv_count, (torch.int32,))):
+        raise ValueError(
+            f"perm/kv_index/kv_count shapes {tuple(perm.shape)}/{tuple(kv_index.shape)}/{tuple(kv_count.shape)} "
+            f"do not fit H={q.shape[2]}, N={n}, block={block}"
+        )
+    for name, t, dtypes in (
+        ("perm", perm, (torch.int32, torch.int64)),
+        ("kv_index", kv_index, (torch.int32,)),
+        ("kv_count", kv_count, (torch.int32,)),
+    ):
         if t.dtype not in dtypes or t.device != q.device or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {' or '.join(map(str, dtypes))} tensor on {q.device}")
 
@@ -482,7 +639,9 @@ def paro_attention_triton(
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with q's strides")
 
-    hopper = config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
+    hopper = (
+        config is None and q.stride(3) == 1 and hopper_attention.chosen(q.device, block, padded_head_dim(dim), qk, pv)
+    )
     fp8_pv = pv_code == formats.FP8
     launch = {"swizzle_v": fp8_pv} if hopper else dict(config or launch_config(block, dim, qk, pv))
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", fp8_pv), launch.pop("swizzle_v", False)
@@ -491,20 +650,68 @@ def paro_attention_triton(
     ks, vs, k_scale, v_scale, v_shift = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
     p_shift = math.log2(P_SCALE.get(pv, 1.0))
     if hopper:
-        hopper_attention.launch(q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift, heads=heads, t=t, n=n,
-                                n_text_tiles=n_text_tiles, nb=nb, score_scale=score_scale, text_first=int(layout.text_first),
-                                dim=dim, qk_code=qk_code, qk_qmax=QMAX.get(qk, 1.0), pv_code=pv_code, min_amax=MIN_AMAX,
-                                p_shift=p_shift)
+        hopper_attention.launch(
+            q,
+            ks,
+            vs,
+            out,
+            perm,
+            kv_index,
+            kv_count,
+            k_scale,
+            v_scale,
+            v_shift,
+            heads=heads,
+            t=t,
+            n=n,
+            n_text_tiles=n_text_tiles,
+            nb=nb,
+            score_scale=score_scale,
+            text_first=int(layout.text_first),
+            dim=dim,
+            qk_code=qk_code,
+            qk_qmax=QMAX.get(qk, 1.0),
+            pv_code=pv_code,
+            min_amax=MIN_AMAX,
+            p_shift=p_shift,
+        )
         return out
     # 8-bit V: (B, H, D, S)
     sv = (vs.stride(0), vs.stride(1), vs.stride(3), vs.stride(2)) if is_scaled(pv) else vs.stride()
     sq = (q.stride(0), q.stride(2), q.stride(1), q.stride(3))
     _paro_attention_kernel[((n_text_tiles + nb) * split, bsz * heads)](
-        q, ks, vs, out, perm, kv_index, kv_count, k_scale, v_scale, v_shift,
-        *sq, *ks.stride(), *sv,
-        heads, t, n, n_text_tiles, nb, score_scale, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=qk_code, QK_QMAX=QMAX.get(qk, 1.0),
-        PV=pv_code, UPCAST=INTERPRET, MIN_AMAX_=MIN_AMAX, P_SHIFT=p_shift, SPLIT=split, PV_APART=pv_apart, SWIZZLE_V=swizzle_v,
+        q,
+        ks,
+        vs,
+        out,
+        perm,
+        kv_index,
+        kv_count,
+        k_scale,
+        v_scale,
+        v_shift,
+        *sq,
+        *ks.stride(),
+        *sv,
+        heads,
+        t,
+        n,
+        n_text_tiles,
+        nb,
+        score_scale,
+        int(layout.text_first),
+        BLOCK=block,
+        HEAD_DIM=padded_head_dim(dim),
+        DIM=dim,
+        QK=qk_code,
+        QK_QMAX=QMAX.get(qk, 1.0),
+        PV=pv_code,
+        UPCAST=INTERPRET,
+        MIN_AMAX_=MIN_AMAX,
+        P_SHIFT=p_shift,
+        SPLIT=split,
+        PV_APART=pv_apart,
+        SWIZZLE_V=swizzle_v,
         Q_GROUP=min(block, QUERY_SCALE_ROWS),
         **launch,
     )
@@ -526,15 +733,42 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
     else:
         vp = torch.empty(bsz, heads, rows, width, device=k.device, dtype=STORAGE[pv])
         svp = vp.stride()
-    k_scale, v_scale = (torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32) for _ in range(2))
+    k_scale, v_scale = (
+        torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32) for _ in range(2)
+    )
     unread = torch.empty(1, device=k.device, dtype=torch.float32)
     k_shift = channel_shift(k) if is_scaled(qk) else unread
     v_shift = channel_shift(v) if is_scaled(pv) else unread
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
-        k, v, perm, k_shift, v_shift, kp, vp, k_scale, v_scale,
-        *k.stride(), *v.stride(), *kp.stride(), *svp,
-        heads, layout.text_len, seq - layout.text_len, n_text_tiles, nb, int(layout.text_first),
-        BLOCK=block, HEAD_DIM=padded_head_dim(dim), DIM=dim, QK=CODE[qk], QK_QMAX=QMAX.get(qk, 1.0), PV=CODE[pv],
-        PV_QMAX=QMAX.get(pv, 1.0), MIN_AMAX_=MIN_AMAX, SWIZZLE_V=swizzle_v, UPCAST=INTERPRET, **_warps_and_stages(block, dim),
+        k,
+        v,
+        perm,
+        k_shift,
+        v_shift,
+        kp,
+        vp,
+        k_scale,
+        v_scale,
+        *k.stride(),
+        *v.stride(),
+        *kp.stride(),
+        *svp,
+        heads,
+        layout.text_len,
+        seq - layout.text_len,
+        n_text_tiles,
+        nb,
+        int(layout.text_first),
+        BLOCK=block,
+        HEAD_DIM=padded_head_dim(dim),
+        DIM=dim,
+        QK=CODE[qk],
+        QK_QMAX=QMAX.get(qk, 1.0),
+        PV=CODE[pv],
+        PV_QMAX=QMAX.get(pv, 1.0),
+        MIN_AMAX_=MIN_AMAX,
+        SWIZZLE_V=swizzle_v,
+        UPCAST=INTERPRET,
+        **_warps_and_stages(block, dim),
     )
     return kp, vp, k_scale, v_scale, v_shift

@@ -35,7 +35,9 @@ def _median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def run(loaded, recipe, plan, plan_path: str, grid, prompt: str, seed: int, qk: str | None, pv: str | None, progress) -> dict:
+def run(
+    loaded, recipe, plan, plan_path: str, grid, prompt: str, seed: int, qk: str | None, pv: str | None, progress
+) -> dict:
     """Dense and plan runs; returns the JSON-ready result."""
     dense_out, dense_steps = _timed_sample(loaded, recipe, prompt, seed, "dense", progress)
     with apply(loaded, plan, backend=recipe.backend, qk=qk, pv=pv, grid=grid) as applied:

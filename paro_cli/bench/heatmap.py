@@ -16,12 +16,12 @@ import torch
 from paro_kernels.layout import block_mask_rows
 from paro_kernels.orders import order_permutation
 
-from ..steps import StepTracker
 from ..errors import ParoError
 from ..fileio import atomic_path, check_output_file
 from ..intercept import DenseFn, routed
 from ..plan import Plan
 from ..runner import sample
+from ..steps import StepTracker
 
 # anchors of a dark-to-bright colour map (black, purple, orange, pale yellow)
 _ANCHORS = np.array([[0, 0, 0], [90, 20, 120], [230, 110, 30], [255, 250, 200]], dtype=np.float64)
@@ -74,8 +74,10 @@ def _image(attn: torch.Tensor, kept: torch.Tensor | None, block: int, size: int 
 
 def check_layer_and_head(layer: int, head: int, layers: int, heads: int) -> None:
     if not 0 <= layer < layers or not 0 <= head < heads:
-        raise ParoError(f"--layer {layer} / --head {head} is outside the model's {layers} layers x {heads} heads",
-                        f"choose --layer 0..{layers - 1} and --head 0..{heads - 1}")
+        raise ParoError(
+            f"--layer {layer} / --head {head} is outside the model's {layers} layers x {heads} heads",
+            f"choose --layer 0..{layers - 1} and --head 0..{heads - 1}",
+        )
 
 
 def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: int, head: int, out_dir: Path) -> dict:
@@ -86,7 +88,9 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     check_layer_and_head(layer, head, comp.num_layers, comp.num_heads)
     step = recipe.sampling.steps // 2
     capture = _QKCapture(layer, step)
-    with routed(loaded.components, loaded.adapter, dict.fromkeys(loaded.components, capture)):  # whichever expert runs the step
+    with routed(
+        loaded.components, loaded.adapter, dict.fromkeys(loaded.components, capture)
+    ):  # whichever expert runs the step
         sample(loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done(), decode=False)
     t = capture.tracker.timesteps[step]
     ran = loaded.transformer_at(t * loaded.adapter.num_train_timesteps)
@@ -98,10 +102,20 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     perm = order_permutation(order, plan.grid)
     kept = comp.slot_masks(plan.slot_of(t))[layer, head]
     out_dir.mkdir(parents=True, exist_ok=True)
-    before, after = out_dir / f"attention_l{layer}_h{head}_before.png", out_dir / f"attention_l{layer}_h{head}_after.png"
+    before, after = (
+        out_dir / f"attention_l{layer}_h{head}_before.png",
+        out_dir / f"attention_l{layer}_h{head}_after.png",
+    )
     reordered, n = attn[perm][:, perm], attn.shape[0]
     for path, img in ((before, _image(attn, None, plan.block_size)), (after, _image(reordered, kept, plan.block_size))):
         with atomic_path(check_output_file(path)) as tmp:
             iio.imwrite(tmp, img, extension=".png")
-    return {"layer": layer, "head": head, "step": step, "order": order, "before": str(before), "after": str(after),
-            "kept_mass": float((reordered * block_mask_rows(kept[None], plan.block_size, n, 0, n)[0]).sum() / n)}
+    return {
+        "layer": layer,
+        "head": head,
+        "step": step,
+        "order": order,
+        "before": str(before),
+        "after": str(after),
+        "kept_mass": float((reordered * block_mask_rows(kept[None], plan.block_size, n, 0, n)[0]).sum() / n),
+    }

@@ -32,7 +32,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     w = _gaussian_window()
     pad = w.shape[-1] // 2
     norm = torch.nn.functional.conv2d(torch.ones_like(x[:1]), w, padding=pad)
-    blur = lambda t: torch.nn.functional.conv2d(t, w, padding=pad) / norm
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, w, padding=pad) / norm
+
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2

@@ -22,10 +22,10 @@ from ..calibration import CalibrationProgress
 from ..demo.fidelity import fidelity, parse_caption
 from ..demo.world import sample_scenes
 from ..errors import PlanError
+from ..models.loaded import token_grid
 from ..plan import Plan
 from ..recipe import Recipe
 from ..runner import sample
-from ..models.loaded import token_grid
 from .metrics import cosine, psnr, ssim
 
 PSNR_CAP = 100.0  # dB reported for identical videos (PSNR is infinite there; JSON has no inf)
@@ -60,8 +60,11 @@ def check_given_plan(plan: Plan, recipe: Recipe) -> None:
     ours = (plan.block_size, plan.slot_policy, list(plan.dense_layers))
     theirs = (sp.block_size, sp.slots, list(sp.dense_layers))
     if ours != theirs:
-        raise PlanError(f"the plan has block size / slots / dense layers {ours}, the recipe {theirs}: its baselines would not compare",
-                        "run with the recipe the plan was calibrated with")
+        raise PlanError(
+            f"the plan has block size / slots / dense layers {ours}, the recipe {theirs}: its baselines would not "
+            "compare",
+            "run with the recipe the plan was calibrated with",
+        )
 
 
 def _scores(videos: torch.Tensor, dense: torch.Tensor, prompts: list[str]) -> dict:
@@ -83,8 +86,17 @@ def is_caption(prompt: str) -> bool:
         return False
 
 
-def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[str, str]], prompts: list[str],
-        seeds: list[int], baselines: bool, progress, given: Plan | None = None) -> tuple[dict, dict]:
+def run(
+    loaded,
+    recipe: Recipe,
+    densities: list[float],
+    precisions: list[tuple[str, str]],
+    prompts: list[str],
+    seeds: list[int],
+    baselines: bool,
+    progress,
+    given: Plan | None = None,
+) -> tuple[dict, dict]:
     """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}}).
 
     `given`: a ready plan, used for the paro variant of its density and precision instead of
@@ -101,8 +113,11 @@ def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[s
 
     def calibrated(label: str, r: Recipe):
         """Each calibration pass its own progress row, named for the variant it calibrates."""
-        return calibrate(loaded, recipe=r, progress=CalibrationProgress(lambda name, total: progress.start(f"{label}: {name}", total),
-                                                                        progress.step))
+        return calibrate(
+            loaded,
+            recipe=r,
+            progress=CalibrationProgress(lambda name, total: progress.start(f"{label}: {name}", total), progress.step),
+        )
 
     dense = generate("dense")
     native = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[loaded.dtype]
@@ -116,21 +131,35 @@ def run(loaded, recipe: Recipe, densities: list[float], precisions: list[tuple[s
             else:
                 plan = calibrated(label, _with(recipe, density, qk, pv))
             outputs[label], outputs["plans"][label] = generate(label, plan), plan
-            rows.append({"variant": "paro", "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)})
+            rows.append(
+                {"variant": "paro", "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)}
+            )
         if baselines:
             qk, pv = precisions[0]
-            plain = calibrated(f"no reordering d={density}", _with(recipe, density, qk, pv, orders=(candidate_orders(grid)[0],)))
-            for name, plan in (("no reordering", plain), ("local window", local_window_plan(outputs["plans"][f"paro d={density} {qk}/{pv}"]))):
+            plain = calibrated(
+                f"no reordering d={density}", _with(recipe, density, qk, pv, orders=(candidate_orders(grid)[0],))
+            )
+            for name, plan in (
+                ("no reordering", plain),
+                ("local window", local_window_plan(outputs["plans"][f"paro d={density} {qk}/{pv}"])),
+            ):
                 label = f"{name} d={density} {qk}/{pv}"
                 outputs[label] = generate(label, plan)
-                rows.append({"variant": name, "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)})
+                rows.append(
+                    {"variant": name, "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)}
+                )
     dense_fidelity = rows[0]["fidelity"]
     for row in rows:
         row["fidelity_drop"] = None if dense_fidelity is None else round(dense_fidelity - row["fidelity"], 4)
     result = {
         "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
-        "model": loaded.model_id, "grid": list(grid), "steps": steps, "guidance": recipe.sampling.guidance,
-        "prompts": prompts, "seeds": seeds, "calibration_prompts": list(recipe.calibration.prompts),
+        "model": loaded.model_id,
+        "grid": list(grid),
+        "steps": steps,
+        "guidance": recipe.sampling.guidance,
+        "prompts": prompts,
+        "seeds": seeds,
+        "calibration_prompts": list(recipe.calibration.prompts),
         "rows": rows,
     }
     return result, outputs

@@ -21,13 +21,13 @@ from paro_kernels.orders import candidate_orders
 
 from .. import parallel
 from ..backends import select_backend
-from ..plan_attention import PlanAttention
 from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention, routed
+from ..masks import random_kept
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
 from ..plan import ComponentPlan, Plan, make_plan
-from ..masks import random_kept
+from ..plan_attention import PlanAttention
 
 
 class _NoAttention:
@@ -52,8 +52,18 @@ def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv
     orders = [[names[i] for i in torch.randint(len(names), (heads,), generator=g).tolist()] for _ in range(layers)]
     masks = torch.stack([random_kept(heads, nb, density, seed=seed + layer) for layer in range(layers)])[None]
     component = ComponentPlan.from_masks(config_fingerprint(tr), orders, masks, density, len(names))
-    return make_plan(model_id=loaded.model_id, family=loaded.family, grid=grid, layout=layout, block_size=block, density=density,
-                     qk=qk, pv=pv, components={"transformer": component}, calibration_timesteps=[0.5])
+    return make_plan(
+        model_id=loaded.model_id,
+        family=loaded.family,
+        grid=grid,
+        layout=layout,
+        block_size=block,
+        density=density,
+        qk=qk,
+        pv=pv,
+        components={"transformer": component},
+        calibration_timesteps=[0.5],
+    )
 
 
 def _time(step, repeats: int, sync) -> dict:
@@ -77,16 +87,33 @@ def _paro_variants(loaded, plans: dict, backends: dict, around=contextlib.nullco
     runs. The handler holds this rank's heads (parallel.local_heads)."""
     tr, adapter = loaded.transformer, loaded.adapter
     for (qk, pv), chosen in backends.items():
-        handler = PlanAttention(plans[qk, pv][0], "transformer", chosen, loaded.device, qk, pv,
-                                parallel.local_heads(tr, adapter.num_heads(tr)))
+        handler = PlanAttention(
+            plans[qk, pv][0],
+            "transformer",
+            chosen,
+            loaded.device,
+            qk,
+            pv,
+            parallel.local_heads(tr, adapter.num_heads(tr)),
+        )
         with routed({"transformer": tr}, adapter, {"transformer": handler}, chosen.fuses), around():
             for plan in plans[qk, pv]:
                 handler.use(plan)
                 yield {"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv}
 
 
-def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, compiled: bool, repeats: int,
-        backend: str, report=lambda msg: None) -> dict:
+def run(
+    loaded,
+    inputs: dict,
+    grid,
+    densities: list[float],
+    pairs: list[tuple[str, str]],
+    block: int,
+    compiled: bool,
+    repeats: int,
+    backend: str,
+    report=lambda msg: None,
+) -> dict:
     """Rows of ms per step: dense, the step without attention, and paro per (precision, density)."""
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
@@ -108,35 +135,64 @@ def run(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[st
     rows = [timed("dense", density=1.0, qk=None, pv=None)]
     with AttentionInterceptor(tr, adapter, _NoAttention()):
         rows.append(timed("no attention", density=None, qk=None, pv=None))
-    backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
+    backends = {
+        pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs
+    }
     # the share of paro's speed-up that is its fusions around attention (AttentionBackend.fuses)
-    fused = [name for name, present in (("norm+RoPE", adapter.norm_rope_processor is not None), ("GELU", tanh_gelu_sites(tr)))
-             if present]
+    fused = [
+        name
+        for name, present in (("norm+RoPE", adapter.norm_rope_processor is not None), ("GELU", tanh_gelu_sites(tr)))
+        if present
+    ]
     if fused and any(backend.fuses for backend in backends.values()):
         with routed({"transformer": tr}, adapter, {"transformer": StockAttention()}, fuse=True):
             rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
-    plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}
+    plans = {
+        pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs
+    }
     for row in _paro_variants(loaded, plans, backends, maybe_compiled):
         report(f"timing paro d={row['density']} {row['qk']}/{row['pv']}")
         rows.append({**row, **_time(step, repeats, sync)})
     dense, rest = rows[0]["ms"], rows[1]["ms"]
     for row in rows:
         row["speedup_vs_dense"] = dense / row["ms"]
-    return {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu", "grid": list(grid),
-            "text_tokens": layout.text_len, "batch": inputs["hidden_states"].shape[0], "compiled": compiled, "repeats": repeats,
-            "block": block, "attention_share_dense": 1 - rest / dense, "attention_bound_speedup": dense / rest, "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
+        "grid": list(grid),
+        "text_tokens": layout.text_len,
+        "batch": inputs["hidden_states"].shape[0],
+        "compiled": compiled,
+        "repeats": repeats,
+        "block": block,
+        "attention_share_dense": 1 - rest / dense,
+        "attention_bound_speedup": dense / rest,
+        "rows": rows,
+    }
 
 
-def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tuple[str, str]], block: int, repeats: int, backend: str,
-            report=lambda msg: None) -> dict:
+def scaling(
+    loaded,
+    inputs: dict,
+    grid,
+    densities: list[float],
+    pairs: list[tuple[str, str]],
+    block: int,
+    repeats: int,
+    backend: str,
+    report=lambda msg: None,
+) -> dict:
     """Under `parallel.run` with several GPUs: the dense step and paro's per (precision, density),
     each on one GPU (rank 0 alone, the model whole) and then on all of them (Ulysses context
     parallelism), and how far the output of the split step lies from the one-GPU output."""
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     layout = adapter.sequence_layout((), inputs)
-    backends = {pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs}
-    plans = {pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs}
+    backends = {
+        pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs
+    }
+    plans = {
+        pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs
+    }
 
     def output():
         with torch.no_grad():
@@ -144,7 +200,16 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
 
     def measure(gpus: int) -> list[dict]:
         report(f"timing dense on {gpus} GPU(s)")
-        rows = [{"variant": "dense", "density": 1.0, "qk": None, "pv": None, **_time(output, repeats, sync), "output": output()}]
+        rows = [
+            {
+                "variant": "dense",
+                "density": 1.0,
+                "qk": None,
+                "pv": None,
+                **_time(output, repeats, sync),
+                "output": output(),
+            }
+        ]
         for row in _paro_variants(loaded, plans, backends):
             report(f"timing paro d={row['density']} {row['qk']}/{row['pv']} on {gpus} GPU(s)")
             rows.append({**row, **_time(output, repeats, sync), "output": output()})
@@ -159,9 +224,21 @@ def scaling(loaded, inputs: dict, grid, densities: list[float], pairs: list[tupl
     if single is not None:
         for row, alone in zip(rows, single):
             a, b = row.pop("output").double(), alone.pop("output").double()
-            row.update(ms_1gpu=alone["ms"], ms_1gpu_range=alone["ms_range"], time_vs_1gpu=row["ms"] / alone["ms"],
-                       output_rel_l2_vs_1gpu=((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
-                       output_max_abs_vs_1gpu=(a - b).abs().max().item())
-    return {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu", "gpus": gpus, "grid": list(grid),
-            "text_tokens": layout.text_len, "batch": inputs["hidden_states"].shape[0], "compiled": False, "repeats": repeats,
-            "block": block, "rows": rows}
+            row.update(
+                ms_1gpu=alone["ms"],
+                ms_1gpu_range=alone["ms_range"],
+                time_vs_1gpu=row["ms"] / alone["ms"],
+                output_rel_l2_vs_1gpu=((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
+                output_max_abs_vs_1gpu=(a - b).abs().max().item(),
+            )
+    return {
+        "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
+        "gpus": gpus,
+        "grid": list(grid),
+        "text_tokens": layout.text_len,
+        "batch": inputs["hidden_states"].shape[0],
+        "compiled": False,
+        "repeats": repeats,
+        "block": block,
+        "rows": rows,
+    }

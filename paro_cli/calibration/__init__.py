@@ -52,36 +52,74 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     heads = {name: local_heads(tr, loaded.adapter.num_heads(tr)) for name, tr in components.items()}  # this rank's
     gathers = {name: functools.partial(gather_heads, tr) for name, tr in components.items()}
 
-    profilers = {name: OrderProfiler(layers[name], len(range(loaded.adapter.num_heads(tr))[heads[name]]), sp.block_size,
-                                     sp.density, profiled_steps(recipe.sampling.steps, recipe.calibration.order_steps),
-                                     gathers[name])
-                 for name, tr in components.items()}
+    profilers = {
+        name: OrderProfiler(
+            layers[name],
+            len(range(loaded.adapter.num_heads(tr))[heads[name]]),
+            sp.block_size,
+            sp.density,
+            profiled_steps(recipe.sampling.steps, recipe.calibration.order_steps),
+            gathers[name],
+        )
+        for name, tr in components.items()
+    }
     _run_pass(loaded, recipe, "profiling orders", profilers, progress)
-    chosen = {name: _chosen_orders(name, profiler, loaded, recipe, grid, layers[name]) for name, profiler in profilers.items()}
+    chosen = {
+        name: _chosen_orders(name, profiler, loaded, recipe, grid, layers[name]) for name, profiler in profilers.items()
+    }
 
     schedule = {step: t for profiler in profilers.values() for step, t in profiler.tracker.timesteps.items()}
     timesteps = [schedule[i] for i in sorted(schedule)]
     layout = next(p.tracker.layout for p in profilers.values() if p.tracker.layout is not None)
     slots = slot_of_steps(len(timesteps), sp.slots)
-    collectors = {name: MassCollector(chosen[name][0], grid, slots, sp.block_size, sp.density, set(sp.dense_layers), layout,
-                                      loaded.device, heads[name], gathers[name])
-                  for name in components}
+    collectors = {
+        name: MassCollector(
+            chosen[name][0],
+            grid,
+            slots,
+            sp.block_size,
+            sp.density,
+            set(sp.dense_layers),
+            layout,
+            loaded.device,
+            heads[name],
+            gathers[name],
+        )
+        for name in components
+    }
     _run_pass(loaded, recipe, "building masks", collectors, progress)
 
     fingerprints = loaded.fingerprints()
-    plans = {name: _component(collector, chosen[name], fingerprints[name], slots, sp.density, one_of_two=len(components) > 1)
-             for name, collector in collectors.items()}
-    return make_plan(model_id=loaded.model_id, family=loaded.family, grid=grid, layout=layout, block_size=sp.block_size,
-                     density=sp.density, qk=recipe.precision.qk, pv=recipe.precision.pv, components=plans, slot_policy=sp.slots,
-                     slot_bounds=slot_bounds(timesteps, slots), calibration_timesteps=timesteps,
-                     dense_above_t=dense_above(timesteps, sp.dense_first_steps), dense_layers=list(sp.dense_layers),
-                     prompts=list(recipe.calibration.prompts), seeds=list(recipe.calibration.seeds))
+    plans = {
+        name: _component(collector, chosen[name], fingerprints[name], slots, sp.density, one_of_two=len(components) > 1)
+        for name, collector in collectors.items()
+    }
+    return make_plan(
+        model_id=loaded.model_id,
+        family=loaded.family,
+        grid=grid,
+        layout=layout,
+        block_size=sp.block_size,
+        density=sp.density,
+        qk=recipe.precision.qk,
+        pv=recipe.precision.pv,
+        components=plans,
+        slot_policy=sp.slots,
+        slot_bounds=slot_bounds(timesteps, slots),
+        calibration_timesteps=timesteps,
+        dense_above_t=dense_above(timesteps, sp.dense_first_steps),
+        dense_layers=list(sp.dense_layers),
+        prompts=list(recipe.calibration.prompts),
+        seeds=list(recipe.calibration.seeds),
+    )
 
 
 def _check_dense_layers(dense_layers: tuple[int, ...], fewest: int) -> None:
     bad = [i for i in dense_layers if i >= fewest]
     if bad:
-        raise ParoError(f"sparsity.dense_layers has layer {bad[0]}, the model has {fewest} (0..{fewest - 1})", "fix the recipe")
+        raise ParoError(
+            f"sparsity.dense_layers has layer {bad[0]}, the model has {fewest} (0..{fewest - 1})", "fix the recipe"
+        )
 
 
 def _run_pass(loaded: LoadedModel, recipe: Recipe, name: str, handlers: dict, progress: CalibrationProgress) -> None:
@@ -110,12 +148,17 @@ def _chosen_orders(name: str, profiler: OrderProfiler, loaded: LoadedModel, reci
         return [[names[allowed[0]]] * shape[1] for _ in range(layers)], (torch.zeros(shape), torch.zeros(shape))
     recall, incoherence = profiler.scores()
     if profiler.count.sum() == 0:
-        raise ParoError(f"no profiled step ran the model's {name}", "profile more steps: raise calibration.order_steps, or null for all")
+        raise ParoError(
+            f"no profiled step ran the model's {name}",
+            "profile more steps: raise calibration.order_steps, or null for all",
+        )
     chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], recipe.sparsity.density, recipe.quantised)
     return [[names[allowed[i]] for i in row] for row in chosen.tolist()], (recall, incoherence)
 
 
-def _component(collector: MassCollector, chosen, fingerprint: str, slots: list[int], density: float, one_of_two: bool) -> ComponentPlan:
+def _component(
+    collector: MassCollector, chosen, fingerprint: str, slots: list[int], density: float, one_of_two: bool
+) -> ComponentPlan:
     """A component's plan from its finished mask pass; one of two experts stores only the slots it
     runs (it runs the others dense)."""
     orders, (recall, incoherence) = chosen
@@ -123,6 +166,14 @@ def _component(collector: MassCollector, chosen, fingerprint: str, slots: list[i
     slots_run = sorted({slots[step] for step in collector.tracker.timesteps}) if one_of_two else None
     if slots_run is not None:
         packed, achieved = packed[slots_run], achieved[slots_run]
-    return ComponentPlan(config_fingerprint=fingerprint, orders=orders, packed_masks=packed, num_blocks=collector.nb,
-                         target_density=torch.full_like(achieved, density), achieved_density=achieved, recall=recall,
-                         incoherence=incoherence, slots_run=slots_run)
+    return ComponentPlan(
+        config_fingerprint=fingerprint,
+        orders=orders,
+        packed_masks=packed,
+        num_blocks=collector.nb,
+        target_density=torch.full_like(achieved, density),
+        achieved_density=achieved,
+        recall=recall,
+        incoherence=incoherence,
+        slots_run=slots_run,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from paro_kernels.layout import num_blocks
+from paro_kernels.layout import SequenceLayout, num_blocks
 from paro_kernels.orders import candidate_orders, head_permutations, order_permutation
 from paro_kernels.stats import block_statistics, mass_recall
 
@@ -48,7 +48,9 @@ class OrderProfiler:
         if self.profile:
             if self.perms is None:
                 grid, heads = self.tracker.grid, q.shape[2]
-                self.perms = torch.stack([order_permutation(o, grid).expand(heads, -1) for o in candidate_orders(grid)]).to(q.device)
+                self.perms = torch.stack(
+                    [order_permutation(o, grid).expand(heads, -1) for o in candidate_orders(grid)]
+                ).to(q.device)
             stats = block_statistics(q, k, perms=self.perms, block=self.block, layout=layout)
             self.recall[layer] += mass_recall(stats.mass, self.density).T.cpu()
             self.incoherence[layer] += stats.incoherence.T.cpu()
@@ -71,8 +73,19 @@ class MassCollector:
     mass is gathered over all heads (`gather`, as OrderProfiler's) before a layer's blocks are
     chosen, since one threshold serves all of a layer's heads."""
 
-    def __init__(self, orders: list[list[str]], grid, slots: list[int], block: int, density: float, dense_layers: set[int],
-                 layout: SequenceLayout, device: torch.device, heads: slice | None = None, gather=local_is_whole):
+    def __init__(
+        self,
+        orders: list[list[str]],
+        grid,
+        slots: list[int],
+        block: int,
+        density: float,
+        dense_layers: set[int],
+        layout: SequenceLayout,
+        device: torch.device,
+        heads: slice | None = None,
+        gather=local_is_whole,
+    ):
         self.grid, self.slots, self.gather = tuple(grid), slots, gather
         local = heads or slice(0, len(orders[0]))
         self.block, self.density, self.dense_layers = block, density, dense_layers
@@ -117,7 +130,9 @@ class MassCollector:
     def finish_slot(self) -> None:
         for layer in range(self.sum.shape[0]):
             if layer not in self.dense_layers and self.count[layer] > 0:
-                kept = select_blocks(self.gather(self.sum[layer] / self.count[layer], 0), self.density, self.n, self.block)
+                kept = select_blocks(
+                    self.gather(self.sum[layer] / self.count[layer], 0), self.density, self.n, self.block
+                )
                 # packed where the mass is (a GPU): a copy of an eighth the size, no CPU pass
                 self.packed[self.slot, layer] = pack_bits(kept).cpu()
                 self.achieved[self.slot, layer] = kept.float().mean(dim=(-1, -2)).cpu()

@@ -12,7 +12,7 @@ RECALL_TOLERANCE = 0.005  # orders this close to the best recall are tied; incoh
 
 
 def slot_of_steps(num_steps: int, policy: str) -> list[int]:
-    """"half": the first half of the steps get a slot each, the rest share one; "single": one."""
+    """ "half": the first half of the steps get a slot each, the rest share one; "single": one."""
     if policy == "single":
         return [0] * num_steps
     half = num_steps // 2
@@ -63,5 +63,8 @@ def allowed_orders(requested: tuple[str, ...] | None, names: list[str]) -> list[
         return list(range(len(names)))
     unknown = [o for o in requested if o not in names]
     if unknown:
-        raise RecipeError(f"calibration.orders has {unknown[0]!r}, not an order of this grid's axes", "use some of " + ", ".join(names))
+        raise RecipeError(
+            f"calibration.orders has {unknown[0]!r}, not an order of this grid's axes",
+            "use some of " + ", ".join(names),
+        )
     return [names.index(o) for o in dict.fromkeys(requested)]

@@ -4,7 +4,7 @@ a GPU, `e2e` a full sampling run dense vs with a plan, `quality` what recipes co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -12,19 +12,41 @@ import typer
 from .. import parallel
 from ..api import as_loaded
 from ..backends import BACKENDS
-from ..plan_attention import check_plan
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
-from ..models.architectures import ARCHITECTURES, check_architecture
-from ..models.loading import load_model, resolve_device
-from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt, QkOpt,
-                       RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus, prompt_and_seed)
 from ..media import read_image
+from ..models.architectures import ARCHITECTURES, check_architecture
+from ..models.loaded import token_grid
+from ..models.loading import load_model, resolve_device
+from ..options import (
+    BackendOpt,
+    FramesOpt,
+    GpusOpt,
+    GuidanceOpt,
+    HeightOpt,
+    ImageOpt,
+    JsonOpt,
+    ModelOpt,
+    PlanOpt,
+    PromptOpt,
+    PvOpt,
+    QkOpt,
+    RecipeOpt,
+    SeedOpt,
+    StepsOpt,
+    WidthOpt,
+    build_recipe,
+    check_compile_gpus,
+    prompt_and_seed,
+)
 from ..output import Output
 from ..plan import load_plan
-from ..models.loaded import token_grid
+from ..plan_attention import check_plan
 
-app = typer.Typer(help="Benchmarks: kernel speed against baselines; end-to-end speed; output quality against dense.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: kernel speed against baselines; end-to-end speed; output quality against dense.",
+    no_args_is_help=True,
+)
 
 
 def parse_precisions(specs: list[str], qk_formats, pv_formats) -> list[tuple[str, str]]:
@@ -33,7 +55,9 @@ def parse_precisions(specs: list[str], qk_formats, pv_formats) -> list[tuple[str
     for spec in specs:
         qk, _, pv = spec.partition("/")
         if qk not in qk_formats or pv not in pv_formats:
-            raise ParoError(f"bad --precision {spec!r}", f"use QK/PV, QK in {'|'.join(qk_formats)}, PV in {'|'.join(pv_formats)}")
+            raise ParoError(
+                f"bad --precision {spec!r}", f"use QK/PV, QK in {'|'.join(qk_formats)}, PV in {'|'.join(pv_formats)}"
+            )
         pairs.append((qk, pv))
     return pairs
 
@@ -59,12 +83,38 @@ def e2e(
     pv: PvOpt = None,
     backend: BackendOpt = None,
     image: ImageOpt = None,
-    architecture: Annotated[Optional[str], typer.Option(help="Instead of a plan's run: time one denoising step of this full-size architecture with random weights (" + ", ".join(ARCHITECTURES) + "), dense against synthetic plans, at its recipe's geometry.")] = None,
-    density: Annotated[Optional[list[float]], typer.Option(help="With --architecture: densities to time; repeatable. Default: 0.5 0.3 0.2.")] = None,
-    precision: Annotated[Optional[list[str]], typer.Option(help="With --architecture: QK/PV pairs; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
-    compile_: Annotated[bool, typer.Option("--compile/--eager", help="With --architecture: torch.compile the transformer (fullgraph), the dense baseline too.")] = False,
-    repeats: Annotated[int, typer.Option(help="With --architecture: timed steps per variant (after two untimed ones); the median is reported.")] = 5,
-    block_size: Annotated[int, typer.Option("--block-size", help="With --architecture: the synthetic plans' block size.")] = 128,
+    architecture: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of a plan's run: time one denoising step of this full-size architecture with random weights ("
+            + ", ".join(ARCHITECTURES)
+            + "), dense against synthetic plans, at its recipe's geometry."
+        ),
+    ] = None,
+    density: Annotated[
+        list[float] | None,
+        typer.Option(help="With --architecture: densities to time; repeatable. Default: 0.5 0.3 0.2."),
+    ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option(help="With --architecture: QK/PV pairs; repeatable. Default: bf16/bf16 int8/fp8."),
+    ] = None,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--eager",
+            help="With --architecture: torch.compile the transformer (fullgraph), the dense baseline too.",
+        ),
+    ] = False,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="With --architecture: timed steps per variant (after two untimed ones); the median is reported."
+        ),
+    ] = 5,
+    block_size: Annotated[
+        int, typer.Option("--block-size", help="With --architecture: the synthetic plans' block size.")
+    ] = 128,
     gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -75,11 +125,15 @@ def e2e(
     --gpus N as well, each variant's step on one GPU and on N, and their outputs' distance."""
     check_compile_gpus(compile_, gpus)
     if architecture is not None:
-        _architecture_steps(architecture, density, precision, compile_, repeats, block_size, backend or "auto", gpus, as_json)
+        _architecture_steps(
+            architecture, density, precision, compile_, repeats, block_size, backend or "auto", gpus, as_json
+        )
         return
     if plan is None:
         raise ParoError("bench e2e needs a plan", "pass --plan PLAN from `paro calibrate`, or --architecture NAME")
-    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend)
+    r = build_recipe(
+        recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend
+    )
     call_kwargs = {"image": read_image(image)} if image else None
     parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, call_kwargs, as_json)
 
@@ -98,28 +152,39 @@ def _plan_e2e(r, plan: str, prompt, seed, qk, pv, call_kwargs: dict | None, as_j
     result["gpus"] = parallel.world_size()
     ms, psnr_db = result["paro_ms_per_step"], result["psnr_db"]
     ui.table(
-        f"end to end on {result['gpus']} x {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, {r.sampling.steps} steps",
+        f"end to end on {result['gpus']} x {result['device']}: {result['model']}, grid {'x'.join(map(str, grid))}, "
+        f"{r.sampling.steps} steps",
         ["attention", "ms / step", "speed-up", "PSNR vs dense (dB)", "rel. L2 vs dense"],
         [
             ["dense (stock)", f"{result['dense_ms_per_step']:.1f}", "1.00x", "-", "-"],
-            [f"paro {result['backend']} d={loaded_plan.density} {result['qk']}/{result['pv']}", f"{ms:.1f}", f"{result['speedup']:.2f}x",
-             psnr_db if psnr_db is not None else "identical" if result["output_rel_l2"] == 0 else "n/a", f"{result['output_rel_l2']:.4f}"],
+            [
+                f"paro {result['backend']} d={loaded_plan.density} {result['qk']}/{result['pv']}",
+                f"{ms:.1f}",
+                f"{result['speedup']:.2f}x",
+                psnr_db if psnr_db is not None else "identical" if result["output_rel_l2"] == 0 else "n/a",
+                f"{result['output_rel_l2']:.4f}",
+            ],
         ],
     )
     ui.json(result)
 
 
-def _architecture_steps(name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, gpus: int,
-                        as_json: bool) -> None:
+def _architecture_steps(
+    name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, gpus: int, as_json: bool
+) -> None:
     if repeats < 1:
         raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
     check_architecture(name)  # before any worker starts
     densities = check_densities(density or [0.5, 0.3, 0.2])
-    pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats)
+    pairs = parse_precisions(
+        precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats
+    )
     parallel.run(gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json)
 
 
-def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int, block: int, backend: str, as_json: bool) -> None:
+def _architecture_job(
+    name: str, densities, pairs, compiled: bool, repeats: int, block: int, backend: str, as_json: bool
+) -> None:
     """The step benchmark, in each worker process with --gpus (rank 0 prints)."""
     from ..bench import step as step_bench
     from ..models.architectures import build_architecture, step_inputs
@@ -136,12 +201,30 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
             return
         result["architecture"] = name
         ui.table(
-            f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x {result['device']} "
+            f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x "
+            f"{result['device']} "
             "(Ulysses) against 1",
-            ["variant", "density", "QK/PV", f"ms / step, {result['gpus']} GPUs", "ms / step, 1 GPU", "time vs 1 GPU",
-             "output rel. L2 vs 1 GPU"],
-            [[r["variant"], r["density"], "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}", f"{r['ms']:.1f}", f"{r['ms_1gpu']:.1f}",
-              f"{r['time_vs_1gpu']:.3f}x", f"{r['output_rel_l2_vs_1gpu']:.2e}"] for r in result["rows"]],
+            [
+                "variant",
+                "density",
+                "QK/PV",
+                f"ms / step, {result['gpus']} GPUs",
+                "ms / step, 1 GPU",
+                "time vs 1 GPU",
+                "output rel. L2 vs 1 GPU",
+            ],
+            [
+                [
+                    r["variant"],
+                    r["density"],
+                    "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}",
+                    f"{r['ms']:.1f}",
+                    f"{r['ms_1gpu']:.1f}",
+                    f"{r['time_vs_1gpu']:.3f}x",
+                    f"{r['output_rel_l2_vs_1gpu']:.2e}",
+                ]
+                for r in result["rows"]
+            ],
         )
         ui.json(result)
         return
@@ -150,22 +233,52 @@ def _architecture_job(name: str, densities, pairs, compiled: bool, repeats: int,
     dense = result["rows"][0]["ms"]
     ui.table(
         f"{title} + {result['text_tokens']} text, batch {result['batch']}, "
-        f"{'compiled' if compiled else 'eager'}, on {result['device']}: attention {100 * result['attention_share_dense']:.0f}% of the dense step",
+        f"{'compiled' if compiled else 'eager'}, on {result['device']}: "
+        f"attention {100 * result['attention_share_dense']:.0f}% of the dense step",
         ["variant", "density", "QK/PV", "ms / step", "range", "vs dense"],
-        [[r["variant"], "-" if r["density"] is None else r["density"], "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}",
-          f"{r['ms']:.1f}", "{:.1f}-{:.1f}".format(*r["ms_range"]), f"{dense / r['ms']:.2f}x"] for r in result["rows"]],
+        [
+            [
+                r["variant"],
+                "-" if r["density"] is None else r["density"],
+                "-" if r["qk"] is None else f"{r['qk']}/{r['pv']}",
+                f"{r['ms']:.1f}",
+                "{:.1f}-{:.1f}".format(*r["ms_range"]),
+                f"{dense / r['ms']:.2f}x",
+            ]
+            for r in result["rows"]
+        ],
     )
     ui.json(result)
 
 
 @app.command("kernel")
 def kernel(
-    shape: Annotated[Optional[list[str]], typer.Option(help="Preset (cogvideox-5b, wan2.1-1.3b, flux-1024) or B,H,F,Hgrid,Wgrid,D[,T]; repeatable. Default: all presets.")] = None,
-    density: Annotated[Optional[list[float]], typer.Option(help="Densities to time; repeatable. Default: 1.0 0.5 0.3 0.2.")] = None,
-    precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")] = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="Mask block size in tokens (128 matches FlexAttention's default tiles).")] = 128,
-    with_statistics: Annotated[bool, typer.Option("--statistics/--no-statistics", help="Also time one CogVideoX-5B layer's calibration statistics.")] = True,
-    repeats: Annotated[int, typer.Option(help="Timings per call, in interleaved rounds over all of a shape's calls; the median is reported.")] = 3,
+    shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Preset (cogvideox-5b, wan2.1-1.3b, flux-1024) or B,H,F,Hgrid,Wgrid,D[,T]; repeatable. Default: all "
+            "presets."
+        ),
+    ] = None,
+    density: Annotated[
+        list[float] | None, typer.Option(help="Densities to time; repeatable. Default: 1.0 0.5 0.3 0.2.")
+    ] = None,
+    precision: Annotated[
+        list[str] | None, typer.Option(help="QK/PV pairs, e.g. int8/fp8; repeatable. Default: bf16/bf16 int8/fp8.")
+    ] = None,
+    block_size: Annotated[
+        int, typer.Option("--block-size", help="Mask block size in tokens (128 matches FlexAttention's default tiles).")
+    ] = 128,
+    with_statistics: Annotated[
+        bool,
+        typer.Option("--statistics/--no-statistics", help="Also time one CogVideoX-5B layer's calibration statistics."),
+    ] = True,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="Timings per call, in interleaved rounds over all of a shape's calls; the median is reported."
+        ),
+    ] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Time paro's attention kernel per density and precision against SDPA flash, SDPA cuDNN and
@@ -181,10 +294,14 @@ def kernel(
     triton = BACKENDS["triton"]
     pairs = parse_precisions(precision or ["bf16/bf16", "int8/fp8"], triton.qk_formats, triton.pv_formats)
     if block_size not in triton.block_sizes:
-        raise ParoError(f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes)))
+        raise ParoError(
+            f"--block-size {block_size} is not supported", "use one of " + ", ".join(map(str, triton.block_sizes))
+        )
     densities = check_densities(density or [1.0, 0.5, 0.3, 0.2])
     ui = Output(as_json)
-    result = kb.run(shapes, densities, pairs, block_size, with_statistics, repeats, report=lambda msg: ui.print(f"[dim]{msg}[/]"))
+    result = kb.run(
+        shapes, densities, pairs, block_size, with_statistics, repeats, report=lambda msg: ui.print(f"[dim]{msg}[/]")
+    )
 
     def fmt(x, spec):
         return "skipped" if x is None else format(x, spec)
@@ -194,11 +311,19 @@ def kernel(
         ui.table(
             f"{s.label()} on {result['device']}",
             ["kernel", "density", "QK/PV", "ms", "ms range", "eff. TFLOPs", "vs cuDNN", "vs Flex same mask"],
-            [[r["kernel"], r["density"], f"{r['qk']}/{r['pv']}", fmt(r["ms"], ".3f"),
-              "-" if r["ms"] is None else "{:.3f}-{:.3f}".format(*r["ms_range"]), fmt(r.get("tflops_effective"), ".0f"),
-              fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else ""),
-              fmt(r.get("vs_flex_same_mask"), ".2f") + "x" if r.get("vs_flex_same_mask") else "-"]
-             for r in rows],
+            [
+                [
+                    r["kernel"],
+                    r["density"],
+                    f"{r['qk']}/{r['pv']}",
+                    fmt(r["ms"], ".3f"),
+                    "-" if r["ms"] is None else "{:.3f}-{:.3f}".format(*r["ms_range"]),
+                    fmt(r.get("tflops_effective"), ".0f"),
+                    fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else ""),
+                    fmt(r.get("vs_flex_same_mask"), ".2f") + "x" if r.get("vs_flex_same_mask") else "-",
+                ]
+                for r in rows
+            ],
         )
     if result["statistics"]:
         st = result["statistics"]
@@ -219,19 +344,50 @@ def quality(
     guidance: GuidanceOpt = None,
     backend: BackendOpt = None,
     image: ImageOpt = None,
-    density: Annotated[Optional[list[float]], typer.Option(help="Densities to measure; repeatable. Default: the recipe's.")] = None,
-    precision: Annotated[Optional[list[str]], typer.Option(help="QK/PV pairs, e.g. fp32/fp32 or int8/fp8; repeatable. Default: the recipe's.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them).")] = None,
+    density: Annotated[
+        list[float] | None, typer.Option(help="Densities to measure; repeatable. Default: the recipe's.")
+    ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option(help="QK/PV pairs, e.g. fp32/fp32 or int8/fp8; repeatable. Default: the recipe's."),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them)."),
+    ] = None,
     prompts: Annotated[int, typer.Option(help="Size of the demo world's fixed prompt set.")] = 8,
     seed: Annotated[int, typer.Option(help="Noise seed of the first prompt; prompt i uses seed + i.")] = 0,
-    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also run no reordering and a static local window at each density.")] = True,
-    video: Annotated[Optional[Path], typer.Option(help="Write the first prompt's video as dense | first paro variant, side by side (.mp4/.gif/.png).")] = None,
-    heatmaps: Annotated[Optional[Path], typer.Option(help="Folder for PNG heat maps of one head's attention before/after reordering.")] = None,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines/--no-baselines", help="Also run no reordering and a static local window at each density."
+        ),
+    ] = True,
+    video: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the first prompt's video as dense | first paro variant, side by side (.mp4/.gif/.png)."
+        ),
+    ] = None,
+    heatmaps: Annotated[
+        Path | None, typer.Option(help="Folder for PNG heat maps of one head's attention before/after reordering.")
+    ] = None,
     layer: Annotated[int, typer.Option(help="Layer of the heat maps.")] = 0,
     head: Annotated[int, typer.Option(help="Head of the heat maps.")] = 0,
-    min_psnr: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant's PSNR vs dense is below this (dB).")] = None,
-    max_drop: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if a paro variant loses more prompt fidelity than this (points of 100).")] = None,
-    plan: Annotated[Optional[Path], typer.Option(help="A plan from `paro calibrate`, measured as the paro variant of its density and precision instead of calibrating one (the default --density / --precision).")] = None,
+    min_psnr: Annotated[
+        float | None, typer.Option(help="Gate: exit 3 if a paro variant's PSNR vs dense is below this (dB).")
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(help="Gate: exit 3 if a paro variant loses more prompt fidelity than this (points of 100)."),
+    ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            help="A plan from `paro calibrate`, measured as the paro variant of its density and precision instead of "
+            "calibrating one (the default --density / --precision)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Dense output against each recipe variant on a fixed prompt set: PSNR, SSIM and cosine
@@ -241,7 +397,9 @@ def quality(
     from ..bench.heatmap import check_layer_and_head, write_heatmaps
     from ..media import check_video_path, write_video
 
-    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance, backend=backend)
+    r = build_recipe(
+        recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance, backend=backend
+    )
     given = load_plan(plan) if plan else None
     torch_backend = BACKENDS["torch"]
     default_pair = f"{given.qk}/{given.pv}" if given else f"{r.precision.qk}/{r.precision.pv}"
@@ -251,50 +409,78 @@ def quality(
         qb.check_given_plan(given, r)
         d, qk, pv = qb.plan_variant(given)
         if d not in densities or (qk, pv) not in pairs:
-            raise ParoError(f"--plan {plan} is for density {d} {qk}/{pv}, which is not among the variants measured",
-                            f"add --density {d} --precision {qk}/{pv}, or leave both out")
+            raise ParoError(
+                f"--plan {plan} is for density {d} {qk}/{pv}, which is not among the variants measured",
+                f"add --density {d} --precision {qk}/{pv}, or leave both out",
+            )
     if video is not None:
         check_video_path(video)
     if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
         raise ParoError(f"--heatmaps {heatmaps} is a file", "give a folder")
     texts = prompt or qb.demo_prompts(prompts, 0, r)
     if max_drop is not None and not all(qb.is_caption(t) for t in texts):
-        raise ParoError("--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop")
+        raise ParoError(
+            "--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop"
+        )
     seeds = [seed + i for i in range(len(texts))]
     call_kwargs = {"image": read_image(image)} if image else None
     ui = Output(as_json)
     loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     if heatmaps is not None:  # before any generation, as the plan checks below
-        check_layer_and_head(layer, head, len(loaded.adapter.attention_layers(loaded.transformer)),
-                             loaded.adapter.num_heads(loaded.transformer))
+        check_layer_and_head(
+            layer,
+            head,
+            len(loaded.adapter.attention_layers(loaded.transformer)),
+            loaded.adapter.num_heads(loaded.transformer),
+        )
     if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
         check_plan(loaded, given, token_grid(loaded, r))
     with ui.progress() as bar:
         result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar, given)
         if given:
-            result["plan"] = {"path": str(plan), "variant": f"paro d={given.density} {given.qk}/{given.pv}",
-                              "calibration_prompts": list(given.prompts)}
+            result["plan"] = {
+                "path": str(plan),
+                "variant": f"paro d={given.density} {given.qk}/{given.pv}",
+                "calibration_prompts": list(given.prompts),
+            }
         first = next(k for k in outputs["plans"])
         if heatmaps is not None:
             bar.start("heat maps", r.sampling.steps)
-            result["heatmaps"] = write_heatmaps(loaded, r, outputs["plans"][first], texts[0], seeds[0], layer, head, heatmaps)
+            result["heatmaps"] = write_heatmaps(
+                loaded, r, outputs["plans"][first], texts[0], seeds[0], layer, head, heatmaps
+            )
     if video is not None:
-        pair = torch.cat([outputs["dense"][0], torch.full_like(outputs["dense"][0][:, :, :2], 255), outputs[first][0]], dim=2)
+        pair = torch.cat(
+            [outputs["dense"][0], torch.full_like(outputs["dense"][0][:, :, :2], 255), outputs[first][0]], dim=2
+        )
         write_video(pair.numpy(), video, r.sampling.fps)
         result["video"] = {"path": str(video), "left": "dense", "right": first}
     ui.table(
         f"quality vs dense on {result['device']}: {result['model']}, grid {'x'.join(map(str, result['grid']))}, "
         f"{result['steps']} steps, {len(texts)} prompts",
         ["variant", "density", "QK/PV", "PSNR (dB)", "SSIM", "cosine", "fidelity", "fidelity drop"],
-        [[row["variant"], row["density"], f"{row['qk']}/{row['pv']}", "-" if row["variant"] == "dense" else f"{row['psnr_db']:.2f}",
-          f"{row['ssim']:.4f}", f"{row['cosine']:.5f}", "-" if row["fidelity"] is None else f"{100 * row['fidelity']:.1f}%",
-          "-" if row["fidelity_drop"] is None or row["variant"] == "dense" else f"{100 * row['fidelity_drop']:+.1f}"]
-         for row in result["rows"]],
+        [
+            [
+                row["variant"],
+                row["density"],
+                f"{row['qk']}/{row['pv']}",
+                "-" if row["variant"] == "dense" else f"{row['psnr_db']:.2f}",
+                f"{row['ssim']:.4f}",
+                f"{row['cosine']:.5f}",
+                "-" if row["fidelity"] is None else f"{100 * row['fidelity']:.1f}%",
+                "-"
+                if row["fidelity_drop"] is None or row["variant"] == "dense"
+                else f"{100 * row['fidelity_drop']:+.1f}",
+            ]
+            for row in result["rows"]
+        ],
     )
     if "heatmaps" in result:
         hm = result["heatmaps"]
-        ui.print(f"heat maps (layer {hm['layer']}, head {hm['head']}, order {hm['order']}, kept blocks hold "
-                 f"{100 * hm['kept_mass']:.1f}% of the mass): {hm['before']}, {hm['after']}")
+        ui.print(
+            f"heat maps (layer {hm['layer']}, head {hm['head']}, order {hm['order']}, kept blocks hold "
+            f"{100 * hm['kept_mass']:.1f}% of the mass): {hm['before']}, {hm['after']}"
+        )
     if video is not None:
         ui.print(f"side by side (dense | {first}): {video}")
     result["gates"] = failures = qb.gate_failures(result["rows"], min_psnr, max_drop)

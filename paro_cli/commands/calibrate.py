@@ -14,11 +14,26 @@ from ..calibration import CalibrationProgress
 from ..errors import ParoError
 from ..fileio import check_output_file
 from ..media import read_image
-from ..models.loading import load_model
-from ..options import (BlockOpt, DensityOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PvOpt, QkOpt,
-                       RecipeOpt, StepsOpt, WidthOpt, build_recipe)
-from ..output import Output
 from ..models.loaded import token_grid
+from ..models.loading import load_model
+from ..options import (
+    BlockOpt,
+    DensityOpt,
+    FramesOpt,
+    GpusOpt,
+    GuidanceOpt,
+    HeightOpt,
+    ImageOpt,
+    JsonOpt,
+    ModelOpt,
+    PvOpt,
+    QkOpt,
+    RecipeOpt,
+    StepsOpt,
+    WidthOpt,
+    build_recipe,
+)
+from ..output import Output
 
 
 def command(
@@ -34,14 +49,27 @@ def command(
     qk: QkOpt = None,
     pv: PvOpt = None,
     image: ImageOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file to write (.safetensors).")] = Path("plan.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file to write (.safetensors).")] = Path(
+        "plan.safetensors"
+    ),
     gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the model on the recipe's calibration prompts, pick a token order per attention head and
     block-sparse masks at the recipe's density, and write them to one plan file."""
-    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                     density=density, block_size=block_size, qk=qk, pv=pv)
+    r = build_recipe(
+        recipe,
+        model=model,
+        frames=frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        density=density,
+        block_size=block_size,
+        qk=qk,
+        pv=pv,
+    )
     if out.suffix != ".safetensors":
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
     check_output_file(out)
@@ -64,8 +92,10 @@ def _calibrate(r, call_kwargs: dict | None, out: Path, as_json: bool) -> None:
     plan.save(out)
 
     for name in plan.components:
-        ui.table(f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots",
-                 *plan.layer_table(name))
+        ui.table(
+            f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots",
+            *plan.layer_table(name),
+        )
     gpus = f" on {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""
     ui.print(f"wrote [bold]{out}[/] in {seconds:.1f} s{gpus}")
     ui.json({"path": str(out), "seconds": round(seconds, 3), "gpus": parallel.world_size(), **plan.summary()})

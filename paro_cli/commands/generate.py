@@ -13,14 +13,32 @@ from .. import parallel
 from ..api import apply, as_loaded
 from ..compiled import compiled_forwards
 from ..media import check_video_path, read_image, write_video
+from ..models.loaded import token_grid
 from ..models.loading import load_model
-from ..options import (BackendOpt, FramesOpt, GpusOpt, GuidanceOpt, HeightOpt, ImageOpt, JsonOpt, ModelOpt, PlanOpt, PromptOpt, PvOpt,
-                       QkOpt, RecipeOpt, SeedOpt, StepsOpt, WidthOpt, build_recipe, check_compile_gpus,
-                       prompt_and_seed)
+from ..options import (
+    BackendOpt,
+    FramesOpt,
+    GpusOpt,
+    GuidanceOpt,
+    HeightOpt,
+    ImageOpt,
+    JsonOpt,
+    ModelOpt,
+    PlanOpt,
+    PromptOpt,
+    PvOpt,
+    QkOpt,
+    RecipeOpt,
+    SeedOpt,
+    StepsOpt,
+    WidthOpt,
+    build_recipe,
+    check_compile_gpus,
+    prompt_and_seed,
+)
 from ..output import Output
 from ..plan import load_plan
 from ..runner import check_decodable, sample
-from ..models.loaded import token_grid
 
 
 def command(
@@ -38,8 +56,17 @@ def command(
     pv: PvOpt = None,
     backend: BackendOpt = None,
     image: ImageOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")] = Path("video.mp4"),
-    compile_: Annotated[bool, typer.Option("--compile/--eager", help="torch.compile the transformer(s) with paro's kernels in the graph: the first steps compile (a minute or more at full size), the rest run faster.")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output file: .mp4, .gif, or .png (frames side by side).")
+    ] = Path("video.mp4"),
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--eager",
+            help="torch.compile the transformer(s) with paro's kernels in the graph: the first steps compile (a "
+            "minute or more at full size), the rest run faster.",
+        ),
+    ] = False,
     gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -47,15 +74,27 @@ def command(
 
     The plan fixes orders, masks, density and precision (--qk/--pv override the precision); the
     recipe gives model, geometry, sampling and backend."""
-    r = build_recipe(recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance,
-                     qk=qk, pv=pv, backend=backend)
+    r = build_recipe(
+        recipe,
+        model=model,
+        frames=frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        qk=qk,
+        pv=pv,
+        backend=backend,
+    )
     check_video_path(out)
     check_compile_gpus(compile_, gpus)
     call_kwargs = {"image": read_image(image)} if image else None
     parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, call_kwargs, out, compile_, as_json)
 
 
-def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | None, out: Path, compile_: bool, as_json: bool) -> None:
+def _generate(
+    r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | None, out: Path, compile_: bool, as_json: bool
+) -> None:
     """The run itself, in each worker process with --gpus (rank 0 writes and prints)."""
     loaded_plan = load_plan(plan) if plan else None
     ui = Output(as_json, silent=not parallel.is_primary())
@@ -64,7 +103,11 @@ def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | Non
     grid = token_grid(loaded, r)
     parallel.enable_ulysses(loaded, grid)
     text, seed_ = prompt_and_seed(r, prompt, seed)
-    attention = apply(loaded, loaded_plan, backend=r.backend, qk=qk, pv=pv, grid=grid) if loaded_plan else contextlib.nullcontext()
+    attention = (
+        apply(loaded, loaded_plan, backend=r.backend, qk=qk, pv=pv, grid=grid)
+        if loaded_plan
+        else contextlib.nullcontext()
+    )
     # graph breaks allowed: a pipeline's transformer may hold code dynamo cannot trace whole
     compiled = compiled_forwards(loaded.components.values(), fullgraph=False) if compile_ else contextlib.nullcontext()
     start = time.perf_counter()
@@ -80,8 +123,20 @@ def _generate(r, plan: str | None, prompt, seed, qk, pv, call_kwargs: dict | Non
     mode += ", compiled" if compile_ else ""
     mode += f", {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""
     ui.print(f"wrote [bold]{out}[/]: {f} frames {w}x{h}, {r.sampling.steps} steps in {seconds:.1f} s, {mode}")
-    ui.json({
-        "path": str(out), "frames": f, "height": h, "width": w, "steps": r.sampling.steps, "seconds": round(seconds, 3),
-        "prompt": text, "seed": seed_, "plan": plan, "backend": applied.backend.name if loaded_plan else None, "compiled": compile_,
-        "gpus": parallel.world_size(), "attention_calls": dict(applied.calls) if loaded_plan else None,
-    })
+    ui.json(
+        {
+            "path": str(out),
+            "frames": f,
+            "height": h,
+            "width": w,
+            "steps": r.sampling.steps,
+            "seconds": round(seconds, 3),
+            "prompt": text,
+            "seed": seed_,
+            "plan": plan,
+            "backend": applied.backend.name if loaded_plan else None,
+            "compiled": compile_,
+            "gpus": parallel.world_size(),
+            "attention_calls": dict(applied.calls) if loaded_plan else None,
+        }
+    )

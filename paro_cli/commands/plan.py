@@ -23,6 +23,8 @@ def show(path: Annotated[Path, typer.Argument(help="Plan file.")], as_json: Json
     meta = [[k, v] for k, v in header.items() if k not in ("components", "calibration_timesteps", "candidate_orders")]
     ui.table(f"plan {path}", ["field", "value"], meta)
     for name, comp in plan.components.items():
-        ui.table(f"{name}: {comp.num_layers} layers x {comp.num_heads} heads, {plan.num_slots} timestep slots",
-                 *plan.layer_table(name))
+        ui.table(
+            f"{name}: {comp.num_layers} layers x {comp.num_heads} heads, {plan.num_slots} timestep slots",
+            *plan.layer_table(name),
+        )
     ui.json(plan.summary())

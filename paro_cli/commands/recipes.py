@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import yaml
@@ -13,7 +13,7 @@ from ..recipe import load_recipe, recipe_as_dict, resolve_recipe_path, shipped_r
 
 
 def command(
-    name: Annotated[Optional[str], typer.Argument(help="A recipe to show in full (name or path).")] = None,
+    name: Annotated[str | None, typer.Argument(help="A recipe to show in full (name or path).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the shipped recipes; with NAME, print that recipe with every default filled in."""
@@ -29,8 +29,17 @@ def command(
     for path in shipped_recipes():
         r = load_recipe(str(path))
         g = r.geometry
-        rows.append([path.stem, r.model, f"{g.frames}x{g.height}x{g.width}", r.sampling.steps, r.sparsity.density,
-                     f"{r.precision.qk}/{r.precision.pv}", r.backend])
+        rows.append(
+            [
+                path.stem,
+                r.model,
+                f"{g.frames}x{g.height}x{g.width}",
+                r.sampling.steps,
+                r.sparsity.density,
+                f"{r.precision.qk}/{r.precision.pv}",
+                r.backend,
+            ]
+        )
         data[path.stem] = recipe_as_dict(r)
     ui.table("shipped recipes", ["name", "model", "frames x h x w", "steps", "density", "QK/PV", "backend"], rows)
     ui.json(data)

@@ -89,7 +89,12 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
     model = build_model(seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    state = {"step": 0, "losses": [], "seconds": 0.0, "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    state = {
+        "step": 0,
+        "losses": [],
+        "seconds": 0.0,
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
     path = work / CHECKPOINT
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=False)
@@ -128,12 +133,17 @@ def train(work: Path, steps: int, batch_size: int, lr: float, seed: int, max_min
         state["step"] = step + 1
         if state["step"] % 500 == 0:
             flush()
-            log(f"step {state['step']}: loss {np.mean(state['losses'][-500:]):.4f} ({(time.time() - start) / 60:.1f} min this run)")
+            log(
+                f"step {state['step']}: loss {np.mean(state['losses'][-500:]):.4f} ({(time.time() - start) / 60:.1f} "
+                "min this run)"
+            )
     flush()
     state["seconds"] = spent + time.time() - start
     state.update(batch=batch_size, lr=lr, seed=seed)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(), "state": state}, tmp)
+    torch.save(
+        {"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(), "state": state}, tmp
+    )
     tmp.replace(path)
     log(f"checkpoint at step {state['step']}: {state['seconds'] / 60:.1f} min in all")
     return {**state, "steps_this_run": state["step"] - first}
@@ -148,8 +158,13 @@ def loss_curve_png(losses: list[float], path: Path, width: int = 640, height: in
     img = np.full((height, width, 3), 255, np.uint8)
     lo, hi = math.floor(values.min()), math.ceil(values.max())
     pad = 20
-    to_y = lambda v: (height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)).astype(int)
-    to_x = lambda i: (pad + i / max(len(values) - 1, 1) * (width - 2 * pad)).astype(int)
+
+    def to_y(v):
+        return (height - pad - (v - lo) / max(hi - lo, 1e-9) * (height - 2 * pad)).astype(int)
+
+    def to_x(i):
+        return (pad + i / max(len(values) - 1, 1) * (width - 2 * pad)).astype(int)
+
     for decade in range(lo, hi + 1):
         img[to_y(np.array(decade)), pad : width - pad] = 200
     for k in range(0, len(values), 1000):
@@ -179,22 +194,22 @@ the procedural world of `paro_cli/demo/world.py`: grey backgrounds (plain, strip
 one or two coloured shapes moving left/right/up/down, captions such as "a red circle moving
 left on a striped background". It works in RGB pixels (no VAE), {FRAMES} frames of {HEIGHT}x{WIDTH},
 which its 1x2x2 patches make a {FRAMES}x{HEIGHT // 2}x{WIDTH // 2} = {FRAMES * HEIGHT * WIDTH // 4:,} token grid; text comes from
-paro's offline hash prompt encoder ({MODEL_CONFIG['text_dim']} dims).
+paro's offline hash prompt encoder ({MODEL_CONFIG["text_dim"]} dims).
 
 | | |
 |---|---|
 | config | `{json.dumps(MODEL_CONFIG)}` |
 | parameters | {params:,} (stored as fp16) |
 | objective | flow matching (predict noise - x0), noise levels shifted by {SHIFT}, {CAPTION_DROPOUT:.0%} captions dropped |
-| optimiser | AdamW, lr {state['lr']}, 500 warm-up steps, weight decay 0.01, grad clip 1.0; EMA {EMA_DECAY} (these weights) |
-| steps x batch | {state['step']:,} x {state['batch']} |
-| seed | {state['seed']} |
-| training time | {state['seconds'] / 60:.1f} min on {state['card']} |
+| optimiser | AdamW, lr {state["lr"]}, 500 warm-up steps, weight decay 0.01, grad clip 1.0; EMA {EMA_DECAY} (these weights) |
+| steps x batch | {state["step"]:,} x {state["batch"]} |
+| seed | {state["seed"]} |
+| training time | {state["seconds"] / 60:.1f} min on {state["card"]} |
 | final loss | {np.mean(losses[-500:]):.4f} (mean of the last 500 steps; first 500: {np.mean(losses[:500]):.4f}) |
 
 Loss curve (log scale, 100-step moving average; grid: powers of ten, every 1,000 steps): `loss.png`.
 
-Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state['step']} --batch {state['batch']} --lr {state['lr']} --seed {state['seed']}`
+Reproduce: `python -m paro_cli.demo.train --work runs/demo --steps {state["step"]} --batch {state["batch"]} --lr {state["lr"]} --seed {state["seed"]}`
 (repeat while it exits with status 75: each run stops at `--max-minutes`), then
 `python -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights`.
 The data and the initial weights follow from the seed exactly; on CUDA the training step is
@@ -212,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=9.0, help="stop (and checkpoint) after this long")
-    parser.add_argument("--export", type=Path, help="write the EMA weights, model card and loss curve here instead of training")
+    parser.add_argument(
+        "--export", type=Path, help="write the EMA weights, model card and loss curve here instead of training"
+    )
     args = parser.parse_args(argv)
     if args.export:
         export(args.work, args.export)

@@ -112,7 +112,9 @@ def _coverage(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, size: tor
     return (0.5 - dist).clamp(0.0, 1.0)
 
 
-def render(scenes: list[Scene], frames: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def render(
+    scenes: list[Scene], frames: int, height: int, width: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(B, 3, F, H, W) float32 in [-1, 1]: what the demo model is trained to generate. One
     batched pass for all scenes (object slots without an object draw nothing)."""
     device = torch.device(device)
@@ -130,7 +132,10 @@ def render(scenes: list[Scene], frames: int, height: int, width: int, device: to
     slots = max(len(s.objects) for s in scenes)
     for k in range(slots):  # object k of every scene at once, drawn over what came before
         objs = [s.objects[k] if k < len(s.objects) else None for s in scenes]
-        value = lambda fn: torch.tensor([fn(o) if o else 0.0 for o in objs], **f32).view(b, 1, 1, 1)
+
+        def value(fn, objs=objs):
+            return torch.tensor([fn(o) if o else 0.0 for o in objs], **f32).view(b, 1, 1, 1)
+
         dx, dy = value(lambda o: DIRECTIONS[o.direction][0]), value(lambda o: DIRECTIONS[o.direction][1])
         speed, size = value(lambda o: o.speed), value(lambda o: o.size)
         cx, cy = value(lambda o: o.x) + dx * speed * t, value(lambda o: o.y) + dy * speed * t  # (B, F, 1, 1)

@@ -22,8 +22,10 @@ from .flux import FluxAdapter
 from .hunyuanvideo import HunyuanVideoAdapter
 from .wan import WanAdapter
 
-ADAPTERS = {adapter.transformer_class: adapter
-            for adapter in (WanAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(), FluxAdapter())}
+ADAPTERS = {
+    adapter.transformer_class: adapter
+    for adapter in (WanAdapter(), CogVideoXAdapter(), HunyuanVideoAdapter(), FluxAdapter())
+}
 
 
 def adapter_for(transformer: torch.nn.Module) -> TransformerAdapter:

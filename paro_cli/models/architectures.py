@@ -29,14 +29,21 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "wan2.1-t2v-1.3b": Architecture("WanTransformer3DModel", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+    "wan2.1-t2v-1.3b": Architecture(
+        "WanTransformer3DModel", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+    ),
     "wan2.1-t2v-14b": Architecture("WanTransformer3DModel"),
     "cogvideox-2b": Architecture("CogVideoXTransformer3DModel", text_tokens=226),
-    "cogvideox-5b": Architecture("CogVideoXTransformer3DModel", {"num_attention_heads": 48, "num_layers": 42,
-                                                                 "use_rotary_positional_embeddings": True}, text_tokens=226),
+    "cogvideox-5b": Architecture(
+        "CogVideoXTransformer3DModel",
+        {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
+        text_tokens=226,
+    ),
     "hunyuanvideo": Architecture("HunyuanVideoTransformer3DModel", text_tokens=256),
     "flux.1-dev": Architecture("FluxTransformer2DModel", {"guidance_embeds": True}, vae_factors=(1, 8)),
-    "flux.1-schnell": Architecture("FluxTransformer2DModel", vae_factors=(1, 8)),  # FluxPipeline's default 512 text tokens
+    "flux.1-schnell": Architecture(
+        "FluxTransformer2DModel", vae_factors=(1, 8)
+    ),  # FluxPipeline's default 512 text tokens
 }
 
 
@@ -60,7 +67,9 @@ def build_architecture(name: str, device: torch.device, dtype: torch.dtype = tor
         finally:
             torch.set_default_dtype(default)
     adapter = adapter_for(transformer)
-    return LoadedModel(f"architecture:{name}", transformer, adapter, device, dtype, None, adapter.prompt_encoder(transformer))
+    return LoadedModel(
+        f"architecture:{name}", transformer, adapter, device, dtype, None, adapter.prompt_encoder(transformer)
+    )
 
 
 def step_inputs(loaded: LoadedModel, name: str, recipe: Recipe) -> tuple[tuple[int, int, int], dict]:
@@ -71,13 +80,16 @@ def step_inputs(loaded: LoadedModel, name: str, recipe: Recipe) -> tuple[tuple[i
 
     arch, tr, adapter = ARCHITECTURES[name], loaded.transformer, loaded.adapter
     t_factor, s_factor = arch.vae_factors
-    pipeline = SimpleNamespace(vae_scale_factor_temporal=t_factor, vae_scale_factor_spatial=s_factor, vae_scale_factor=s_factor,
-                               transformer=tr)
+    pipeline = SimpleNamespace(
+        vae_scale_factor_temporal=t_factor, vae_scale_factor_spatial=s_factor, vae_scale_factor=s_factor, transformer=tr
+    )
     grid = adapter.pipeline_token_grid(pipeline, recipe.geometry)
     latent = [g * d for g, d in zip(grid, adapter.divisors(tr))]
     batch = 2 if adapter.classifier_free_guidance else 1
     g = torch.Generator(device=loaded.device).manual_seed(0)
     x = torch.randn(batch, *adapter.input_shape(tr, *latent), device=loaded.device, dtype=loaded.dtype, generator=g)
-    context = torch.randn(batch, arch.text_tokens, loaded.prompt_encoder.dim, device=loaded.device, dtype=loaded.dtype, generator=g)
+    context = torch.randn(
+        batch, arch.text_tokens, loaded.prompt_encoder.dim, device=loaded.device, dtype=loaded.dtype, generator=g
+    )
     t = torch.tensor(500.0, device=loaded.device)
     return grid, adapter.forward_inputs(tr, x, t, context, grid, recipe.sampling.guidance)

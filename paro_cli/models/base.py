@@ -25,15 +25,18 @@ def check_pixel_multiple(geometry, family: str, multiple: int = 16) -> None:
     for name in ("height", "width"):
         size = getattr(geometry, name)
         if size % multiple:
-            raise RecipeError(f"geometry.{name} = {size}: {family} pipelines need multiples of {multiple}",
-                              f"use {size // multiple * multiple or multiple}")
+            raise RecipeError(
+                f"geometry.{name} = {size}: {family} pipelines need multiples of {multiple}",
+                f"use {size // multiple * multiple or multiple}",
+            )
 
 
 def stream_block_layers(transformer: torch.nn.Module) -> list[str]:
     """Processor keys of MMDiT-style models (Flux, HunyuanVideo): the double-stream blocks'
     joint attention, then the single-stream blocks'."""
-    return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
-            + [f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))])
+    return [f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))] + [
+        f"single_transformer_blocks.{i}.attn.processor" for i in range(len(transformer.single_transformer_blocks))
+    ]
 
 
 class TransformerAdapter(abc.ABC):
@@ -88,8 +91,15 @@ class TransformerAdapter(abc.ABC):
         """The offline prompt encoder of paro's own loop, sized to the model's text input."""
 
     @abc.abstractmethod
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                       grid: tuple[int, int, int], guidance: float) -> dict:
+    def forward_inputs(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        grid: tuple[int, int, int],
+        guidance: float,
+    ) -> dict:
         """Keyword arguments of one denoising forward of paro's own loop on batch x at timestep t."""
 
     def token_grid_of_input(self, transformer: torch.nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -113,14 +123,21 @@ class TransformerAdapter(abc.ABC):
         """The token grid a diffusers pipeline of this family makes of a pixel geometry."""
         return self.token_grid_of_input(pipeline.transformer, self.pipeline_latent_shape(pipeline, geometry))
 
-    def input_token_grid(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    def input_token_grid(
+        self, transformer: torch.nn.Module, frames: int, height: int, width: int
+    ) -> tuple[int, int, int]:
         """The token grid of a bare transformer's input of that many frames and pixels."""
         return self.token_grid_of_input(transformer, (1, *self.input_shape(transformer, frames, height, width)))
 
     def pipeline_call_kwargs(self, sampling, geometry) -> dict:
         """Arguments of a video pipeline's call beyond prompts, steps, generators and callback."""
-        return {"negative_prompt": sampling.negative_prompt, "height": geometry.height, "width": geometry.width,
-                "num_frames": geometry.frames, "guidance_scale": sampling.guidance}
+        return {
+            "negative_prompt": sampling.negative_prompt,
+            "height": geometry.height,
+            "width": geometry.width,
+            "num_frames": geometry.frames,
+            "guidance_scale": sampling.guidance,
+        }
 
     def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int] | None:
         """Real text tokens per batch element where the forward pads its text and masks the
@@ -145,4 +162,7 @@ class TransformerAdapter(abc.ABC):
 
     def normalised_timestep(self, args: tuple, kwargs: dict) -> float:
         """Timestep in [0, 1] (1 = pure noise); where one comes per token (Wan 2.2 TI2V), the max."""
-        return float(torch.as_tensor(forward_input(args, kwargs, "timestep", self.timestep_position)).max()) / self.num_train_timesteps
+        return (
+            float(torch.as_tensor(forward_input(args, kwargs, "timestep", self.timestep_position)).max())
+            / self.num_train_timesteps
+        )

@@ -25,31 +25,52 @@ class CogVideoXNormRopeProcessor:
     as diffusers has it. Masked or differentiated calls (the kernel has no backward), or another
     norm, run the stock processor."""
 
-    replaces = "CogVideoXAttnProcessor2_0"  # the stock class this one mirrors (intercept.py installs it over that one only)
+    replaces = (
+        "CogVideoXAttnProcessor2_0"  # the stock class this one mirrors (intercept.py installs it over that one only)
+    )
 
     def __init__(self, stock):
-        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
         from diffusers.models import attention_processor
 
-        self.stock = stock
-        self.functional_site = attention_processor  # whose F the stock processor calls (dynamo refuses the import in __call__)
+        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
-        if (attention_mask is not None or not isinstance(attn.norm_q, torch.nn.LayerNorm) or attn.norm_q.weight is None
-                or torch.is_grad_enabled()):
+        self.stock = stock
+        self.functional_site = (
+            attention_processor  # whose F the stock processor calls (dynamo refuses the import in __call__)
+        )
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        if (
+            attention_mask is not None
+            or not isinstance(attn.norm_q, torch.nn.LayerNorm)
+            or attn.norm_q.weight is None
+            or torch.is_grad_enabled()
+        ):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         text = encoder_hidden_states.shape[1]
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        query, key = (torch.ops.paro.norm_rope(proj(hidden_states), norm.weight, norm.bias, cos, sin, attn.heads, "layer", True,
-                                               norm.eps, text)
-                      for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k)))
+        query, key = (
+            torch.ops.paro.norm_rope(
+                proj(hidden_states), norm.weight, norm.bias, cos, sin, attn.heads, "layer", True, norm.eps, text
+            )
+            for proj, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k))
+        )
         value = attn.to_v(hidden_states)
         batch, seq_len, channels = query.shape
         out = self.functional_site.F.scaled_dot_product_attention(
-            *(x.view(batch, seq_len, attn.heads, -1).transpose(1, 2) for x in (query, key, value)), attn_mask=None,
-            dropout_p=0.0, is_causal=False)
+            *(x.view(batch, seq_len, attn.heads, -1).transpose(1, 2) for x in (query, key, value)),
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+        )
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, seq_len, channels)))
         return out[:, text:], out[:, :text]
 
@@ -89,7 +110,9 @@ class CogVideoXAdapter(TransformerAdapter):
         return (shape[1] // p_t, shape[3] // p, shape[4] // p)
 
     def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
-        return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 1).shape[1], text_first=True)
+        return SequenceLayout(
+            text_len=forward_input(args, kwargs, "encoder_hidden_states", 1).shape[1], text_first=True
+        )
 
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
         """Latent (B, F, C, H, W) a CogVideoX pipeline samples: height and width multiples of 16,
@@ -124,10 +147,17 @@ class CogVideoXAdapter(TransformerAdapter):
         from diffusers import CogVideoXDDIMScheduler
 
         shift = 1.0 if transformer.config.use_rotary_positional_embeddings else 3.0
-        return CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True,
-                                      clip_sample=False, snr_shift_scale=shift)
+        return CogVideoXDDIMScheduler(
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+            rescale_betas_zero_snr=True,
+            clip_sample=False,
+            snr_shift_scale=shift,
+        )
 
-    def rotary_embedding(self, transformer: torch.nn.Module, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary_embedding(
+        self, transformer: torch.nn.Module, grid: tuple[int, int, int], device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """RoPE (cos, sin) of a token grid, placed as the 5B (centred crop) and 1.5 (slice of
         the trained size) pipelines place it; None for models without RoPE (2B)."""
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -137,14 +167,29 @@ class CogVideoXAdapter(TransformerAdapter):
             return None
         base = (c.sample_height // c.patch_size, c.sample_width // c.patch_size)
         if c.patch_size_t is None:
-            return get_3d_rotary_pos_embed(c.attention_head_dim, _centred_crop(grid[1:], base), grid[1:], grid[0], device=device)
-        return get_3d_rotary_pos_embed(c.attention_head_dim, None, grid[1:], grid[0], grid_type="slice", max_size=base, device=device)
+            return get_3d_rotary_pos_embed(
+                c.attention_head_dim, _centred_crop(grid[1:], base), grid[1:], grid[0], device=device
+            )
+        return get_3d_rotary_pos_embed(
+            c.attention_head_dim, None, grid[1:], grid[0], grid_type="slice", max_size=base, device=device
+        )
 
     def as_video(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """The loop's result (B, F, C, H, W) as (B, C, F, H, W)."""
         return x.transpose(1, 2)
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
-                       guidance: float) -> dict:
-        return {"hidden_states": x, "encoder_hidden_states": context, "timestep": t.expand(x.shape[0]),
-                "image_rotary_emb": self.rotary_embedding(transformer, grid, x.device)}
+    def forward_inputs(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        grid,
+        guidance: float,
+    ) -> dict:
+        return {
+            "hidden_states": x,
+            "encoder_hidden_states": context,
+            "timestep": t.expand(x.shape[0]),
+            "image_rotary_emb": self.rotary_embedding(transformer, grid, x.device),
+        }

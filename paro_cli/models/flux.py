@@ -44,12 +44,16 @@ class FluxAdapter(TransformerAdapter):
         rows, cols = (int(x) + 1 for x in ids.reshape(-1, 3)[:, 1:].amax(dim=0).tolist())
         tokens = forward_input(args, kwargs, "hidden_states", 0).shape[1]
         if rows * cols != tokens:
-            raise ModelError(f"FLUX.1 call with {tokens} image tokens on a {rows}x{cols} grid (e.g. Kontext reference images)",
-                             "paro plans plain text-to-image FLUX.1 calls only")
+            raise ModelError(
+                f"FLUX.1 call with {tokens} image tokens on a {rows}x{cols} grid (e.g. Kontext reference images)",
+                "paro plans plain text-to-image FLUX.1 calls only",
+            )
         return (1, rows, cols)
 
     def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
-        return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 1).shape[1], text_first=True)
+        return SequenceLayout(
+            text_len=forward_input(args, kwargs, "encoder_hidden_states", 1).shape[1], text_first=True
+        )
 
     def _check_image(self, frames: int) -> None:
         if frames != 1:
@@ -59,7 +63,11 @@ class FluxAdapter(TransformerAdapter):
         """Pixels / (VAE factor 8 x packing 2); the pipeline would round other sizes down silently."""
         self._check_image(geometry.frames)
         check_pixel_multiple(geometry, "FLUX.1", 2 * pipeline.vae_scale_factor)
-        return (1, geometry.height // (2 * pipeline.vae_scale_factor), geometry.width // (2 * pipeline.vae_scale_factor))
+        return (
+            1,
+            geometry.height // (2 * pipeline.vae_scale_factor),
+            geometry.width // (2 * pipeline.vae_scale_factor),
+        )
 
     def pipeline_call_kwargs(self, sampling, geometry) -> dict:
         return {"height": geometry.height, "width": geometry.width, "guidance_scale": sampling.guidance}
@@ -73,7 +81,9 @@ class FluxAdapter(TransformerAdapter):
     # paro's own sampling loop for a bare transformer (runner._builtin_sample): geometry height
     # and width are latent positions, packed 2x2 into tokens of in_channels values
 
-    def input_token_grid(self, transformer: torch.nn.Module, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    def input_token_grid(
+        self, transformer: torch.nn.Module, frames: int, height: int, width: int
+    ) -> tuple[int, int, int]:
         self._check_image(frames)
         return (1, height // 2, width // 2)
 
@@ -89,18 +99,31 @@ class FluxAdapter(TransformerAdapter):
         x = x.reshape(b, rows, cols, -1, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, x.shape[1], 1, 2 * rows, 2 * cols)
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
-                       guidance: float) -> dict:
+    def forward_inputs(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        grid,
+        guidance: float,
+    ) -> dict:
         """paro's offline prompt encoder has no pooled embedding: the mean of the prompt's token
         embeddings, cut or zero-padded to pooled_projection_dim, stands in for it."""
         batch, (_, rows, cols) = x.shape[0], grid
-        pooled = torch.nn.functional.pad(context.mean(dim=1), (0, max(0, transformer.config.pooled_projection_dim - context.shape[-1])))
+        pooled = torch.nn.functional.pad(
+            context.mean(dim=1), (0, max(0, transformer.config.pooled_projection_dim - context.shape[-1]))
+        )
         img_ids = torch.zeros(rows, cols, 3, device=x.device)
         img_ids[..., 1] = torch.arange(rows, device=x.device)[:, None]
         img_ids[..., 2] = torch.arange(cols, device=x.device)[None, :]
         embeds_guidance = transformer.config.guidance_embeds
-        return {"hidden_states": x, "encoder_hidden_states": context,
-                "pooled_projections": pooled[:, : transformer.config.pooled_projection_dim],
-                "timestep": (t / 1000).expand(batch), "img_ids": img_ids.reshape(-1, 3),
-                "txt_ids": torch.zeros(context.shape[1], 3, device=x.device),
-                "guidance": torch.full((batch,), guidance, device=x.device) if embeds_guidance else None}
+        return {
+            "hidden_states": x,
+            "encoder_hidden_states": context,
+            "pooled_projections": pooled[:, : transformer.config.pooled_projection_dim],
+            "timestep": (t / 1000).expand(batch),
+            "img_ids": img_ids.reshape(-1, 3),
+            "txt_ids": torch.zeros(context.shape[1], 3, device=x.device),
+            "guidance": torch.full((batch,), guidance, device=x.device) if embeds_guidance else None,
+        }

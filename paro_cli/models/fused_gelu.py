@@ -52,11 +52,17 @@ class FusedTanhGelu(torch.nn.Module):
         ones) or not on the input's device and dtype, or no bias."""
         proj = self.proj
         weight, bias = proj.weight, proj.bias
-        return (hidden_states.device.type in FUSED_DEVICES and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(hidden_states.device.type) and type(proj) is torch.nn.Linear
-                and _unhooked(proj) and bias is not None
-                and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (weight, bias))
-                and weight.device == hidden_states.device and weight.dtype == hidden_states.dtype)
+        return (
+            hidden_states.device.type in FUSED_DEVICES
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and type(proj) is torch.nn.Linear
+            and _unhooked(proj)
+            and bias is not None
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (weight, bias))
+            and weight.device == hidden_states.device
+            and weight.dtype == hidden_states.dtype
+        )
 
 
 def _unhooked(module: torch.nn.Module) -> bool:
@@ -67,8 +73,12 @@ def _unhooked(module: torch.nn.Module) -> bool:
 def tanh_gelu_sites(transformer: torch.nn.Module) -> list[tuple[torch.nn.Module, str, GELU]]:
     """(parent, attribute name, module) of each tanh-GELU projection without hooks of its own
     (a stand-in would not run them)."""
-    return [(parent, name, child) for parent in transformer.modules() for name, child in parent.named_children()
-            if type(child) is GELU and child.approximate == "tanh" and _unhooked(child)]
+    return [
+        (parent, name, child)
+        for parent in transformer.modules()
+        for name, child in parent.named_children()
+        if type(child) is GELU and child.approximate == "tanh" and _unhooked(child)
+    ]
 
 
 @contextlib.contextmanager

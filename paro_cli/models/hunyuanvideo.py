@@ -43,7 +43,9 @@ class HunyuanVideoAdapter(TransformerAdapter):
         return (shape[2] // p_t, shape[3] // p, shape[4] // p)
 
     def sequence_layout(self, args: tuple, kwargs: dict) -> SequenceLayout:
-        return SequenceLayout(text_len=forward_input(args, kwargs, "encoder_hidden_states", 2).shape[1], text_first=False)
+        return SequenceLayout(
+            text_len=forward_input(args, kwargs, "encoder_hidden_states", 2).shape[1], text_first=False
+        )
 
     def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int]:
         """The real tokens of each prompt: the model keeps the first ones of each row's mask
@@ -55,7 +57,13 @@ class HunyuanVideoAdapter(TransformerAdapter):
         16, frames rounded down to 4k + 1."""
         t, s = pipeline.vae_scale_factor_temporal, pipeline.vae_scale_factor_spatial
         check_pixel_multiple(geometry, "HunyuanVideo")
-        return (1, pipeline.transformer.config.in_channels, (geometry.frames - 1) // t + 1, geometry.height // s, geometry.width // s)
+        return (
+            1,
+            pipeline.transformer.config.in_channels,
+            (geometry.frames - 1) // t + 1,
+            geometry.height // s,
+            geometry.width // s,
+        )
 
     def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
         """Each axis's RoPE dims in a head: (t, h, w) = rope_axes_dim."""
@@ -67,8 +75,15 @@ class HunyuanVideoAdapter(TransformerAdapter):
     def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
         return HashPromptEncoder(transformer.config.text_embed_dim)
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
-                       guidance: float) -> dict:
+    def forward_inputs(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        grid,
+        guidance: float,
+    ) -> dict:
         """The prompt encoder zero-pads: its real tokens are the non-zero rows (at least one, as
         the pipeline keeps one for the empty prompt). The pooled embedding: as for Flux, the mean
         of the real token embeddings, cut or zero-padded to pooled_projection_dim."""
@@ -78,6 +93,11 @@ class HunyuanVideoAdapter(TransformerAdapter):
         pooled = (context * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
         pooled = torch.nn.functional.pad(pooled, (0, max(0, pooled_dim - pooled.shape[-1])))[:, :pooled_dim]
         embeds_guidance = transformer.config.guidance_embeds
-        return {"hidden_states": x, "timestep": t.expand(batch), "encoder_hidden_states": context,
-                "encoder_attention_mask": mask.to(torch.int64), "pooled_projections": pooled,
-                "guidance": torch.full((batch,), guidance * 1000.0, device=x.device) if embeds_guidance else None}
+        return {
+            "hidden_states": x,
+            "timestep": t.expand(batch),
+            "encoder_hidden_states": context,
+            "encoder_attention_mask": mask.to(torch.int64),
+            "pooled_projections": pooled,
+            "guidance": torch.full((batch,), guidance * 1000.0, device=x.device) if embeds_guidance else None,
+        }

@@ -73,5 +73,7 @@ def token_grid(loaded: LoadedModel, recipe: Recipe) -> tuple[int, int, int]:
     divisors = loaded.adapter.divisors(loaded.transformer)
     for name, size, d in zip(("frames", "height", "width"), (g.frames, g.height, g.width), divisors):
         if size % d:
-            raise RecipeError(f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}")
+            raise RecipeError(
+                f"geometry.{name} = {size} is not a multiple of the model's patch size {d}", f"use a multiple of {d}"
+            )
     return loaded.adapter.input_token_grid(loaded.transformer, g.frames, g.height, g.width)

@@ -61,10 +61,14 @@ def _load_transformer_folder(folder: Path) -> torch.nn.Module:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{folder}/config.json is unreadable ({exc})", "point --model at a folder written by save_pretrained") from None
+        raise ModelError(
+            f"{folder}/config.json is unreadable ({exc})", "point --model at a folder written by save_pretrained"
+        ) from None
     class_name = config.get("_class_name", "?")
     if class_name not in ADAPTERS:
-        raise ModelError(f"{folder} holds a {class_name}, which paro does not support", "supported: " + ", ".join(sorted(ADAPTERS)))
+        raise ModelError(
+            f"{folder} holds a {class_name}, which paro does not support", "supported: " + ", ".join(sorted(ADAPTERS))
+        )
     model = getattr(diffusers, class_name).from_config(config)
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
@@ -74,12 +78,16 @@ def _load_transformer_folder(folder: Path) -> torch.nn.Module:
     state = {}
     for shard in shards:
         if not (folder / shard).is_file():
-            raise ModelError(f"{folder} has no weights file {shard}", "save the model with save_pretrained (safetensors)")
+            raise ModelError(
+                f"{folder} has no weights file {shard}", "save the model with save_pretrained (safetensors)"
+            )
         state.update(load_file(str(folder / shard)))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"weights in {folder} do not fit its config: {str(exc).splitlines()[0]}", "re-save the model") from None
+        raise ModelError(
+            f"weights in {folder} do not fit its config: {str(exc).splitlines()[0]}", "re-save the model"
+        ) from None
     return model
 
 
@@ -89,7 +97,9 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
         import transformers  # every pipeline's text encoder
     except ImportError as exc:
         if exc.name not in ("accelerate", "transformers"):  # installed, but broken inside
-            raise ModelError(f"importing {exc.name} for the pipeline failed: {exc}", "repair that package's installation") from None
+            raise ModelError(
+                f"importing {exc.name} for the pipeline failed: {exc}", "repair that package's installation"
+            ) from None
         raise ModelError(
             f"loading the diffusers pipeline {spec} needs transformers and accelerate",
             "pip install 'paro[pipelines]'",
@@ -103,10 +113,15 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
     try:
         return diffusers.DiffusionPipeline.from_pretrained(spec, dtype=dtype)
     except OSError as exc:  # what from_pretrained raises for a missing or unreachable id or folder
-        raise ModelError(f"could not load pipeline {spec}: {str(exc).splitlines()[0]}", "check the id/folder (no network: use a local folder)") from None
+        raise ModelError(
+            f"could not load pipeline {spec}: {str(exc).splitlines()[0]}",
+            "check the id/folder (no network: use a local folder)",
+        ) from None
     except (ImportError, ValueError) as exc:  # the folder was found: the cause is inside a library, keep it
-        raise ModelError(f"loading pipeline {spec} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                         "the id/folder was found: fix what the message names") from exc
+        raise ModelError(
+            f"loading pipeline {spec} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            "the id/folder was found: fix what the message names",
+        ) from exc
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
 
@@ -128,7 +143,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
     elif spec.startswith(ARCHITECTURE_PREFIX):
         from .architectures import build_architecture
 
-        return build_architecture(spec[len(ARCHITECTURE_PREFIX):], device, dtype)
+        return build_architecture(spec[len(ARCHITECTURE_PREFIX) :], device, dtype)
     elif spec == EMBEDDED_MODEL:
         transformer = _load_transformer_folder(EMBEDDED_WEIGHTS)
     else:
@@ -137,14 +152,24 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
             pipeline = _load_pipeline(spec, dtype)
             transformer = pipeline.transformer
             adapter_for(transformer)  # an unsupported family is refused before anything moves
-            if getattr(pipeline, "transformer_2", None) is not None and pipeline.config.get("boundary_ratio") is not None:  # Wan 2.2 A14B
+            if (
+                getattr(pipeline, "transformer_2", None) is not None
+                and pipeline.config.get("boundary_ratio") is not None
+            ):  # Wan 2.2 A14B
                 experts = {"transformer_2": pipeline.transformer_2}
         elif (path / "config.json").is_file():
             transformer = _load_transformer_folder(path)
         elif path.is_dir():
-            raise ModelError(f"{path} has neither model_index.json nor config.json", "point --model at a diffusers pipeline or transformer folder")
+            raise ModelError(
+                f"{path} has neither model_index.json nor config.json",
+                "point --model at a diffusers pipeline or transformer folder",
+            )
         else:
-            raise ModelError(f"model {spec!r} not found", "give 'embedded', 'planted', 'planted-experts', 'architecture:NAME', a local diffusers folder or a hub id like org/name")
+            raise ModelError(
+                f"model {spec!r} not found",
+                "give 'embedded', 'planted', 'planted-experts', 'architecture:NAME', a local diffusers folder or a "
+                "hub id like org/name",
+            )
     if pipeline is not None:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
@@ -163,7 +188,10 @@ def from_pipeline(pipeline, model_id: str | None = None) -> LoadedModel:
     apart from where the weights rest."""
     transformer = getattr(pipeline, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
-        raise ModelError(f"{type(pipeline).__name__} has no transformer", "paro plans transformer pipelines: " + ", ".join(sorted(ADAPTERS)))
+        raise ModelError(
+            f"{type(pipeline).__name__} has no transformer",
+            "paro plans transformer pipelines: " + ", ".join(sorted(ADAPTERS)),
+        )
     check_uncompiled(transformer, "pipe.transformer")
     adapter = adapter_for(transformer)
     experts = {}
@@ -172,7 +200,9 @@ def from_pipeline(pipeline, model_id: str | None = None) -> LoadedModel:
         check_uncompiled(expert_2, "pipe.transformer_2")
         experts = {"transformer_2": expert_2, "boundary_ratio": pipeline.config.boundary_ratio}
     model_id = model_id or pipeline.config.get("_name_or_path") or type(pipeline).__name__
-    return LoadedModel(model_id, transformer, adapter, pipeline._execution_device, transformer.dtype, pipeline, None, **experts)
+    return LoadedModel(
+        model_id, transformer, adapter, pipeline._execution_device, transformer.dtype, pipeline, None, **experts
+    )
 
 
 def from_transformer(transformer: torch.nn.Module, model_id: str | None = None) -> LoadedModel:
@@ -181,12 +211,16 @@ def from_transformer(transformer: torch.nn.Module, model_id: str | None = None) 
     adapter = adapter_for(transformer)
     device = next(transformer.parameters()).device
     model_id = model_id or transformer.config.get("_name_or_path") or type(transformer).__name__
-    return LoadedModel(model_id, transformer, adapter, device, transformer.dtype, None, adapter.prompt_encoder(transformer))
+    return LoadedModel(
+        model_id, transformer, adapter, device, transformer.dtype, None, adapter.prompt_encoder(transformer)
+    )
 
 
 def check_uncompiled(transformer: torch.nn.Module, name: str) -> None:
     """A transformer compiled before paro reaches it would keep running the attention traced
     into its graphs; paro installs first, and compiling afterwards compiles paro's kernels in."""
     if isinstance(transformer, torch._dynamo.eval_frame.OptimizedModule):
-        raise ModelError(f"{name} is already compiled (torch.compile)",
-                         "apply paro to the uncompiled transformer, then compile it (or pass its _orig_mod)")
+        raise ModelError(
+            f"{name} is already compiled (torch.compile)",
+            "apply paro to the uncompiled transformer, then compile it (or pass its _orig_mod)",
+        )

@@ -39,8 +39,14 @@ MIDDLE_PAIR = 1
 SHARPNESS = 3.0  # q/k norm weight: larger makes the planted heads attend more sharply
 
 
-def plant_orders(attentions: list[torch.nn.Module], rope_slices: dict[str, slice], heads: int, head_dim: int,
-                 orders: tuple[tuple[str, ...], ...], pair_signs: tuple[float, float] = (1.0, 1.0)) -> None:
+def plant_orders(
+    attentions: list[torch.nn.Module],
+    rope_slices: dict[str, slice],
+    heads: int,
+    head_dim: int,
+    orders: tuple[tuple[str, ...], ...],
+    pair_signs: tuple[float, float] = (1.0, 1.0),
+) -> None:
     """Make head h of attention module l attend block-wise in orders[l][h] (module docstring).
 
     rope_slices: each axis's RoPE dims in a head (the family adapter's `rope_axis_slices`).
@@ -74,14 +80,22 @@ def _planted(class_name: str, config: dict, attentions, orders, seed: int, pair_
         torch.manual_seed(seed)
         transformer = getattr(diffusers, class_name)(**config)
     c = transformer.config
-    plant_orders(attentions(transformer), adapter_for(transformer).rope_axis_slices(transformer), c.num_attention_heads,
-                 c.attention_head_dim, orders, pair_signs)
+    plant_orders(
+        attentions(transformer),
+        adapter_for(transformer).rope_axis_slices(transformer),
+        c.num_attention_heads,
+        c.attention_head_dim,
+        orders,
+        pair_signs,
+    )
     return transformer.eval()
 
 
 def _planted_wan(orders, seed: int):
     """A Wan transformer of PLANTED_CONFIG with `orders` planted into its blocks' self-attention."""
-    return _planted("WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], orders, seed)
+    return _planted(
+        "WanTransformer3DModel", PLANTED_CONFIG, lambda t: [block.attn1 for block in t.blocks], orders, seed
+    )
 
 
 def build_planted_transformer(seed: int = 0):
@@ -120,8 +134,14 @@ PLANTED_COGVIDEOX_CONFIG = dict(
 def build_planted_cogvideox(seed: int = 0):
     """A small CogVideoXTransformer3DModel (RoPE, text prefix of 8 tokens) with the same planted
     orders as the Wan model; its q/k LayerNorm asks for zero-mean biases."""
-    return _planted("CogVideoXTransformer3DModel", PLANTED_COGVIDEOX_CONFIG, lambda t: [block.attn1 for block in t.transformer_blocks],
-                    PLANTED_ORDERS, seed, pair_signs=(1.0, -1.0))
+    return _planted(
+        "CogVideoXTransformer3DModel",
+        PLANTED_COGVIDEOX_CONFIG,
+        lambda t: [block.attn1 for block in t.transformer_blocks],
+        PLANTED_ORDERS,
+        seed,
+        pair_signs=(1.0, -1.0),
+    )
 
 
 def _stream_attentions(transformer) -> list:

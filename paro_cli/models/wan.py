@@ -24,23 +24,45 @@ class WanNormRopeProcessor:
     replaces = "WanAttnProcessor"  # the stock class this one mirrors (intercept.py installs it over that one only)
 
     def __init__(self, stock):
-        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
         from diffusers.models.transformers import transformer_wan
 
-        self.stock = stock
-        self.transformer_module = transformer_wan  # whose names the stock processor calls (read at call time: paro rebinds one)
+        import paro_kernels.ops  # noqa: F401  (registers torch.ops.paro.norm_rope)
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        if encoder_hidden_states is not None or rotary_emb is None or attn.add_k_proj is not None or torch.is_grad_enabled():
+        self.stock = stock
+        self.transformer_module = (
+            transformer_wan  # whose names the stock processor calls (read at call time: paro rebinds one)
+        )
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if (
+            encoder_hidden_states is not None
+            or rotary_emb is None
+            or attn.add_k_proj is not None
+            or torch.is_grad_enabled()
+        ):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = self.transformer_module._get_qkv_projections(attn, hidden_states, None)
-        query, key = (torch.ops.paro.norm_rope(x, norm.weight, None, rotary_emb[0], rotary_emb[1], attn.heads, "rms", False,
-                                               norm.eps, 0)
-                      for x, norm in ((query, attn.norm_q), (key, attn.norm_k)))
+        query, key = (
+            torch.ops.paro.norm_rope(
+                x, norm.weight, None, rotary_emb[0], rotary_emb[1], attn.heads, "rms", False, norm.eps, 0
+            )
+            for x, norm in ((query, attn.norm_q), (key, attn.norm_k))
+        )
         out = self.transformer_module.dispatch_attention_fn(
-            *(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value)), attn_mask=attention_mask, dropout_p=0.0,
-            is_causal=False, backend=self.stock._attention_backend, parallel_config=self.stock._parallel_config)
+            *(x.unflatten(2, (attn.heads, -1)) for x in (query, key, value)),
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self.stock._attention_backend,
+            parallel_config=self.stock._parallel_config,
+        )
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
 
@@ -101,7 +123,14 @@ class WanAdapter(TransformerAdapter):
     def prompt_encoder(self, transformer: torch.nn.Module) -> HashPromptEncoder:
         return HashPromptEncoder(transformer.config.text_dim)
 
-    def forward_inputs(self, transformer: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, grid,
-                       guidance: float) -> dict:
+    def forward_inputs(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        grid,
+        guidance: float,
+    ) -> dict:
         """Keyword arguments of one denoising forward on batch x at scheduler timestep t."""
         return {"hidden_states": x, "timestep": t.expand(x.shape[0]), "encoder_hidden_states": context}
