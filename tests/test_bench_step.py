@@ -5,9 +5,7 @@ import torch
 
 from paro_cli.models import adapter_for
 from paro_cli.models.loaded import LoadedModel
-from paro_cli.models.planted import (
-    build_planted_cogvideox,
-)
+from paro_cli.models.planted import build_planted_cogvideox
 
 
 @pytest.mark.parametrize("compiled", [False, True])

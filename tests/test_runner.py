@@ -2,11 +2,7 @@
 
 
 def test_pipelines_get_the_recipes_flow_shift_where_their_scheduler_has_a_fixed_one():
-    from diffusers import (
-        CogVideoXDDIMScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+    from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     from paro_cli.runner import with_flow_shift
 

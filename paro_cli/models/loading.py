@@ -101,8 +101,7 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
                 f"importing {exc.name} for the pipeline failed: {exc}", "repair that package's installation"
             ) from None
         raise ModelError(
-            f"loading the diffusers pipeline {spec} needs transformers and accelerate",
-            "pip install 'paro[pipelines]'",
+            f"loading the diffusers pipeline {spec} needs transformers and accelerate", "pip install 'paro[pipelines]'"
         ) from None
     import diffusers
 
