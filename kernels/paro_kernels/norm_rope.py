@@ -2,8 +2,8 @@
 
 Between a transformer's q/k projections and its attention, diffusers runs the QK norm and RoPE
 as a dozen eager elementwise kernels with float32 intermediates, and inductor, under
-torch.compile, as two or three kernels that write each pair's halves apart (stride 2): 0.76 ms
-per q or k at Wan2.1-1.3B's size on the H100, where this kernel takes 0.16 ms (BENCHMARKS.md).
+torch.compile, as two or three kernels that write each pair's halves apart (stride 2); timings
+against this kernel in BENCHMARKS.md.
 It reads each projected token row once and writes it once, with the stock arithmetic: the norm
 in float32, rounded to the model's dtype (the stock norm's output), then RoPE in float32 on
 interleaved pairs (x[2j], x[2j+1]), rounded again:

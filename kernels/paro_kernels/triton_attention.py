@@ -18,8 +18,7 @@ Semantics are kernels/paro_kernels/reference.py's; this file is about doing it f
   with one scale per tile) into whole, zero-padded, tile-aligned buffers. The shifts are
   sampled means (quant.channel_shift), so no pass over all of K and V precedes it. The
   attention kernel streams those buffers with unmasked async copies, which on the H100 beat
-  gathering K and V in its own loads even in bf16 (Wan2.1 dense: 27.7 vs 32.3 ms, with the
-  pass included).
+  gathering K and V in its own loads even in bf16, the pass included (BENCHMARKS.md).
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
   fp32 accumulator acc. P = exp2(s - m_i) lies in [0, 1]: FP8 e4m3 holds 448 p (a static
   scale that keeps small probabilities out of e4m3's subnormals), INT8 holds round(127 p).

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ModelError
 from . import ADAPTERS, adapter_for
+from .architectures import build_architecture
 from .loaded import ARCHITECTURE_PREFIX, EMBEDDED_MODEL, PLANTED_EXPERTS_MODEL, PLANTED_MODEL, LoadedModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "demo" / "weights"
@@ -140,8 +141,6 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         transformer, expert_2, boundary = build_planted_experts()
         experts = {"transformer_2": expert_2, "boundary_ratio": boundary}
     elif spec.startswith(ARCHITECTURE_PREFIX):
-        from .architectures import build_architecture
-
         return build_architecture(spec[len(ARCHITECTURE_PREFIX) :], device, dtype)
     elif spec == EMBEDDED_MODEL:
         transformer = _load_transformer_folder(EMBEDDED_WEIGHTS)
