@@ -50,21 +50,6 @@ SETTINGS = {
     "qk": "precision.qk",
     "pv": "precision.pv",
 }
-# Pipeline call arguments paro sets itself from the recipe (see runner.sample).
-RECIPE_CALL_ARGS = (
-    "prompt",
-    "num_inference_steps",
-    "generator",
-    "output_type",
-    "callback_on_step_end",
-    "height",
-    "width",
-    "num_frames",
-    "guidance_scale",
-    "guidance_scale_2",
-    "negative_prompt",
-    "max_sequence_length",
-)
 
 
 def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> LoadedModel:
@@ -81,14 +66,7 @@ def as_loaded(model: Any, pipeline_kwargs: dict[str, Any] | None = None) -> Load
     else:
         raise ModelError(f"paro cannot run on a {type(model).__name__}", "pass a diffusers pipeline or its transformer")
     if pipeline_kwargs:
-        if loaded.pipeline is None:
-            raise ModelError("pipeline_kwargs are for pipelines; this is a bare transformer", "drop pipeline_kwargs")
-        clash = sorted(set(pipeline_kwargs) & set(RECIPE_CALL_ARGS))
-        if clash:
-            raise RecipeError(
-                f"pipeline_kwargs sets {clash[0]!r}, which calibrate sets itself", "pass it as calibrate's own argument"
-            )
-        loaded.call_kwargs = {**loaded.call_kwargs, **pipeline_kwargs}
+        loaded.add_call_kwargs(pipeline_kwargs)
     return loaded
 
 
@@ -107,9 +85,12 @@ def calibrate(
     `recipe` (a Recipe, a shipped recipe's name or a YAML path) gives the defaults; `settings`
     override them, in diffusers' names: seeds, num_frames, height, width, num_inference_steps,
     guidance_scale, guidance_scale_2, negative_prompt, flow_shift, max_sequence_length, density,
-    block_size, slots, dense_first_steps, dense_layers, qk, pv, order_steps, orders. Without a recipe, height and
-    width must be given (and num_frames for video): a plan serves the geometry it was made for.
-    `pipeline_kwargs` go to each pipeline call as they are (an image-to-video pipeline's `image`).
+    block_size, slots, dense_first_steps, dense_layers, qk, pv, order_steps, orders; a setting of
+    None keeps the recipe's. Without a recipe, prompts, height and width must be given (and
+    num_frames for video: a plan serves the geometry it was made for), and the rest default to
+    paro's recipe defaults (10 steps, guidance 5, density 0.5, block 64, bf16/bf16, every step
+    profiled). `pipeline_kwargs` go to each pipeline call as they are (an image-to-video
+    pipeline's `image`).
     """
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -118,6 +99,10 @@ def calibrate(
         )
     loaded = as_loaded(model, pipeline_kwargs)
     if recipe is None:
+        if not prompts:
+            raise RecipeError(
+                "calibrate needs prompts: the plan is calibrated on them", "pass a few prompts like yours"
+            )
         missing = [name for name in ("height", "width") if settings.get(name) is None]
         if missing:
             raise RecipeError(

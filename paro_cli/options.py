@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .errors import ParoError
+from .media import read_image
 from .recipe import Recipe, load_recipe
 
 RecipeOpt = Annotated[
@@ -98,3 +99,8 @@ def prompt_and_seed(recipe: Recipe, prompt: str | None, seed: int | None) -> tup
 def check_compile_gpus(compiled: bool, gpus: int) -> None:
     if compiled and gpus > 1:
         raise ParoError("--compile with --gpus is not supported yet", "drop --compile, or run on one GPU")
+
+
+def image_kwargs(image: Path | None) -> dict | None:
+    """The pipeline call arguments --image gives (the file read now: a bad one fails before any work)."""
+    return {"image": read_image(image)} if image else None

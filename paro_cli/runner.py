@@ -139,6 +139,11 @@ def sample(
         check_call_arguments(loaded)
         frames = _pipeline_sample(loaded, recipe, prompts, seeds, on_step, decode)
         return torch.from_numpy((frames * 255).round().astype("uint8")) if decode else frames
+    if recipe.sampling.max_sequence_length is not None:
+        raise RecipeError(
+            "sampling.max_sequence_length sets a pipeline's text length; this bare transformer takes its text as given",
+            "remove sampling.max_sequence_length",
+        )
     if decode:
         check_decodable(loaded)
     x = _builtin_sample(loaded, recipe, prompts, seeds, on_step)

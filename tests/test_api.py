@@ -112,8 +112,15 @@ def test_refusals_are_exceptions(wan, tiny_pipeline, planted_calibration):
         paro.calibrate(pipe, ["a cat"], **{**CALL_ARGS["wan22"], **SETTINGS, "density": 1.5})
     with pytest.raises(TypeError, match="unexpected keyword argument 'desnity'"):
         paro.calibrate(pipe, ["a cat"], desnity=0.2, **CALL_ARGS["wan22"])
-    with pytest.raises(paro.RecipeError, match="pipeline_kwargs sets 'height'"):
-        paro.calibrate(pipe, ["a cat"], pipeline_kwargs={"height": 64}, **CALL_ARGS["wan22"])
+    for kwargs, error, match in (
+        ({"height": 64}, paro.RecipeError, "sets 'height', which paro sets from the recipe"),
+        ({"return_dict": False}, paro.RecipeError, "sets 'return_dict'"),
+        ({"image": example_image("wan_i2v")}, paro.ModelError, "WanPipeline takes no 'image'"),
+    ):
+        with pytest.raises(error, match=match):
+            paro.calibrate(pipe, ["a cat"], pipeline_kwargs=kwargs, **CALL_ARGS["wan22"])
+    with pytest.raises(paro.RecipeError, match="calibrate needs prompts"):
+        paro.calibrate(pipe, None, **CALL_ARGS["wan22"])
     with pytest.raises(paro.ModelError, match="WanImageToVideoPipeline needs 'image'"):
         paro.calibrate(load(tiny_pipeline("wan_i2v")), ["a cat"], **CALL_ARGS["wan_i2v"], **SETTINGS)
     compiled = torch.compile(pipe.transformer)
@@ -123,6 +130,24 @@ def test_refusals_are_exceptions(wan, tiny_pipeline, planted_calibration):
             paro.apply(pipe, plan)
     finally:
         pipe.transformer = original
+
+
+def test_a_bare_transformer_is_calibrated_in_paros_loop_and_planned():
+    """The API on a transformer alone (no pipeline): paro's own sampling loop calibrates it, and
+    the plan applies to its forward calls at the calibrated grid."""
+    from conftest import run_tiny_wan, tiny_wan
+
+    model = tiny_wan()
+    plan = paro.calibrate(model, ["a cat"], num_frames=4, height=16, width=16, **SETTINGS)
+    assert plan.family == "wan" and plan.grid == (4, 8, 8) and plan.num_blocks == 16
+    x = torch.randn(2, 4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    stock = run_tiny_wan(model, x)
+    with paro.apply(model, plan) as applied:
+        planned = run_tiny_wan(model, x)
+    assert applied.calls["paro"] == 2 and (planned - stock).abs().mean() > 1e-4
+    assert torch.equal(run_tiny_wan(model, x), stock)
+    with pytest.raises(paro.ModelError, match="a bare transformer takes no pipeline arguments"):
+        paro.calibrate(model, ["a cat"], pipeline_kwargs={"image": None}, num_frames=4, height=16, width=16)
 
 
 def test_image_to_video_pipeline_takes_its_image(tiny_pipeline):

@@ -78,7 +78,8 @@ def test_plan_maps_other_step_counts_by_timestep(planted_calibration):
     assert slots == sorted(slots) and slots[0] == 0 and slots[-1] == plan.num_slots - 1
 
 
-def test_restricted_orders_are_obeyed_and_checked(planted_model):
+def test_restricted_orders_are_obeyed_and_checked(planted_model, monkeypatch):
+    from paro_cli import runner
     from paro_cli.calibration import calibrate
     from paro_cli.errors import RecipeError
     from paro_cli.recipe import load_recipe
@@ -88,11 +89,14 @@ def test_restricted_orders_are_obeyed_and_checked(planted_model):
     assert plan.components["transformer"].orders == [["FHW", "FHW"], ["FHW", "FHW"]]
     with pytest.raises(RecipeError, match="calibration.orders"):
         load_recipe("planted", {"calibration.orders": ["FHX"]})
+    runs = []
+    monkeypatch.setattr(runner, "sample", lambda *a, **k: runs.append(1))
     with pytest.raises(RecipeError, match="not an order of this grid"):
         calibrate(
             planted_model,
             load_recipe("planted", {"sampling.steps": 2, "geometry.frames": 1, "calibration.orders": ["FHW"]}),
         )
+    assert not runs  # refused before the first sampling pass
 
 
 def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():

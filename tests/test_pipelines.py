@@ -170,6 +170,14 @@ def test_pipeline_through_the_cli(kind, tmp_path_factory, tiny_pipeline, foreign
         paro(first, "generate", *common, "--plan", foreign_plan, "--out", work / "foreign.png"),
         "another transformer config" if kind.startswith("wan") else "plan is for a wan model",
     )
+    if image is None:  # --image on a text-to-video pipeline: refused before any work
+        work_image = work / "not-for-this.png"
+        example_image("wan_i2v").save(work_image)
+        refused(
+            paro(first, "generate", "--recipe", recipe, "--image", work_image, "--out", work / "i.png"),
+            "takes no 'image'",
+        )
+        work_image.unlink()
     assert sorted(p.name for p in work.iterdir()) == sorted(
         ["recipe.yaml", "dense.png", "plan.safetensors", "paro.png", *(["image.png"] if image else [])]
     )

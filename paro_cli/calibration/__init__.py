@@ -49,6 +49,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     layers = {name: len(loaded.adapter.attention_layers(tr)) for name, tr in components.items()}
     _check_dense_layers(sp.dense_layers, min(layers.values()))
     grid = token_grid(loaded, recipe)
+    names = candidate_orders(grid)
+    allowed = allowed_orders(recipe.calibration.orders, names)  # a bad list fails now, not after pass 1
     heads = {name: local_heads(tr, loaded.adapter.num_heads(tr)) for name, tr in components.items()}  # this rank's
     gathers = {name: functools.partial(gather_heads, tr) for name, tr in components.items()}
 
@@ -65,7 +67,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     }
     _run_pass(loaded, recipe, "profiling orders", profilers, progress)
     chosen = {
-        name: _chosen_orders(name, profiler, loaded, recipe, grid, layers[name]) for name, profiler in profilers.items()
+        name: _chosen_orders(name, profiler, loaded, recipe, names, allowed, layers[name])
+        for name, profiler in profilers.items()
     }
 
     schedule = {step: t for profiler in profilers.values() for step, t in profiler.tracker.timesteps.items()}
@@ -139,10 +142,17 @@ def _run_pass(loaded: LoadedModel, recipe: Recipe, name: str, handlers: dict, pr
         runner.sample(loaded, recipe, prompts, seeds, decode=False, on_step=step_done)
 
 
-def _chosen_orders(name: str, profiler: OrderProfiler, loaded: LoadedModel, recipe: Recipe, grid, layers: int):
-    """(orders [layer][head], (recall, incoherence)) of one component from its profile."""
-    names = candidate_orders(grid)
-    allowed = allowed_orders(recipe.calibration.orders, names)
+def _chosen_orders(
+    name: str,
+    profiler: OrderProfiler,
+    loaded: LoadedModel,
+    recipe: Recipe,
+    names: list[str],
+    allowed: list[int],
+    layers: int,
+):
+    """(orders [layer][head], (recall, incoherence)) of one component from its profile; `names`
+    are the grid's candidate orders, `allowed` the indices of those the recipe allows."""
     if not profiler.tracker.timesteps:  # an expert this schedule never runs: first allowed order, masks all dense
         shape = (layers, loaded.adapter.num_heads(loaded.components[name]), len(names))
         return [[names[allowed[0]]] * shape[1] for _ in range(layers)], (torch.zeros(shape), torch.zeros(shape))

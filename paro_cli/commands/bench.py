@@ -14,7 +14,6 @@ from ..api import as_loaded
 from ..backends import BACKENDS
 from ..bench import e2e as e2e_bench
 from ..errors import GateFailed, ParoError
-from ..media import read_image
 from ..models.architectures import ARCHITECTURES, check_architecture
 from ..models.loaded import token_grid
 from ..models.loading import load_model, resolve_device
@@ -37,6 +36,7 @@ from ..options import (
     WidthOpt,
     build_recipe,
     check_compile_gpus,
+    image_kwargs,
     prompt_and_seed,
 )
 from ..output import Output
@@ -134,7 +134,7 @@ def e2e(
     r = build_recipe(
         recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend
     )
-    call_kwargs = {"image": read_image(image)} if image else None
+    call_kwargs = image_kwargs(image)
     parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, call_kwargs, as_json)
 
 
@@ -423,7 +423,7 @@ def quality(
             "--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop"
         )
     seeds = [seed + i for i in range(len(texts))]
-    call_kwargs = {"image": read_image(image)} if image else None
+    call_kwargs = image_kwargs(image)
     ui = Output(as_json)
     loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     if heatmaps is not None:  # before any generation, as the plan checks below

@@ -13,7 +13,6 @@ from ..api import as_loaded, calibrate
 from ..calibration import CalibrationProgress
 from ..errors import ParoError
 from ..fileio import check_output_file
-from ..media import read_image
 from ..models.loaded import token_grid
 from ..models.loading import load_model
 from ..options import (
@@ -32,6 +31,7 @@ from ..options import (
     StepsOpt,
     WidthOpt,
     build_recipe,
+    image_kwargs,
 )
 from ..output import Output
 
@@ -73,7 +73,7 @@ def command(
     if out.suffix != ".safetensors":
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
     check_output_file(out)
-    call_kwargs = {"image": read_image(image)} if image else None
+    call_kwargs = image_kwargs(image)
     parallel.run(gpus, _calibrate, r, call_kwargs, out, as_json)
 
 

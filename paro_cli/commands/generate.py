@@ -12,7 +12,7 @@ import typer
 from .. import parallel
 from ..api import apply, as_loaded
 from ..compiled import compiled_forwards
-from ..media import check_video_path, read_image, write_video
+from ..media import check_video_path, write_video
 from ..models.loaded import token_grid
 from ..models.loading import load_model
 from ..options import (
@@ -34,6 +34,7 @@ from ..options import (
     WidthOpt,
     build_recipe,
     check_compile_gpus,
+    image_kwargs,
     prompt_and_seed,
 )
 from ..output import Output
@@ -88,7 +89,7 @@ def command(
     )
     check_video_path(out)
     check_compile_gpus(compile_, gpus)
-    call_kwargs = {"image": read_image(image)} if image else None
+    call_kwargs = image_kwargs(image)
     parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, call_kwargs, out, compile_, as_json)
 
 

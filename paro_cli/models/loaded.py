@@ -8,12 +8,13 @@ Python API (a user's pipeline or transformer) all make LoadedModels.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import ModelError, RecipeError
 from . import config_fingerprint
 from .base import TransformerAdapter
 from .prompt_encoder import HashPromptEncoder
@@ -25,6 +26,28 @@ EMBEDDED_MODEL = "embedded"  # the trained demo model shipped in paro_cli/demo/w
 PLANTED_MODEL = "planted"  # random weights with planted attention: calibration's known answers
 PLANTED_EXPERTS_MODEL = "planted-experts"  # two planted Wan transformers switched at a boundary, as Wan 2.2
 ARCHITECTURE_PREFIX = "architecture:"  # architecture:NAME, a full-size architecture with random weights
+# Pipeline call arguments paro sets itself (runner.sample): from the recipe, or fixed because paro
+# reads the output (return_dict, output_type) or makes the batch and its noise (latents, counts).
+RECIPE_CALL_ARGS = (
+    "prompt",
+    "num_inference_steps",
+    "generator",
+    "output_type",
+    "callback_on_step_end",
+    "height",
+    "width",
+    "num_frames",
+    "guidance_scale",
+    "guidance_scale_2",
+    "negative_prompt",
+    "max_sequence_length",
+    "return_dict",
+    "latents",
+    "num_videos_per_prompt",
+    "num_images_per_prompt",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+)
 
 
 @dataclass
@@ -60,6 +83,34 @@ class LoadedModel:
         if self.transformer_2 is None or t >= self.boundary_ratio * self.adapter.num_train_timesteps:
             return self.transformer
         return self.transformer_2
+
+    def add_call_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Give every pipeline call paro makes these arguments too; refused (before any work) for a
+        bare transformer, for what paro sets from the recipe, and for what the pipeline does not take."""
+        first = next(iter(kwargs))
+        if self.pipeline is None:
+            raise ModelError(
+                f"a bare transformer takes no pipeline arguments (here {first!r})",
+                "load the whole pipeline (a model_index.json folder or a hub id)",
+            )
+        clash = sorted(set(kwargs) & set(RECIPE_CALL_ARGS))
+        if clash:
+            raise RecipeError(
+                f"a pipeline argument sets {clash[0]!r}, which paro sets from the recipe",
+                "set it as a recipe field or calibrate's own argument",
+            )
+        parameters = inspect.signature(type(self.pipeline).__call__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(kwargs) - set(parameters))
+            if unknown:
+                name = type(self.pipeline).__name__
+                raise ModelError(
+                    f"{name} takes no {unknown[0]!r}",
+                    "'image' is for image-to-video pipelines (WanImageToVideoPipeline)"
+                    if unknown[0] == "image"
+                    else f"see {name}.__call__ for what it takes",
+                )
+        self.call_kwargs = {**self.call_kwargs, **kwargs}
 
     def fingerprints(self) -> dict[str, str]:
         return {name: config_fingerprint(m) for name, m in self.components.items()}

@@ -148,13 +148,7 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
         path = Path(spec)
         if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.match(spec)):
             pipeline = _load_pipeline(spec, dtype)
-            transformer = pipeline.transformer
-            adapter_for(transformer)  # an unsupported family is refused before anything moves
-            if (
-                getattr(pipeline, "transformer_2", None) is not None
-                and pipeline.config.get("boundary_ratio") is not None
-            ):  # Wan 2.2 A14B
-                experts = {"transformer_2": pipeline.transformer_2}
+            adapter_for(pipeline.transformer)  # an unsupported family is refused before anything moves
         elif (path / "config.json").is_file():
             transformer = _load_transformer_folder(path)
         elif path.is_dir():
@@ -171,11 +165,13 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
     if pipeline is not None:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)  # paro draws its own (none with --json)
+        loaded = from_pipeline(pipeline, spec)
+        for model in loaded.components.values():
+            cast_transformer(model, device, dtype)
+        return loaded
     for model in (transformer, experts.get("transformer_2")):
         if model is not None:
             cast_transformer(model, device, dtype)
-    if pipeline is not None:
-        return from_pipeline(pipeline, spec)
     adapter = adapter_for(transformer)
     return LoadedModel(spec, transformer, adapter, device, dtype, None, adapter.prompt_encoder(transformer), **experts)
 
