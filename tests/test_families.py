@@ -12,24 +12,18 @@ from paro_cli.intercept import AttentionInterceptor
 from paro_cli.models import ADAPTERS, adapter_for
 from paro_cli.models.loaded import LoadedModel
 from paro_cli.models.planted import (
+    PLANTED_BUILDERS,
     PLANTED_FLUX_ORDERS,
     PLANTED_ORDERS,
     build_planted_cogvideox,
     build_planted_flux,
     build_planted_hunyuanvideo,
-    build_planted_transformer,
 )
 from paro_cli.recipe import load_recipe
 from paro_cli.runner import sample
 
 from conftest import Recorder, rel_l2
 
-BUILDERS = {
-    "wan": build_planted_transformer,
-    "cogvideox": build_planted_cogvideox,
-    "flux": build_planted_flux,
-    "hunyuanvideo": build_planted_hunyuanvideo,
-}
 # The transformer's input (bare transformers: no VAE): 256 tokens, a 4x8x8 grid for the video
 # families, a 16x16 image for Flux (latent positions packed 2x2).
 VIDEO = {"geometry.frames": 4, "geometry.height": 16, "geometry.width": 16}
@@ -55,12 +49,12 @@ def small(family, **overrides):
 
 
 def test_every_registered_family_is_tested_here():
-    assert sorted(a.family for a in ADAPTERS.values()) == sorted(BUILDERS)
+    assert sorted(a.family for a in ADAPTERS.values()) == sorted(PLANTED_BUILDERS)
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(PLANTED_BUILDERS))
 def planted(request):
-    model = BUILDERS[request.param]()
+    model = PLANTED_BUILDERS[request.param]()
     adapter = adapter_for(model)
     return LoadedModel(
         f"planted-{request.param}",
@@ -119,7 +113,7 @@ def test_planted_orders_are_found(planted):
 
 def test_plans_are_refused_by_other_families_and_text_layouts():
     loaded = {}
-    for family, build in BUILDERS.items():
+    for family, build in PLANTED_BUILDERS.items():
         model = build()
         adapter = adapter_for(model)
         loaded[family] = LoadedModel(
@@ -194,7 +188,7 @@ def test_family_recipes_give_the_model_cards_token_grids(recipe, grid):
 def test_transformer_folders_of_every_family_load_strictly(tmp_path):
     from paro_cli.models.loading import load_model
 
-    for family, build in BUILDERS.items():
+    for family, build in PLANTED_BUILDERS.items():
         build().save_pretrained(tmp_path / family)
         loaded = load_model(str(tmp_path / family), device=torch.device("cpu"))
         assert loaded.family == family and loaded.prompt_encoder is not None

@@ -12,21 +12,9 @@ from diffusers.models.activations import GELU
 
 from paro_cli.models import fused_gelu
 from paro_cli.models.fused_gelu import FusedTanhGelu, fused_gelu_projections
-from paro_cli.models.planted import (
-    build_planted_cogvideox,
-    build_planted_flux,
-    build_planted_hunyuanvideo,
-    build_planted_transformer,
-)
+from paro_cli.models.planted import PLANTED_BUILDERS, build_planted_transformer
 
 from conftest import rel_l2
-
-BUILDERS = {
-    "wan": build_planted_transformer,
-    "cogvideox": build_planted_cogvideox,
-    "flux": build_planted_flux,
-    "hunyuanvideo": build_planted_hunyuanvideo,
-}
 
 
 def feed_forward_input(model, rows=6, seed=0):
@@ -36,9 +24,9 @@ def feed_forward_input(model, rows=6, seed=0):
     return ff, gelu, x
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", sorted(PLANTED_BUILDERS))
 def test_installed_on_every_tanh_gelu_projection_and_restored(family):
-    model = BUILDERS[family]()
+    model = PLANTED_BUILDERS[family]()
     stock = {name: m for name, m in model.named_modules() if type(m) is GELU}
     keys = list(model.state_dict())
     assert stock and all(m.approximate == "tanh" for m in stock.values())

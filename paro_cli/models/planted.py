@@ -193,3 +193,12 @@ def build_planted_hunyuanvideo(seed: int = 0):
     """A small HunyuanVideoTransformer3DModel (text after the video, padded) with the Wan model's
     planted orders in its double- and single-stream blocks."""
     return _planted("HunyuanVideoTransformer3DModel", PLANTED_HUNYUAN_CONFIG, _stream_attentions, PLANTED_ORDERS, seed)
+
+
+# One planted model per family, by the family's plan name.
+PLANTED_BUILDERS = {
+    "wan": build_planted_transformer,
+    "cogvideox": build_planted_cogvideox,
+    "flux": build_planted_flux,
+    "hunyuanvideo": build_planted_hunyuanvideo,
+}
