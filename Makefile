@@ -42,7 +42,7 @@ train-demo: install
 	$(PY) -m paro_cli.demo.train --work runs/demo --export paro_cli/demo/weights
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff's rules and format, configured in pyproject.toml (line length 120)
 lint: install
