@@ -8,6 +8,7 @@ Tensors (per component, e.g. "transformer"; Wan 2.2 holds two):
                         where "slots" are the component's `slots_run` (header) when it lists
                         them (one of two experts: the slots it runs; the others run dense)
   {c}.recall            float32 (layers, heads, candidates): mass recall of each candidate order
+                        (NaN for orders calibration.orders left out, and nothing to choose)
   {c}.incoherence       float32 (layers, heads, candidates)
 The header (safetensors metadata key "paro", JSON) holds everything else: versions, model,
 grid, text layout, block size, orders per (layer, head) by name, the slot map (and per

@@ -33,11 +33,11 @@ class StepTracker:
     def __init__(self, grid: tuple[int, int, int] | None = None, layout: SequenceLayout | None = None):
         self.timesteps: dict[int, float] = {}
         self.step = 0
-        self.grid, self.layout = grid, layout  # None: the first call's
+        self.grid, self.layout = grid, layout  # each None: the first call's
 
     def see(self, grid: tuple[int, int, int], layout: SequenceLayout, t: float) -> int:
-        if self.grid is None:
-            self.grid, self.layout = tuple(grid), layout
+        self.grid = self.grid or tuple(grid)
+        self.layout = self.layout or layout
         _same_input(self.grid, self.layout, grid, layout)
         self.timesteps.setdefault(self.step, t)  # the step's first forward
         return self.step

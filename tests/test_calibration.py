@@ -111,3 +111,40 @@ def test_steps_are_counted_by_the_sampler_not_told_apart_by_timestep():
         seen += [tracker.see((2, 4, 4), layout, t), tracker.see((2, 4, 4), layout, t)]  # two forwards each
         tracker.step_done()
     assert seen == [0, 0, 1, 1, 2, 2] and tracker.timesteps == {0: 1.0, 1: 1.0, 2: 0.99}
+
+
+def test_one_run_gives_the_plan_of_two(planted_model, planted_calibration, monkeypatch):
+    """Calibration in one sampling run (every allowed order's mass kept per slot) chooses the
+    orders and masks that a profiling run followed by a mask run gives, and samples once."""
+    from paro_cli import runner
+    from paro_cli.calibration import calibrate, passes
+
+    recipe, one = planted_calibration
+    runs = []
+    sample = runner.sample
+    monkeypatch.setattr(runner, "sample", lambda *a, **k: runs.append(1) or sample(*a, **k))
+    monkeypatch.setattr(passes, "ONE_RUN_BYTES", 0)
+    two = calibrate(planted_model, recipe)
+    assert len(runs) == 2
+    a, b = one.components["transformer"], two.components["transformer"]
+    assert a.orders == b.orders
+    for slot in range(one.num_slots):
+        assert torch.equal(a.slot_masks(slot), b.slot_masks(slot))
+    torch.testing.assert_close(a.recall, b.recall, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.incoherence, b.incoherence, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    runs.clear()
+    monkeypatch.setattr(runner, "sample", lambda *a, **k: runs.append(1) or sample(*a, **k))
+    calibrate(planted_model, recipe)
+    assert len(runs) == 1
+
+
+def test_one_allowed_order_is_not_profiled(planted_model):
+    """With nothing to choose, no order is scored: the plan's scores are NaN, not made up."""
+    from paro_cli.calibration import calibrate
+    from paro_cli.recipe import load_recipe
+
+    plan = calibrate(planted_model, load_recipe("planted", {"sampling.steps": 2, "calibration.orders": ["HWF"]}))
+    comp = plan.components["transformer"]
+    assert comp.orders == [["HWF", "HWF"], ["HWF", "HWF"]]
+    assert comp.recall.isnan().all() and comp.incoherence.isnan().all()

@@ -165,10 +165,5 @@ def test_bench_quality_takes_the_geometry_and_every_progress_row_completes(capsy
         "--json",
     )
     assert code == 0 and json.loads(stdout)["grid"] == [4, 12, 8]
-    assert list(rows) == [
-        "dense",
-        "paro d=0.3 fp32/fp32: profiling orders",
-        "paro d=0.3 fp32/fp32: building masks",
-        "paro d=0.3 fp32/fp32",
-    ]
+    assert list(rows) == ["dense", "paro d=0.3 fp32/fp32: profiling orders and masks", "paro d=0.3 fp32/fp32"]
     assert all(done == total == 2 for done, total in rows.values())

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from paro_kernels.layout import SequenceLayout
-from paro_kernels.orders import head_permutations
 from paro_kernels.stats import block_statistics, mass_recall
 
 from conftest import position_in_order, structured_qkv
@@ -48,8 +47,16 @@ def test_streamed_statistics_match_full_map(text_len, text_first, use_triton):
     grid, block, orders = (3, 4, 6), 16, ["WHF", "FWH", "HFW"]
     q, k, _ = structured_qkv(2, 72 + text_len, 3, 16, seed=7)
     layout = SequenceLayout(text_len, text_first)
-    perms = torch.stack([head_permutations(orders, grid), head_permutations(orders[::-1], grid)])
-    stats = block_statistics(q, k, perms=perms, block=block, layout=layout, max_chunk_elems=3000, use_triton=use_triton)
+    stats = block_statistics(
+        q,
+        k,
+        orders=[orders, orders[::-1]],
+        grid=grid,
+        block=block,
+        layout=layout,
+        piece_elems=3000,
+        use_triton=use_triton,
+    )
     for o, candidate in enumerate((orders, orders[::-1])):
         mass, incoherence = full_map_statistics(q, k, candidate, grid, block, layout)
         torch.testing.assert_close(stats.mass[o].double(), mass, rtol=1e-4, atol=1e-5)

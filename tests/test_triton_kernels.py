@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to_paro_order
-from paro_kernels.orders import candidate_orders, head_permutations
+from paro_kernels.orders import candidate_orders
 from paro_kernels.quant import channel_shift, choose_scale, quantize
 from paro_kernels.reference import paro_attention_reference
 from paro_kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
@@ -280,10 +280,10 @@ def test_gpu_statistics_kernel_matches_torch():
 
     grid = (5, 12, 18)
     q, k, _ = (x.cuda().bfloat16() for x in structured_qkv(2, 1080 + 226, 3, 64, seed=3))
-    perms = torch.stack([head_permutations([o] * 3, grid) for o in candidate_orders(grid)]).cuda()
+    orders = [[o] * 3 for o in candidate_orders(grid)]
     layout = SequenceLayout(226, True)
-    fast = block_statistics(q, k, perms=perms, block=64, layout=layout, use_triton=True)
-    slow = block_statistics(q, k, perms=perms, block=64, layout=layout, use_triton=False)
+    fast = block_statistics(q, k, orders=orders, grid=grid, block=64, layout=layout, use_triton=True)
+    slow = block_statistics(q, k, orders=orders, grid=grid, block=64, layout=layout, use_triton=False)
     torch.testing.assert_close(fast.mass, slow.mass, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fast.incoherence, slow.incoherence, atol=1e-3, rtol=1e-3)
     assert torch.equal(mass_recall(fast.mass, 0.3).argmax(0), mass_recall(slow.mass, 0.3).argmax(0))

@@ -7,29 +7,43 @@ included) and the visual part tiled into blocks of `block` tokens in that order:
                        what a per-block quantisation scale suffers from (1 for a flat block)
 Only visual query rows are profiled: text rows are always computed densely.
 
-Two implementations of the same numbers: plain torch (CPU, and the oracle) holds one chunk of
-query rows at a time; on CUDA, kernels/paro_kernels/triton_stats.py streams tile by tile, computing each
-row's log-sum-exp once for all orders (it does not depend on the order) and then one block
-pass per order. Neither ever holds the N x N map.
+Two implementations of the same numbers; neither ever holds the N x N map:
+- plain torch (CPU, and the oracle): P is computed once, in arrival order, one cache-sized piece
+  of (batch x head, query rows) at a time, and every candidate order's blocks are summed from that
+  one P. An order's block is a run of `block` positions of the order, so a union of aligned groups
+  of g = gcd(block, size) tokens along its innermost axis: summing P over those groups once per
+  innermost axis serves both orders that share it, and what is left to permute is g times smaller
+  than P. Rows go to their block in each order by index.
+- on CUDA, kernels/paro_kernels/triton_stats.py streams tile by tile, computing each row's
+  log-sum-exp once for all orders (it does not depend on the order) and then one block pass per
+  order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .layout import SequenceLayout, chunk_rows, num_blocks, to_paro_order
+from .layout import SequenceLayout, num_blocks, to_paro_order
+from .orders import VIDEO_AXES, head_permutations, inverse_permutation, order_permutation
+
+# Scores one piece of the torch path holds: small enough for P to stay in cache while it is
+# summed, which makes the pass about twice as fast on a CPU as pieces of all heads at once.
+PIECE_ELEMS = 1 << 21
 
 
 @dataclass
 class BlockStatistics:
     mass: torch.Tensor  # (O, H, nb, nb) float32
-    incoherence: torch.Tensor  # (O, H) float32
+    incoherence: torch.Tensor | None  # (O, H) float32; None when peaks were not asked for
 
 
-def summarise(mass: torch.Tensor, peak: torch.Tensor, n: int, block: int) -> BlockStatistics:
+def summarise(mass: torch.Tensor, peak: torch.Tensor | None, n: int, block: int) -> BlockStatistics:
     """Raw per-sample block sums and maxima (O, B, H, nb, nb) -> batch-averaged statistics."""
+    if peak is None:
+        return BlockStatistics(mass=mass.mean(dim=1), incoherence=None)
     nb = mass.shape[-1]
     sizes = torch.full((nb,), float(block), device=mass.device)
     sizes[-1] = n - (nb - 1) * block  # the ragged last block holds fewer tokens
@@ -38,27 +52,56 @@ def summarise(mass: torch.Tensor, peak: torch.Tensor, n: int, block: int) -> Blo
     return BlockStatistics(mass=mass.mean(dim=1), incoherence=ratio.mean(dim=(1, 3, 4)))
 
 
-def _torch_raw(q, k, perm, block, layout, scale, max_chunk_elems):
-    bsz, seq, heads, _ = q.shape
+def _axes(order: str) -> list[int]:
+    """An order's axes as indices into (F, H, W), outermost first; an image order ("HW") gets F,
+    of size 1, in front."""
+    return [VIDEO_AXES.index(a) for a in order.rjust(3, "F")]
+
+
+def key_block_reduce(p: torch.Tensor, grid, orders: list[str], block: int, reduce) -> dict[str, torch.Tensor]:
+    """p (..., N) over visual keys in arrival order -> {order: (..., nb)}: `reduce` (torch.sum or
+    torch.amax, with a dim) of p over each of the order's key blocks (see the module docstring)."""
+    n, lead = math.prod(grid), p.dim() - 1
+    nb = num_blocks(n, block)
+    x = p.unflatten(-1, tuple(grid))
+    out = {}
+    for inner in sorted({_axes(o)[-1] for o in orders}):
+        g = math.gcd(block, grid[inner])
+        grouped = reduce(x.unflatten(lead + inner, (grid[inner] // g, g)), dim=lead + inner + 1)
+        for order in (o for o in orders if _axes(o)[-1] == inner):
+            runs = grouped.permute(*range(lead), *(lead + a for a in _axes(order))).reshape(*p.shape[:-1], n // g)
+            runs = torch.nn.functional.pad(runs, (0, nb * block // g - n // g))
+            out[order] = reduce(runs.unflatten(-1, (nb, block // g)), dim=-1)
+    return out
+
+
+def _torch_raw(q, k, orders, grid, block, layout, scale, peaks, piece_elems):
+    """(mass, peak or None), each {order: (B*H, nb, nb)} for every distinct order named."""
+    bsz, seq, heads, dim = q.shape
     n = layout.visual_len(seq)
     nb = num_blocks(n, block)
-    pad = nb * block - n
-    _, qv = to_paro_order(q.float() * scale, layout, perm)  # scaled here: one pass less over the scores
-    kt, kv = to_paro_order(k.float(), layout, perm)
-    keys = torch.cat([kt, kv], dim=2)
-    mass = torch.zeros(bsz, heads, nb, nb, device=q.device)
-    peak = torch.zeros(bsz, heads, nb, nb, device=q.device)
-    rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        p = torch.softmax(qv[:, :, start:stop] @ keys.transpose(-1, -2), dim=-1)[..., layout.text_len :]
-        row_pad = -(stop - start) % block
-        if pad or row_pad:  # a copy of the whole chunk: only for ragged sizes
-            p = torch.nn.functional.pad(p, (0, pad, 0, row_pad))
-        tiles = p.reshape(bsz, heads, p.shape[2] // block, block, nb, block)
-        i0 = start // block
-        mass[:, :, i0 : i0 + tiles.shape[2]] = tiles.sum(dim=(3, 5))
-        peak[:, :, i0 : i0 + tiles.shape[2]] = tiles.amax(dim=(3, 5))
+    _, qv = to_paro_order(q.float() * scale, layout, None)  # scaled here: one pass less over the scores
+    kt, kv = to_paro_order(k.float(), layout, None)
+    queries = qv.reshape(bsz * heads, n, dim)
+    keys = torch.cat([kt, kv], dim=2).reshape(bsz * heads, seq, dim).transpose(1, 2)
+    # each visual token's row block in each order
+    row_block = {o: (inverse_permutation(order_permutation(o, grid)) // block).to(q.device) for o in orders}
+    zeros = lambda: torch.zeros(bsz * heads, nb, nb, device=q.device)  # noqa: E731
+    mass = {o: zeros() for o in orders}
+    peak = {o: zeros() for o in orders} if peaks else None
+    rows = max(1, min(n, piece_elems // seq))
+    group = max(1, piece_elems // (rows * seq))
+    for b0 in range(0, bsz * heads, group):
+        b1 = min(bsz * heads, b0 + group)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            p = torch.softmax(queries[b0:b1, r0:r1] @ keys[b0:b1], dim=-1)[..., layout.text_len :]
+            for o, sums in key_block_reduce(p, grid, orders, block, torch.sum).items():
+                mass[o][b0:b1].index_add_(1, row_block[o][r0:r1], sums)
+            if peaks:
+                for o, maxima in key_block_reduce(p, grid, orders, block, torch.amax).items():
+                    index = row_block[o][r0:r1, None].expand_as(maxima)
+                    peak[o][b0:b1].scatter_reduce_(1, index, maxima, "amax")
     return mass, peak
 
 
@@ -66,29 +109,42 @@ def block_statistics(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    perms: torch.Tensor,
+    orders: list[list[str]],
+    grid: tuple[int, int, int],
     block: int,
     layout: SequenceLayout = SequenceLayout(),
     scale: float | None = None,
-    max_chunk_elems: int = 1 << 24,
+    peaks: bool = True,
+    piece_elems: int = PIECE_ELEMS,
     use_triton: bool | None = None,
 ) -> BlockStatistics:
-    """q, k: (B, S, H, D) post-RoPE; perms: (O, H, N), each head's visual order per candidate.
+    """q, k: (B, S, H, D) post-RoPE; orders: O candidates, each one order name per head.
 
+    peaks: whether to compute the incoherence (it needs each block's maximum as well as its sum).
     use_triton: None picks the Triton kernels for CUDA tensors, torch otherwise.
     """
-    n = layout.visual_len(q.shape[1])
+    bsz, seq, heads, _ = q.shape
+    n = layout.visual_len(seq)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_triton is None:
         use_triton = q.is_cuda
     if use_triton:
         from .triton_stats import raw_block_statistics
 
+        perms = torch.stack([head_permutations(candidate, grid) for candidate in orders])
         mass, peak = raw_block_statistics(q, k, perms, block, layout, scale)
-    else:
-        raw = [_torch_raw(q, k, p, block, layout, scale, max_chunk_elems) for p in perms]
-        mass, peak = torch.stack([m for m, _ in raw]), torch.stack([p for _, p in raw])
-    return summarise(mass, peak, n, block)
+        return summarise(mass, peak if peaks else None, n, block)
+    distinct = sorted({o for candidate in orders for o in candidate})
+    raw_mass, raw_peak = _torch_raw(q, k, distinct, grid, block, layout, scale, peaks, piece_elems)
+
+    def per_candidate(raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        nb = raw[distinct[0]].shape[-1]
+        by_order = {o: x.view(bsz, heads, nb, nb) for o, x in raw.items()}
+        return torch.stack(
+            [torch.stack([by_order[o][:, h] for h, o in enumerate(candidate)], dim=1) for candidate in orders]
+        )
+
+    return summarise(per_candidate(raw_mass), per_candidate(raw_peak) if peaks else None, n, block)
 
 
 def mass_recall(mass: torch.Tensor, density: float) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Calibration: attention statistics -> one order per (layer, head) -> block masks per slot.
 
-Two sampling passes over the same prompts and seeds, both with dense (stock) attention, so they
-follow the same trajectory (passes.py):
+Dense (stock) sampling over the recipe's prompts and seeds, with two handlers (passes.py):
   1. OrderProfiler: at the profiled steps, for every candidate order, each head's mass recall at
      the target density and its block incoherence (kernels/paro_kernels/stats.py), averaged over
      prompts, CFG branches and steps. `rules.choose_orders` takes the best recall, and among
      orders tied with it the most coherent blocks (what quantisation needs).
-  2. MassCollector: at every step, each head's block mass in its chosen order, normalised per
-     row block and averaged within its timestep slot; a finished slot becomes masks at once
-     (masks.select_blocks), so memory holds one slot's statistics, never an N x N map.
-`calibrate` below runs them and assembles the plan.
+  2. MassCollector: at every step, each head's block mass, normalised per row block and averaged
+     within its timestep slot, becomes masks (masks.select_blocks) in the head's chosen order.
+Where every candidate order's mass of every slot fits in memory (small models, short schedules:
+passes.one_run_fits), one sampling run feeds both, the statistics of each call computed once;
+otherwise a second run over the same prompts and seeds follows the same trajectory, collecting
+only the chosen orders' mass, one slot at a time. `calibrate` below runs them and assembles the
+plan.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..models.loaded import LoadedModel, token_grid
 from ..parallel import gather_heads, local_heads
 from ..plan import ComponentPlan, Plan, make_plan
 from ..recipe import Recipe
-from .passes import MassCollector, OrderProfiler
+from .passes import MassCollector, OrderProfiler, one_run_fits
 from .rules import allowed_orders, choose_orders, dense_above, profiled_steps, slot_bounds, slot_of_steps
 
 
@@ -60,48 +62,67 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
             len(range(loaded.adapter.num_heads(tr))[heads[name]]),
             sp.block_size,
             sp.density,
-            profiled_steps(recipe.sampling.steps, recipe.calibration.order_steps),
+            profiled_steps(recipe.sampling.steps, recipe.calibration.order_steps) if len(allowed) > 1 else set(),
+            [names[i] for i in allowed],
             gathers[name],
         )
         for name, tr in components.items()
     }
-    _run_pass(loaded, recipe, "profiling orders", profilers, progress)
+    slots = slot_of_steps(recipe.sampling.steps, sp.slots)
+
+    def collector(name: str, candidates, profiler=None, layout=None) -> MassCollector:
+        num_heads = loaded.adapter.num_heads(components[name])
+        return MassCollector(
+            candidates, grid, slots, sp.block_size, sp.density, set(sp.dense_layers), loaded.device, num_heads,
+            gathers[name], profiler, layout,
+        )  # fmt: skip
+
+    most_heads = max(loaded.adapter.num_heads(tr) for tr in components.values())
+    one_run = one_run_fits(max(slots) + 1, sum(layers.values()), len(allowed), most_heads, grid, sp.block_size)
+    if one_run:  # every candidate order's mass, the profilers fed from the same statistics
+        collectors = {
+            name: collector(name, [profiler.candidates()] * layers[name], profiler)
+            for name, profiler in profilers.items()
+        }
+        _run_pass(loaded, recipe, "profiling orders and masks", collectors, progress)
+    else:
+        _run_pass(loaded, recipe, "profiling orders", profilers, progress)
     chosen = {
         name: _chosen_orders(name, profiler, loaded, recipe, names, allowed, layers[name])
         for name, profiler in profilers.items()
     }
+    if not one_run:  # each head's chosen order alone, on the same trajectory
+        layout = _layout(profilers)
+        collectors = {
+            name: collector(name, [[row[heads[name]]] for row in chosen[name][0]], layout=layout) for name in components
+        }
+        _run_pass(loaded, recipe, "building masks", collectors, progress)
+    choices = {
+        name: torch.tensor([[profilers[name].orders.index(o) for o in row] for row in chosen[name][0]])
+        if one_run
+        else None
+        for name in components
+    }
 
     schedule = {step: t for profiler in profilers.values() for step, t in profiler.tracker.timesteps.items()}
     timesteps = [schedule[i] for i in sorted(schedule)]
-    layout = next(p.tracker.layout for p in profilers.values() if p.tracker.layout is not None)
-    slots = slot_of_steps(len(timesteps), sp.slots)
-    collectors = {
-        name: MassCollector(
-            chosen[name][0],
-            grid,
-            slots,
-            sp.block_size,
-            sp.density,
-            set(sp.dense_layers),
-            layout,
-            loaded.device,
-            heads[name],
-            gathers[name],
+    if len(timesteps) != len(slots):
+        raise ParoError(
+            f"the sampler ran {len(timesteps)} denoising steps, the recipe asks for {len(slots)}",
+            "set sampling.steps to the steps this pipeline runs",
         )
-        for name in components
-    }
-    _run_pass(loaded, recipe, "building masks", collectors, progress)
-
     fingerprints = loaded.fingerprints()
     plans = {
-        name: _component(collector, chosen[name], fingerprints[name], slots, sp.density, one_of_two=len(components) > 1)
+        name: _component(
+            collector, choices[name], chosen[name], fingerprints[name], slots, sp.density, len(components) > 1
+        )
         for name, collector in collectors.items()
     }
     return make_plan(
         model_id=loaded.model_id,
         family=loaded.family,
         grid=grid,
-        layout=layout,
+        layout=_layout(profilers),
         block_size=sp.block_size,
         density=sp.density,
         qk=recipe.precision.qk,
@@ -152,27 +173,36 @@ def _chosen_orders(
     layers: int,
 ):
     """(orders [layer][head], (recall, incoherence)) of one component from its profile; `names`
-    are the grid's candidate orders, `allowed` the indices of those the recipe allows."""
-    if not profiler.tracker.timesteps:  # an expert this schedule never runs: first allowed order, masks all dense
-        shape = (layers, loaded.adapter.num_heads(loaded.components[name]), len(names))
-        return [[names[allowed[0]]] * shape[1] for _ in range(layers)], (torch.zeros(shape), torch.zeros(shape))
-    recall, incoherence = profiler.scores()
+    are the grid's candidate orders, `allowed` the indices of those the recipe allows (the ones
+    profiled; the scores of the others are NaN)."""
+    shape = (layers, loaded.adapter.num_heads(loaded.components[name]), len(names))
+    recall, incoherence = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    if not profiler.tracker.timesteps or len(allowed) == 1:  # an expert this schedule never runs (its
+        # masks stay dense), or nothing to choose: the first allowed order
+        return [[names[allowed[0]]] * shape[1] for _ in range(layers)], (recall, incoherence)
     if profiler.count.sum() == 0:
         raise ParoError(
             f"no profiled step ran the model's {name}",
             "profile more steps: raise calibration.order_steps, or null for all",
         )
+    recall[..., allowed], incoherence[..., allowed] = profiler.scores()
     chosen = choose_orders(recall[..., allowed], incoherence[..., allowed], recipe.sparsity.density, recipe.quantised)
     return [[names[allowed[i]] for i in row] for row in chosen.tolist()], (recall, incoherence)
 
 
+def _layout(profilers: dict[str, OrderProfiler]):
+    """The text layout of the calibration run's calls (the first component that ran)."""
+    return next(p.tracker.layout for p in profilers.values() if p.tracker.layout is not None)
+
+
 def _component(
-    collector: MassCollector, chosen, fingerprint: str, slots: list[int], density: float, one_of_two: bool
+    collector: MassCollector, choice, chosen, fingerprint: str, slots: list[int], density: float, one_of_two: bool
 ) -> ComponentPlan:
-    """A component's plan from its finished mask pass; one of two experts stores only the slots it
-    runs (it runs the others dense)."""
+    """A component's plan from its finished mask collection (`choice`: each head's candidate when
+    the collector holds several); one of two experts stores only the slots it runs (it runs the
+    others dense)."""
     orders, (recall, incoherence) = chosen
-    packed, achieved = collector.finish()
+    packed, achieved = collector.finish(choice)
     slots_run = sorted({slots[step] for step in collector.tracker.timesteps}) if one_of_two else None
     if slots_run is not None:
         packed, achieved = packed[slots_run], achieved[slots_run]
