@@ -146,8 +146,9 @@ def apply(
     Refused at once: a plan of another family or transformer config, a backend that cannot run on
     the model's device and dtype, a compiled transformer (apply first, then torch.compile). Each
     forward call is checked against the plan's token grid and text layout (a PlanError then).
-    backend: auto (Triton kernels where they can serve, else the torch reference), triton or torch;
-    qk / pv override the plan's precision. `grid`, where the caller knows it, is checked now.
+    backend: auto (Triton kernels where they can serve, else torch: block-sparse plain torch with the
+    reference's semantics), triton or torch; qk / pv override the plan's precision. `grid`, where
+    the caller knows it, is checked now.
     """
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     return AppliedPlan(as_loaded(model), plan, backend, qk, pv, grid)

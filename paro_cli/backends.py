@@ -13,17 +13,28 @@ from dataclasses import dataclass
 import torch
 
 from paro_kernels import formats
-from paro_kernels.reference import paro_attention_reference
+from paro_kernels.block_sparse import block_sparse_attention
 
 from . import __version__
 from .errors import BackendError
 
 
 def _torch_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
-    """The reference itself, computed in float32 (float64 inputs stay float64)."""
+    """Block-sparse plain torch (paro_kernels.block_sparse): the kept tiles only, with the
+    reference's semantics, computed in float32 (float64 inputs stay float64)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return paro_attention_reference(
-        q, k, v, perm=perm, kept=kept, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute
+    return block_sparse_attention(
+        q,
+        k,
+        v,
+        perm=perm,
+        kv_index=kv_index,
+        kv_count=kv_count,
+        block=block,
+        layout=layout,
+        qk=qk,
+        pv=pv,
+        compute_dtype=compute,
     )
 
 
@@ -71,6 +82,9 @@ class AttentionBackend:
 
 
 BACKENDS = {
+    # The CPU path (and CUDA runs the Triton kernel cannot serve): block-sparse plain torch with
+    # the reference's semantics; the reference itself (paro_kernels.reference) scores every key
+    # and stays the tests' oracle.
     "torch": AttentionBackend(
         name="torch",
         fn=_torch_attention,
@@ -80,7 +94,7 @@ BACKENDS = {
         head_dims=None,
         dtypes=None,
         block_sizes=None,
-    ),  # the reference itself, chunked: exact semantics, slow; the CPU path
+    ),
     # Reordering fused into loads and stores, kept tiles only; INT4 is simulated (Hopper has no
     # INT4 tensor cores), so it is never faster.
     "triton": AttentionBackend(

@@ -51,13 +51,27 @@ def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.gather(2, perm.to(x.device)[None, :, :, None].expand(b, h, n, d))
 
 
+def visual_rows(layout: SequenceLayout, perm: torch.Tensor) -> torch.Tensor:
+    """Where head h's visual token in paro position j lives in diffusers' (B, S, H, D) seen as
+    (B, S * H, D): row (first visual + perm[h, j]) * H + h, as an (H, N) long tensor."""
+    heads = perm.shape[0]
+    first = layout.text_len if layout.text_first else 0
+    head = torch.arange(heads, device=perm.device)[:, None]
+    return (perm.long() + first) * heads + head
+
+
 def to_paro_order(
     x: torch.Tensor, layout: SequenceLayout, perm: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' (B, S, H, D) -> (text, permuted visual), each (B, H, len, D)."""
+    """diffusers' (B, S, H, D) -> (text, permuted visual), each (B, H, len, D).
+
+    The permuted visual part is one index_select of whole rows of D numbers (visual_rows): a
+    per-element gather over the transposed view costs several times more."""
     text, visual = layout.split(x.transpose(1, 2), dim=2)
     if perm is not None:
-        visual = gather_tokens(visual, perm)
+        b, s, h, d = x.shape
+        rows = visual_rows(layout, perm.to(x.device)).reshape(-1)
+        visual = x.reshape(b, s * h, d).index_select(1, rows).view(b, h, -1, d)
     return text, visual
 
 

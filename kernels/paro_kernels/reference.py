@@ -18,12 +18,15 @@ One call computes, for each head h:
      P is rounded to the PV format; O = (P V) / l;
   6. write visual rows back in arrival order (the inverse gather).
 
-Written for clarity and bounded memory, not speed: query rows go in chunks so that no more than
-`max_chunk_elems` scores exist at once. In float64 (the default) it is the test oracle; the CPU
-generation path runs the same function in float32.
+Written for clarity and bounded memory, not speed: every score is computed and the dropped ones
+masked; query rows go in chunks so that no more than `max_chunk_elems` scores exist at once. In
+float64 (the default) it is the test oracle. Steps 1-3 (`paro_inputs`) and the softmax of step 5
+(`attend`) are shared with block_sparse.py, the CPU path, which computes the kept tiles only.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -33,7 +36,52 @@ from .orders import inverse_permutation
 from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, quantize_probabilities
 
 
-def _attend(
+class ParoInputs(NamedTuple):
+    """What attention multiplies (steps 1-3): Q, K, V in paro order, each as its text and visual
+    parts (B, H, len, D) in the compute dtype, rounded to their formats; V less its shift, and
+    that shift (B, H, 1, D), zeros for unscaled PV formats."""
+
+    q_text: torch.Tensor
+    q_visual: torch.Tensor
+    k_text: torch.Tensor
+    k_visual: torch.Tensor
+    v_text: torch.Tensor
+    v_visual: torch.Tensor
+    v_shift: torch.Tensor
+
+
+def paro_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    perm: torch.Tensor | None,
+    block: int,
+    layout: SequenceLayout,
+    qk: str,
+    pv: str,
+    compute_dtype: torch.dtype,
+) -> ParoInputs:
+    """Steps 1-3 of the module docstring on diffusers' (B, S, H, D) q, k, v."""
+    qt, qv = to_paro_order(q.to(compute_dtype), layout, perm)
+    kt, kv = to_paro_order(k.to(compute_dtype), layout, perm)
+    vt, vv = to_paro_order(v.to(compute_dtype), layout, perm)
+
+    if is_scaled(qk):
+        k_shift = channel_shift(k, compute_dtype).unsqueeze(2)
+        kt, kv = kt - k_shift, kv - k_shift
+    if is_scaled(pv):
+        v_shift = channel_shift(v, compute_dtype).unsqueeze(2)
+        vt, vv = vt - v_shift, vv - v_shift
+    else:
+        v_shift = torch.zeros_like(vv[:, :, :1])
+    qt, qv = (fake_quantize(x, qk, min(block, QUERY_SCALE_ROWS)) for x in (qt, qv))
+    kt, kv = (fake_quantize(x, qk, block) for x in (kt, kv))
+    vt, vv = (fake_quantize(x, pv, block) for x in (vt, vv))
+    return ParoInputs(qt, qv, kt, kv, vt, vv, v_shift)
+
+
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -42,14 +90,15 @@ def _attend(
     scale: float,
     pv: str,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) (v + v_shift) over `allowed` (H, rows, S) keys, with P rounded to
-    `pv`; v is V less its shift. A row with no key outputs 0."""
-    s = (q @ k.transpose(-1, -2)) * scale
+    """softmax(q k^T * scale) (v + v_shift) over `allowed` (H, rows, S) keys (None: all), with P
+    rounded to `pv` after its row max and row sum are taken; v is V less its shift. A row with no
+    key outputs 0."""
+    s = (q @ k.transpose(-1, -2)).mul_(scale)  # in place: the score matrix is the large one
     if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
+        s.masked_fill_(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
+    p = s.sub_(m).exp_()
     denominator = p.sum(dim=-1, keepdim=True)
     o = quantize_probabilities(p, pv) @ v
     return torch.where(denominator > 0, o / denominator + v_shift, torch.zeros_like(o))
@@ -79,20 +128,13 @@ def paro_attention_reference(
     bsz, seq, heads, dim = q.shape
     n = layout.visual_len(seq)
     scale = dim**-0.5 if scale is None else scale
-    qt, qv = to_paro_order(q.to(compute_dtype), layout, perm)
-    kt, kv = to_paro_order(k.to(compute_dtype), layout, perm)
-    vt, vv = to_paro_order(v.to(compute_dtype), layout, perm)
-
-    if is_scaled(qk):
-        k_shift = channel_shift(k, compute_dtype).unsqueeze(2)
-        kt, kv = kt - k_shift, kv - k_shift
-    v_shift = channel_shift(v, compute_dtype).unsqueeze(2) if is_scaled(pv) else torch.zeros_like(vv[:, :, :1])
-    qt, qv = (fake_quantize(x, qk, min(block, QUERY_SCALE_ROWS)) for x in (qt, qv))
-    kt, kv = (fake_quantize(x, qk, block) for x in (kt, kv))
+    qt, qv, kt, kv, vt, vv, v_shift = paro_inputs(
+        q, k, v, perm=perm, block=block, layout=layout, qk=qk, pv=pv, compute_dtype=compute_dtype
+    )
     keys = torch.cat([kt, kv], dim=2)
-    values = torch.cat([fake_quantize(x - v_shift, pv, block) for x in (vt, vv)], dim=2)
+    values = torch.cat([vt, vv], dim=2)
 
-    text_out = _attend(qt, keys, values, v_shift, None, scale, pv)
+    text_out = attend(qt, keys, values, v_shift, None, scale, pv)
     rows = chunk_rows(max_chunk_elems, bsz, heads, seq, block)
     visual_out = []
     for start in range(0, n, rows):
@@ -102,7 +144,7 @@ def paro_attention_reference(
             visual_cols = block_mask_rows(kept.to(q.device), block, n, start // block, stop - start)
             text_cols = visual_cols.new_ones(heads, stop - start, layout.text_len)
             allowed = torch.cat([text_cols, visual_cols], dim=2)
-        visual_out.append(_attend(qv[:, :, start:stop], keys, values, v_shift, allowed, scale, pv))
+        visual_out.append(attend(qv[:, :, start:stop], keys, values, v_shift, allowed, scale, pv))
     visual = torch.cat(visual_out, dim=2)
     if perm is not None:
         visual = gather_tokens(visual, inverse_permutation(perm))
