@@ -80,49 +80,25 @@ def _expand(scale: torch.Tensor, n: int, block_rows: int | None) -> torch.Tensor
     return scale.repeat_interleave(block_rows, dim=-2)[..., :n, :]
 
 
-def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
-    """x (|x| <= 448) rounded to float8_e4m3fn's values, in x's dtype: exactly
-    x.to(torch.float8_e4m3fn).to(x.dtype) (through float32, as torch converts), in six
-    vectorised passes where torch's CPU conversion goes element by element, about three times
-    slower.
-
-    e4m3 keeps 3 mantissa bits: at |y| in [2^e, 2^(e+1)) its values are the multiples of
-    2^(e-3), and below 2^-6 (subnormal) those of 2^-9. Adding big = 1.5 * 2^(e+20) puts y in a
-    binade whose float32 spacing is exactly 2^(e-3), so (y + big) - big is y rounded to that
-    spacing, ties to even as the conversion does (big is an even multiple of it).
-    """
-    y = x.float()
-    binade = (y.view(torch.int32) & 0x7F800000).view(torch.float32)  # 2^e (0 for 0 and subnormals)
-    big = binade.clamp_min_(2.0**-6).mul_(1.5 * 2.0**20)
-    return (y + big).sub_(big).copysign_(y).to(x.dtype)  # copysign: -0 for a negative y rounded to 0
-
-
-def _code_values(x: torch.Tensor, scale: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
-    """The values of x's codes in `fmt`, in float32."""
-    y = x.float() / _expand(scale, x.shape[-2], block_rows)
-    if fmt == "fp8":
-        return round_to_fp8(y.clamp(-QMAX[fmt], QMAX[fmt]))
-    return y.round().clamp(-QMAX[fmt], QMAX[fmt])
-
-
 def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
     """Codes of x in `fmt`: int8 tensor for int8/int4, float8_e4m3fn for fp8."""
-    return _code_values(x, scale, fmt, block_rows).to(torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
+    y = x.float() / _expand(scale, x.shape[-2], block_rows)
+    if fmt == "fp8":
+        return y.clamp(-QMAX[fmt], QMAX[fmt]).to(torch.float8_e4m3fn)
+    return y.round().clamp(-QMAX[fmt], QMAX[fmt]).to(torch.int8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, block_rows: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """codes (or their values in any dtype) times their scales, in `dtype`."""
     return codes.to(dtype) * _expand(scale, codes.shape[-2], block_rows).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, fmt: str, block_rows: int | None) -> torch.Tensor:
-    """x rounded to what `fmt` can hold at this granularity, returned in x's dtype: the values of
-    dequantize(quantize(x)), without making the codes (torch's CPU fp8 conversion is slow)."""
+    """x rounded to what `fmt` can hold at this granularity, returned in x's dtype."""
     if not is_scaled(fmt):
         cast = FLOAT_CASTS[fmt]
         return x if cast is None else x.to(cast).to(x.dtype)
     scale = choose_scale(x, fmt, block_rows)
-    return dequantize(_code_values(x, scale, fmt, block_rows), scale, block_rows, x.dtype)
+    return dequantize(quantize(x, scale, fmt, block_rows), scale, block_rows, x.dtype)
 
 
 def quantize_probabilities(p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -133,7 +109,7 @@ def quantize_probabilities(p: torch.Tensor, fmt: str) -> torch.Tensor:
     holds round(127 p).
     """
     if fmt == "fp8":
-        return round_to_fp8(p * QMAX["fp8"]) / QMAX["fp8"]
+        return (p * QMAX["fp8"]).to(torch.float8_e4m3fn).to(p.dtype) / QMAX["fp8"]
     if fmt == "int8":
         return (p * QMAX["int8"]).round() / QMAX["int8"]
     cast = FLOAT_CASTS[fmt]
