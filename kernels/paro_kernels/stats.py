@@ -70,7 +70,8 @@ def key_block_reduce(p: torch.Tensor, grid, orders: list[str], block: int, reduc
         grouped = reduce(x.unflatten(lead + inner, (grid[inner] // g, g)), dim=lead + inner + 1)
         for order in (o for o in orders if _axes(o)[-1] == inner):
             runs = grouped.permute(*range(lead), *(lead + a for a in _axes(order))).reshape(*p.shape[:-1], n // g)
-            runs = torch.nn.functional.pad(runs, (0, nb * block // g - n // g))
+            if n % block:  # the ragged last block: zeros count for nothing in a sum or max of P >= 0
+                runs = torch.nn.functional.pad(runs, (0, nb * block // g - n // g))
             out[order] = reduce(runs.unflatten(-1, (nb, block // g)), dim=-1)
     return out
 
