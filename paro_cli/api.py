@@ -46,6 +46,7 @@ SETTINGS = {
     "block_size": "sparsity.block_size",
     "slots": "sparsity.slots",
     "dense_first_steps": "sparsity.dense_first_steps",
+    "allocation": "sparsity.allocation",
     "dense_layers": "sparsity.dense_layers",
     "qk": "precision.qk",
     "pv": "precision.pv",
@@ -85,7 +86,7 @@ def calibrate(
     `recipe` (a Recipe, a shipped recipe's name or a YAML path) gives the defaults; `settings`
     override them, in diffusers' names: seeds, num_frames, height, width, num_inference_steps,
     guidance_scale, guidance_scale_2, negative_prompt, flow_shift, max_sequence_length, density,
-    block_size, slots, dense_first_steps, dense_layers, qk, pv, order_steps, orders; a setting of
+    block_size, slots, dense_first_steps, dense_layers, allocation, qk, pv, order_steps, orders; a setting of
     None keeps the recipe's. Without a recipe, prompts, height and width must be given (and
     num_frames for video: a plan serves the geometry it was made for), and the rest default to
     paro's recipe defaults (10 steps, guidance 5, density 0.5, block 64, bf16/bf16, every step

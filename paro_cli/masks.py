@@ -20,12 +20,13 @@ def forced_blocks(nb: int, n: int, block: int, device=None) -> torch.Tensor:
 
 
 def select_blocks(mass: torch.Tensor, density: float, n: int, block: int) -> torch.Tensor:
-    """Kept blocks (H, nb, nb) of one layer at `density`, one threshold shared by its heads.
+    """Kept blocks (H, nb, nb) at `density`, one threshold shared by the H heads given (one
+    layer's, or every planned layer's heads stacked for a global allocation).
 
     `mass` is normalised per row block. Keeping every block with mass >= theta, with theta set so
-    the layer keeps round(density * H * nb * nb) blocks, is a top-k over the layer's unforced
-    blocks: the exact solution a bisection on theta approaches. A sharp head thus keeps few
-    blocks and a diffuse head many, for the same total work.
+    that round(density * H * nb * nb) blocks are kept, is a top-k over the unforced blocks: the
+    exact solution a bisection on theta approaches. A sharp head thus keeps few blocks and a
+    diffuse head many, for the same total work.
     """
     heads, nb, _ = mass.shape
     forced = forced_blocks(nb, n, block, mass.device).expand(heads, nb, nb)

@@ -31,6 +31,13 @@ GuidanceOpt = Annotated[
 DensityOpt = Annotated[
     float | None, typer.Option(help="Target share of attention blocks kept, in (0, 1] (overrides sparsity.density).")
 ]
+AllocationOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="How kept blocks are shared out: layer (each layer at the density) or global (one threshold over every "
+        "planned layer and head, the same total) (overrides sparsity.allocation)."
+    ),
+]
 BlockOpt = Annotated[
     int | None, typer.Option("--block-size", help="Attention block size in tokens (overrides sparsity.block_size).")
 ]
@@ -81,6 +88,7 @@ def build_recipe(recipe: str | None, **flags) -> Recipe:
         "guidance": "sampling.guidance",
         "density": "sparsity.density",
         "block_size": "sparsity.block_size",
+        "allocation": "sparsity.allocation",
         "qk": "precision.qk",
         "pv": "precision.pv",
         "backend": "backend",

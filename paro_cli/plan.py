@@ -132,6 +132,7 @@ class Plan:
     prompts: list[str]
     seeds: list[int]
     components: dict[str, ComponentPlan]
+    allocation: str = "layer"  # how calibration shared the kept blocks out (recipe sparsity.allocation)
     tool_version: str = __version__
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -275,6 +276,7 @@ def make_plan(
     dense_layers: list[int] | None = None,
     prompts: list[str] | None = None,
     seeds: list[int] | None = None,
+    allocation: str = "layer",
 ) -> Plan:
     """The one way plans are made (calibration, the benchmarks' synthetic plans, tests): the text
     fields from the run's sequence layout, and every component checked to fit the grid, block
@@ -310,6 +312,7 @@ def make_plan(
         prompts=list(prompts or []),
         seeds=list(seeds or []),
         components=components,
+        allocation=allocation,
     )
 
 

@@ -26,6 +26,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 Backend = Literal["auto", "triton", "torch"]
 SlotPolicy = Literal["half", "single"]
+Allocation = Literal["layer", "global"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -71,6 +72,9 @@ class Sparsity:
     slots: SlotPolicy = "half"
     dense_first_steps: int = 0
     dense_layers: tuple[int, ...] = ()
+    # How the kept blocks are shared out: "layer", each layer at the density (one threshold for
+    # its heads); "global", one threshold over every planned layer and head, the same total.
+    allocation: Allocation = "layer"
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,27 @@ def test_one_allowed_order_is_not_profiled(planted_model):
     comp = plan.components["transformer"]
     assert comp.orders == [["HWF", "HWF"], ["HWF", "HWF"]]
     assert comp.recall.isnan().all() and comp.incoherence.isnan().all()
+
+
+def test_global_allocation_shares_one_budget_over_all_layers(planted_model, planted_calibration, tmp_path):
+    """`sparsity.allocation: global` keeps the layer plan's orders and total kept blocks per slot,
+    spread unevenly over the layers by one threshold, and the plan says so (saved and shown)."""
+    import dataclasses
+
+    from paro_cli.calibration import calibrate
+    from paro_cli.plan import load_plan
+
+    recipe, per_layer = planted_calibration
+    spread = dataclasses.replace(recipe, sparsity=dataclasses.replace(recipe.sparsity, allocation="global"))
+    plan = calibrate(planted_model, spread)
+    a, b = per_layer.components["transformer"], plan.components["transformer"]
+    assert a.orders == b.orders and per_layer.allocation == "layer" and plan.allocation == "global"
+    for slot in range(plan.num_slots):
+        layer_masks, global_masks = a.slot_masks(slot), b.slot_masks(slot)
+        # one budget: the layer plan's total but for each layer's own rounding
+        assert int(global_masks.sum()) == round(recipe.sparsity.density * global_masks.numel())
+        assert abs(int(global_masks.sum()) - int(layer_masks.sum())) <= b.num_layers
+        per_layer_kept = global_masks.float().mean(dim=(1, 2, 3))
+        assert per_layer_kept.max() - per_layer_kept.min() > 1 / plan.num_blocks**2  # not one density per layer
+    plan.save(tmp_path / "g.safetensors")
+    assert load_plan(tmp_path / "g.safetensors").allocation == "global"

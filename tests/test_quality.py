@@ -65,6 +65,8 @@ def test_bench_quality_end_to_end(capsys, tmp_path):
     dense, paro_row = data["rows"][0], data["rows"][1]
     assert dense["psnr_db"] == 100.0 and dense["ssim"] == 1.0 and paro_row["psnr_db"] < 100
     assert len(data["prompts"]) == 2 and data["gates"]
+    assert data["evaluation"] == "held-out" and data["seeds"] == [10_000, 10_001]
+    assert not set(data["prompts"]) & set(data["calibration_prompts"])
     assert iio.imread(tmp_path / "side.gif").shape == (8, 32, 66, 3)  # dense | 2-pixel bar | paro
     maps = data["heatmaps"]
     assert maps["order"] == "FWH" and 0 < maps["kept_mass"] <= 1  # layer 1 head 0 is planted FWH
@@ -167,3 +169,16 @@ def test_bench_quality_takes_the_geometry_and_every_progress_row_completes(capsy
     assert code == 0 and json.loads(stdout)["grid"] == [4, 12, 8]
     assert list(rows) == ["dense", "paro d=0.3 fp32/fp32: profiling orders and masks", "paro d=0.3 fp32/fp32"]
     assert all(done == total == 2 for done, total in rows.values())
+
+
+def test_quality_prompts_are_held_out_unless_asked_in_sample():
+    """The default set shares no caption with the recipe's calibration prompts and is not the
+    first training step's scenes (the in-sample set)."""
+    from paro_cli.bench.quality import demo_prompts
+    from paro_cli.recipe import load_recipe
+
+    recipe = load_recipe("tiny")
+    held, in_sample = demo_prompts(24, recipe), demo_prompts(24, recipe, held_out=False)
+    assert len(set(held)) == 24 and not set(held) & set(recipe.calibration.prompts)
+    assert held[:4] != in_sample[:4]
+    assert demo_prompts(24, recipe) == held  # a fixed set

@@ -10,6 +10,7 @@ baselines (baselines.py) run at the first precision: no reordering and a static 
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 
 import torch
@@ -20,7 +21,7 @@ from ..api import apply, calibrate
 from ..baselines import local_window_plan
 from ..calibration import CalibrationProgress
 from ..demo.fidelity import fidelity, parse_caption
-from ..demo.world import sample_scenes
+from ..demo.world import sample_scene, sample_scenes
 from ..errors import PlanError
 from ..models.loaded import token_grid
 from ..plan import Plan
@@ -31,10 +32,25 @@ from .metrics import cosine, psnr, ssim
 PSNR_CAP = 100.0  # dB reported for identical videos (PSNR is infinite there; JSON has no inf)
 
 
-def demo_prompts(count: int, seed: int, recipe: Recipe) -> list[str]:
-    """The fixed prompt set: captions of `count` scenes of the demo world drawn from `seed`."""
+# Held-out evaluation: scenes of a stream no training step draws from (training seeds each step's
+# stream with an integer, demo/train.py; this is a string) and noise seeds far from the recipes'.
+HELD_OUT_SCENES = "paro held-out evaluation"
+HELD_OUT_NOISE_SEED = 10_000
+
+
+def demo_prompts(count: int, recipe: Recipe, held_out: bool = True) -> list[str]:
+    """The fixed prompt set: captions of `count` scenes of the demo world. Held out (the default):
+    scenes no training step saw, no caption equal to a calibration prompt of the recipe or
+    repeated. In-sample: scene stream 0, the first training step's."""
     g = recipe.geometry
-    return [s.caption for s in sample_scenes(seed, count, g.frames, g.height, g.width)]
+    if not held_out:
+        return [s.caption for s in sample_scenes(0, count, g.frames, g.height, g.width)]
+    rng, prompts = random.Random(HELD_OUT_SCENES), []
+    while len(prompts) < count:
+        caption = sample_scene(rng, g.frames, g.height, g.width).caption
+        if caption not in recipe.calibration.prompts and caption not in prompts:
+            prompts.append(caption)
+    return prompts
 
 
 def _with(recipe: Recipe, density: float, qk: str, pv: str, orders: tuple[str, ...] | None = None) -> Recipe:
@@ -96,11 +112,13 @@ def run(
     baselines: bool,
     progress,
     given: Plan | None = None,
+    evaluation: str = "given prompts",
 ) -> tuple[dict, dict]:
     """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}}).
 
     `given`: a ready plan, used for the paro variant of its density and precision instead of
-    calibrating one."""
+    calibrating one. `evaluation` says what the prompts are to the calibration data ("held-out",
+    "in-sample", "given prompts"), for the result."""
     grid = token_grid(loaded, recipe)
     steps = recipe.sampling.steps
 
@@ -157,6 +175,7 @@ def run(
         "grid": list(grid),
         "steps": steps,
         "guidance": recipe.sampling.guidance,
+        "evaluation": evaluation,
         "prompts": prompts,
         "seeds": seeds,
         "calibration_prompts": list(recipe.calibration.prompts),

@@ -74,7 +74,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
         num_heads = loaded.adapter.num_heads(components[name])
         return MassCollector(
             candidates, grid, slots, sp.block_size, sp.density, set(sp.dense_layers), loaded.device, num_heads,
-            gathers[name], profiler, layout,
+            gathers[name], profiler, layout, sp.allocation,
         )  # fmt: skip
 
     most_heads = max(loaded.adapter.num_heads(tr) for tr in components.values())
@@ -135,6 +135,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
         dense_layers=list(sp.dense_layers),
         prompts=list(recipe.calibration.prompts),
         seeds=list(recipe.calibration.seeds),
+        allocation=sp.allocation,
     )
 
 

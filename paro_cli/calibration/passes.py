@@ -121,8 +121,10 @@ class MassCollector:
         gather=local_is_whole,
         profiler: OrderProfiler | None = None,
         layout: SequenceLayout | None = None,
+        allocation: str = "layer",
     ):
         self.grid, self.slots, self.gather, self.profiler = tuple(grid), slots, gather, profiler
+        self.allocation = allocation
         self.candidates, self.block, self.density, self.dense_layers = candidates, block, density, dense_layers
         self.device = device
         self.tracker = StepTracker(self.grid, layout)  # a profiling run's input, its steps counted the same way
@@ -180,14 +182,21 @@ class MassCollector:
         return all(len(c) == 1 for c in self.candidates)
 
     def _select(self, slot: int, choice: torch.Tensor | None) -> None:
+        """A finished slot's masks from each head's mass in its chosen order: one threshold per
+        layer ("layer" allocation) or one over every planned layer ("global": the same number of
+        kept blocks in all, more where the mass is spread, fewer where it is concentrated)."""
         sums, count = self.pending.pop(slot)
-        for layer in range(sums.shape[0]):
-            if layer in self.dense_layers or count[layer] == 0:
-                continue
-            mass = self.gather(sums[layer] / count[layer], 1)  # (candidates, all heads, nb, nb)
-            index = torch.zeros(mass.shape[1], dtype=torch.long) if choice is None else choice[layer]
-            chosen = mass[index.to(mass.device), torch.arange(mass.shape[1], device=mass.device)]
-            kept = select_blocks(chosen, self.density, self.n, self.block)
-            # packed where the mass is (a GPU): a copy of an eighth the size, no CPU pass
-            self.packed[slot, layer] = pack_bits(kept).cpu()
-            self.achieved[slot, layer] = kept.float().mean(dim=(-1, -2)).cpu()
+        planned = [layer for layer in range(sums.shape[0]) if layer not in self.dense_layers and count[layer] > 0]
+        mass = {}
+        for layer in planned:
+            candidates = self.gather(sums[layer] / count[layer], 1)  # (candidates, all heads, nb, nb)
+            heads = torch.arange(candidates.shape[1], device=candidates.device)
+            index = torch.zeros_like(heads) if choice is None else choice[layer].to(heads.device)
+            mass[layer] = candidates[index, heads]
+        groups = [[layer] for layer in planned] if self.allocation == "layer" else [planned] if planned else []
+        for group in groups:
+            kept = select_blocks(torch.cat([mass[layer] for layer in group]), self.density, self.n, self.block)
+            for layer, layer_kept in zip(group, kept.split([len(mass[layer]) for layer in group])):
+                # packed where the mass is (a GPU): a copy of an eighth the size, no CPU pass
+                self.packed[slot, layer] = pack_bits(layer_kept).cpu()
+                self.achieved[slot, layer] = layer_kept.float().mean(dim=(-1, -2)).cpu()

@@ -13,11 +13,13 @@ from .. import parallel
 from ..api import as_loaded
 from ..backends import BACKENDS
 from ..bench import e2e as e2e_bench
+from ..bench.quality import HELD_OUT_NOISE_SEED
 from ..errors import GateFailed, ParoError
 from ..models.architectures import ARCHITECTURES, check_architecture
 from ..models.loaded import token_grid
 from ..models.loading import load_model, resolve_device
 from ..options import (
+    AllocationOpt,
     BackendOpt,
     FramesOpt,
     GpusOpt,
@@ -342,6 +344,7 @@ def quality(
     width: WidthOpt = None,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    allocation: AllocationOpt = None,
     backend: BackendOpt = None,
     image: ImageOpt = None,
     density: Annotated[
@@ -356,7 +359,21 @@ def quality(
         typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them)."),
     ] = None,
     prompts: Annotated[int, typer.Option(help="Size of the demo world's fixed prompt set.")] = 8,
-    seed: Annotated[int, typer.Option(help="Noise seed of the first prompt; prompt i uses seed + i.")] = 0,
+    in_sample: Annotated[
+        bool,
+        typer.Option(
+            "--in-sample",
+            help="Evaluate on the in-sample set: the demo world's scene stream 0 (the demo model's first training "
+            "step) and noise seeds from 0, which overlap the calibration data. Default: held-out prompts and seeds.",
+        ),
+    ] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Noise seed of the first prompt; prompt i uses seed + i. Default: "
+            f"{HELD_OUT_NOISE_SEED} (held out), 0 with --in-sample."
+        ),
+    ] = None,
     baselines: Annotated[
         bool,
         typer.Option(
@@ -398,7 +415,15 @@ def quality(
     from ..media import check_video_path, write_video
 
     r = build_recipe(
-        recipe, model=model, frames=frames, height=height, width=width, steps=steps, guidance=guidance, backend=backend
+        recipe,
+        model=model,
+        frames=frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        backend=backend,
+        allocation=allocation,
     )
     given = load_plan(plan) if plan else None
     torch_backend = BACKENDS["torch"]
@@ -417,7 +442,10 @@ def quality(
         check_video_path(video)
     if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
         raise ParoError(f"--heatmaps {heatmaps} is a file", "give a folder")
-    texts = prompt or qb.demo_prompts(prompts, 0, r)
+    texts = prompt or qb.demo_prompts(prompts, r, held_out=not in_sample)
+    evaluation = "given prompts" if prompt else "in-sample" if in_sample else "held-out"
+    if seed is None:
+        seed = 0 if in_sample else qb.HELD_OUT_NOISE_SEED
     if max_drop is not None and not all(qb.is_caption(t) for t in texts):
         raise ParoError(
             "--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop"
@@ -436,7 +464,7 @@ def quality(
     if given:  # before any generation: a plan for another model or geometry fails now, not after the dense run
         check_plan(loaded, given, token_grid(loaded, r))
     with ui.progress() as bar:
-        result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar, given)
+        result, outputs = qb.run(loaded, r, densities, pairs, texts, seeds, baselines, bar, given, evaluation)
         if given:
             result["plan"] = {
                 "path": str(plan),
@@ -457,7 +485,7 @@ def quality(
         result["video"] = {"path": str(video), "left": "dense", "right": first}
     ui.table(
         f"quality vs dense on {result['device']}: {result['model']}, grid {'x'.join(map(str, result['grid']))}, "
-        f"{result['steps']} steps, {len(texts)} prompts",
+        f"{result['steps']} steps, {len(texts)} {evaluation} prompts",
         ["variant", "density", "QK/PV", "PSNR (dB)", "SSIM", "cosine", "fidelity", "fidelity drop"],
         [
             [

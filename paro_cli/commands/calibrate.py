@@ -16,6 +16,7 @@ from ..fileio import check_output_file
 from ..models.loaded import token_grid
 from ..models.loading import load_model
 from ..options import (
+    AllocationOpt,
     BlockOpt,
     DensityOpt,
     FramesOpt,
@@ -46,6 +47,7 @@ def command(
     guidance: GuidanceOpt = None,
     density: DensityOpt = None,
     block_size: BlockOpt = None,
+    allocation: AllocationOpt = None,
     qk: QkOpt = None,
     pv: PvOpt = None,
     image: ImageOpt = None,
@@ -67,6 +69,7 @@ def command(
         guidance=guidance,
         density=density,
         block_size=block_size,
+        allocation=allocation,
         qk=qk,
         pv=pv,
     )
@@ -93,7 +96,8 @@ def _calibrate(r, call_kwargs: dict | None, out: Path, as_json: bool) -> None:
 
     for name in plan.components:
         ui.table(
-            f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots",
+            f"{name} of {plan.model_id}: grid {'x'.join(map(str, plan.grid))}, {plan.num_slots} timestep slots, "
+            f"{plan.allocation} allocation",
             *plan.layer_table(name),
         )
     gpus = f" on {parallel.world_size()} GPUs" if parallel.world_size() > 1 else ""

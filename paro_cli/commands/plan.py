@@ -24,7 +24,8 @@ def show(path: Annotated[Path, typer.Argument(help="Plan file.")], as_json: Json
     ui.table(f"plan {path}", ["field", "value"], meta)
     for name, comp in plan.components.items():
         ui.table(
-            f"{name}: {comp.num_layers} layers x {comp.num_heads} heads, {plan.num_slots} timestep slots",
+            f"{name}: {comp.num_layers} layers x {comp.num_heads} heads, {plan.num_slots} timestep slots, "
+            f"{plan.allocation} allocation",
             *plan.layer_table(name),
         )
     ui.json(plan.summary())
