@@ -13,29 +13,20 @@ from dataclasses import dataclass
 import torch
 
 from paro_kernels import formats
-from paro_kernels.block_sparse import block_sparse_attention
+from paro_kernels.block_sparse import block_sparse_op
 
 from . import __version__
 from .errors import BackendError
 
 
 def _torch_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):
-    """Block-sparse plain torch (paro_kernels.block_sparse): the kept tiles only, with the
-    reference's semantics, computed in float32 (float64 inputs stay float64)."""
+    """Block-sparse plain torch (paro_kernels.block_sparse, through its custom op: one opaque
+    node under torch.compile): the kept tiles only, with the reference's semantics, computed in
+    float32 (float64 inputs stay float64)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return block_sparse_attention(
-        q,
-        k,
-        v,
-        perm=perm,
-        kv_index=kv_index,
-        kv_count=kv_count,
-        block=block,
-        layout=layout,
-        qk=qk,
-        pv=pv,
-        compute_dtype=compute,
-    )
+    return block_sparse_op(
+        q, k, v, perm, kv_index, kv_count, block, layout.text_len, layout.text_first, qk, pv, compute
+    )  # fmt: skip
 
 
 def _triton_attention(q, k, v, *, perm, kept, kv_index, kv_count, block, layout, qk, pv):

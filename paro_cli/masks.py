@@ -57,12 +57,22 @@ def local_window_mask(grid: tuple[int, int, int], block: int, density: float) ->
     return kept
 
 
-def random_kept(heads: int, nb: int, density: float, seed: int = 0) -> torch.Tensor:
+def random_kept(heads: int, nb: int, density: float | torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Block masks with round(density * nb) kept tiles in every row, the diagonal among them:
-    the work a calibrated mask of that density gives, evenly spread over query tiles."""
+    the work a calibrated mask of that density gives, evenly spread over query tiles. `density`
+    is one for all heads or one per head."""
     g = torch.Generator().manual_seed(seed)
-    keep = max(1, round(density * nb))
+    keep = (torch.as_tensor(density, dtype=torch.float64).expand(heads) * nb).round().clamp(1, nb).long()
     scores = torch.rand(heads, nb, nb, generator=g)
     scores[:, torch.arange(nb), torch.arange(nb)] = 2.0
-    top = scores.topk(keep, dim=-1).indices
-    return torch.zeros(heads, nb, nb, dtype=torch.bool).scatter_(-1, top, True)
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # each tile's rank in its row
+    return rank < keep[:, None, None]
+
+
+def uneven_densities(shape: tuple[int, ...], density: float, nb: int, seed: int = 0) -> torch.Tensor:
+    """Per-head densities as a global allocation spreads them (log-normal around `density`, each
+    in [1/nb, 1]), averaging `density` (to rounding and the clip at 1): the benchmarks' stand-in
+    for a calibrated global plan, whose kernels do the same total work as a per-layer plan's."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.exp(0.75 * torch.randn(shape, generator=g, dtype=torch.float64))
+    return (density * weights / weights.mean()).clamp(1 / nb, 1.0)

@@ -3,7 +3,7 @@ the local-window baseline and the benchmarks' random masks."""
 
 import torch
 
-from paro_cli.masks import forced_blocks, local_window_mask, random_kept, select_blocks
+from paro_cli.masks import forced_blocks, local_window_mask, random_kept, select_blocks, uneven_densities
 
 
 def test_select_blocks_shares_one_threshold_across_heads():
@@ -42,3 +42,12 @@ def test_random_kept_keeps_the_same_count_per_row_with_the_diagonal():
     assert kept.shape == (3, 10, 10) and (kept.sum(-1) == 3).all() and kept.diagonal(dim1=-2, dim2=-1).all()
     assert torch.equal(kept, random_kept(3, 10, 0.3, seed=4)) and not torch.equal(kept, random_kept(3, 10, 0.3, seed=5))
     assert (random_kept(1, 4, 0.01).sum(-1) == 1).all()  # at least the diagonal
+
+
+def test_random_kept_takes_a_density_per_head_and_uneven_densities_keep_the_mean():
+    kept = random_kept(3, 20, torch.tensor([0.1, 0.5, 1.0]), seed=1)
+    assert kept.sum(-1).tolist() == [[2] * 20, [10] * 20, [20] * 20]
+    assert kept[:, torch.arange(20), torch.arange(20)].all()
+    shares = uneven_densities((30, 12), 0.2, 256)
+    assert shares.std() > 0.05 and (shares >= 1 / 256).all() and (shares <= 1).all()
+    assert abs(shares.mean().item() - 0.2) < 0.01  # the global plan's work is the per-layer plan's

@@ -58,16 +58,12 @@ def _work(kv_index: torch.Tensor, kv_count: torch.Tensor, nb: int, ragged: bool,
     count = kv_count.reshape(-1).long()
     index = kv_index.reshape(-1, nb)
     head = torch.arange(heads, device=device).repeat_interleave(nb)
-    # Units: runs of equal key sets within a head, once query tiles are sorted by a hash of
-    # (head, key set); only neighbours of equal hash are compared in full (a collision of unequal
-    # sets then only makes one more unit). Exact in float64: the sum stays below 2^53.
-    key_sets = torch.where(torch.arange(nb, device=device) < count[:, None], index, nb).double()
-    weights = torch.randint(1, 1 << 32, (nb + 1,), generator=torch.Generator().manual_seed(0)).double().to(device)
-    hashes, members = torch.sort(key_sets @ weights[1:] + head * weights[0], stable=True)  # ascending in a unit
+    # Units: the query tiles of one head with equal key sets (padded with nb past their count).
+    key_sets = torch.where(torch.arange(nb, device=device) < count[:, None], index, nb)
+    unit = torch.unique(torch.cat([head[:, None], key_sets], dim=1), dim=0, return_inverse=True)[1]
+    members = torch.argsort(unit, stable=True)  # a unit's tiles together, ascending
     new = torch.ones(members.numel(), dtype=torch.bool, device=device)
-    new[1:] = hashes[1:] != hashes[:-1]
-    pairs = (~new).nonzero()[:, 0]
-    new[pairs] = (key_sets[members[pairs]] != key_sets[members[pairs - 1]]).any(1)
+    new[1:] = unit[members[1:]] != unit[members[:-1]]
     start = new.nonzero()[:, 0]
     size = torch.diff(start, append=start.new_tensor([members.numel()]))
 
@@ -193,3 +189,40 @@ def block_sparse_attention(
         text_source = text_row + torch.arange(bsz * heads * text_len, device=device).view(bsz, heads, text_len)
         layout.split(index.view(bsz, seq, heads), dim=1)[0].copy_(text_source.transpose(1, 2))
     return out_rows.index_select(0, index.view(-1)).view(bsz, seq, heads, dim).to(q.dtype)
+
+
+@torch.library.custom_op("paro::block_sparse_attention", mutates_args=())
+def block_sparse_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    perm: torch.Tensor | None,
+    kv_index: torch.Tensor,
+    kv_count: torch.Tensor,
+    block: int,
+    text_len: int,
+    text_first: bool,
+    qk: str,
+    pv: str,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """block_sparse_attention as a torch custom op: its grouping of tiles depends on the masks'
+    values, so torch.compile(fullgraph=True) takes it as one opaque call with a known output."""
+    return block_sparse_attention(
+        q,
+        k,
+        v,
+        perm=perm,
+        kv_index=kv_index,
+        kv_count=kv_count,
+        block=block,
+        layout=SequenceLayout(text_len, text_first),
+        qk=qk,
+        pv=pv,
+        compute_dtype=compute_dtype,
+    )
+
+
+@block_sparse_op.register_fake
+def _(q, k, v, perm, kv_index, kv_count, block, text_len, text_first, qk, pv, compute_dtype):
+    return torch.empty_like(q)

@@ -80,8 +80,11 @@ def check_layer_and_head(layer: int, head: int, layers: int, heads: int) -> None
         )
 
 
-def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: int, head: int, out_dir: Path) -> dict:
-    """Capture the attention at the middle step and write before.png / after.png into out_dir."""
+def write_heatmaps(
+    loaded, recipe, plan: Plan, prompt: str, seed: int, layer: int, head: int, out_dir: Path, on_step=lambda i: None
+) -> dict:
+    """Capture the attention at the middle step and write before.png / after.png into out_dir;
+    `on_step(i)` follows the capturing run's steps."""
     import imageio.v3 as iio
 
     comp = plan.components["transformer"]
@@ -91,7 +94,9 @@ def write_heatmaps(loaded, recipe, plan: Plan, prompt: str, seed: int, layer: in
     with routed(
         loaded.components, loaded.adapter, dict.fromkeys(loaded.components, capture)
     ):  # whichever expert runs the step
-        sample(loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done(), decode=False)
+        sample(
+            loaded, recipe, [prompt], [seed], on_step=lambda i: capture.tracker.step_done() or on_step(i), decode=False
+        )
     t = capture.tracker.timesteps[step]
     ran = loaded.transformer_at(t * loaded.adapter.num_train_timesteps)
     comp = plan.components[next(name for name, tr in loaded.components.items() if tr is ran)]

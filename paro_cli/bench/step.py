@@ -23,7 +23,7 @@ from .. import parallel
 from ..backends import select_backend
 from ..compiled import compiled_forwards
 from ..intercept import AttentionInterceptor, StockAttention, routed
-from ..masks import random_kept
+from ..masks import random_kept, uneven_densities
 from ..models import config_fingerprint
 from ..models.fused_gelu import tanh_gelu_sites
 from ..plan import ComponentPlan, Plan, make_plan
@@ -42,15 +42,24 @@ class _NoAttention:
         return v + 0 * (q + k)  # one elementwise pass
 
 
-def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv: str, seed: int = 0) -> Plan:
-    """One timestep slot, random orders, `density` of the blocks kept in every row."""
+def synthetic_plan(
+    loaded, grid, layout, density: float, block: int, qk: str, pv: str, seed: int = 0, allocation: str = "layer"
+) -> Plan:
+    """One timestep slot, random orders, `density` of the blocks kept in every row of every head
+    ("layer"), or in every row of a head at that head's share of a global allocation
+    (masks.uneven_densities: the same work in all, unevenly spread over heads and layers)."""
     tr, adapter = loaded.transformer, loaded.adapter
     layers, heads = len(adapter.attention_layers(tr)), adapter.num_heads(tr)
     nb = num_blocks(grid[0] * grid[1] * grid[2], block)
     names = candidate_orders(grid)
     g = torch.Generator().manual_seed(seed)
     orders = [[names[i] for i in torch.randint(len(names), (heads,), generator=g).tolist()] for _ in range(layers)]
-    masks = torch.stack([random_kept(heads, nb, density, seed=seed + layer) for layer in range(layers)])[None]
+    shares = (
+        torch.full((layers, heads), density)
+        if allocation == "layer"
+        else uneven_densities((layers, heads), density, nb)
+    )
+    masks = torch.stack([random_kept(heads, nb, shares[layer], seed=seed + layer) for layer in range(layers)])[None]
     component = ComponentPlan.from_masks(config_fingerprint(tr), orders, masks, density, len(names))
     return make_plan(
         model_id=loaded.model_id,
@@ -63,6 +72,7 @@ def synthetic_plan(loaded, grid, layout, density: float, block: int, qk: str, pv
         pv=pv,
         components={"transformer": component},
         calibration_timesteps=[0.5],
+        allocation=allocation,
     )
 
 
@@ -113,8 +123,10 @@ def run(
     repeats: int,
     backend: str,
     report=lambda msg: None,
+    allocation: str = "layer",
 ) -> dict:
-    """Rows of ms per step: dense, the step without attention, and paro per (precision, density)."""
+    """Rows of ms per step: dense, the step without attention, and paro per (precision, density);
+    the synthetic plans share their blocks out by `allocation` (synthetic_plan)."""
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     layout = adapter.sequence_layout((), inputs)
@@ -148,7 +160,10 @@ def run(
         with routed({"transformer": tr}, adapter, {"transformer": StockAttention()}, fuse=True):
             rows.append(timed("dense, fused " + "+".join(fused), density=1.0, qk=None, pv=None))
     plans = {
-        pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs
+        pair: [
+            synthetic_plan(loaded, grid, layout, density, block, *pair, allocation=allocation) for density in densities
+        ]
+        for pair in pairs
     }
     for row in _paro_variants(loaded, plans, backends, maybe_compiled):
         report(f"timing paro d={row['density']} {row['qk']}/{row['pv']}")
@@ -180,6 +195,7 @@ def scaling(
     repeats: int,
     backend: str,
     report=lambda msg: None,
+    allocation: str = "layer",
 ) -> dict:
     """Under `parallel.run` with several GPUs: the dense step and paro's per (precision, density),
     each on one GPU (rank 0 alone, the model whole) and then on all of them (Ulysses context
@@ -191,7 +207,10 @@ def scaling(
         pair: select_backend(backend, loaded.device, loaded.dtype, adapter.head_dim(tr), block, *pair) for pair in pairs
     }
     plans = {
-        pair: [synthetic_plan(loaded, grid, layout, density, block, *pair) for density in densities] for pair in pairs
+        pair: [
+            synthetic_plan(loaded, grid, layout, density, block, *pair, allocation=allocation) for density in densities
+        ]
+        for pair in pairs
     }
 
     def output():

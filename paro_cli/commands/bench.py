@@ -117,6 +117,13 @@ def e2e(
     block_size: Annotated[
         int, typer.Option("--block-size", help="With --architecture: the synthetic plans' block size.")
     ] = 128,
+    allocation: Annotated[
+        str,
+        typer.Option(
+            help="With --architecture: the synthetic plans' blocks per head: layer (the density in every head) or "
+            "global (per-head densities spread as a global allocation spreads them, the same total)."
+        ),
+    ] = "layer",
     gpus: GpusOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -128,7 +135,16 @@ def e2e(
     check_compile_gpus(compile_, gpus)
     if architecture is not None:
         _architecture_steps(
-            architecture, density, precision, compile_, repeats, block_size, backend or "auto", gpus, as_json
+            architecture,
+            density,
+            precision,
+            compile_,
+            repeats,
+            block_size,
+            backend or "auto",
+            gpus,
+            as_json,
+            allocation,
         )
         return
     if plan is None:
@@ -172,8 +188,19 @@ def _plan_e2e(r, plan: str, prompt, seed, qk, pv, call_kwargs: dict | None, as_j
 
 
 def _architecture_steps(
-    name: str, density, precision, compiled: bool, repeats: int, block: int, backend: str, gpus: int, as_json: bool
+    name: str,
+    density,
+    precision,
+    compiled: bool,
+    repeats: int,
+    block: int,
+    backend: str,
+    gpus: int,
+    as_json: bool,
+    allocation: str,
 ) -> None:
+    if allocation not in ("layer", "global"):
+        raise ParoError(f"--allocation {allocation!r} is not an allocation", "use layer or global")
     if repeats < 1:
         raise ParoError(f"--repeats {repeats} is not a count of timings", "pass --repeats 1 or more")
     check_architecture(name)  # before any worker starts
@@ -181,11 +208,13 @@ def _architecture_steps(
     pairs = parse_precisions(
         precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats
     )
-    parallel.run(gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json)
+    parallel.run(
+        gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json, allocation
+    )
 
 
 def _architecture_job(
-    name: str, densities, pairs, compiled: bool, repeats: int, block: int, backend: str, as_json: bool
+    name: str, densities, pairs, compiled: bool, repeats: int, block: int, backend: str, as_json: bool, allocation: str
 ) -> None:
     """The step benchmark, in each worker process with --gpus (rank 0 prints)."""
     from ..bench import step as step_bench
@@ -196,12 +225,12 @@ def _architecture_job(
     loaded = build_architecture(name, resolve_device())
     grid, inputs = step_inputs(loaded, name, load_recipe(name))
     report = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731  (a line of progress: what is timed now)
-    title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}"
+    title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}, {allocation} allocation"
     if parallel.world_size() > 1:
-        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, report)
+        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, report, allocation)
         if not parallel.is_primary():  # only rank 0 has the one-GPU figures
             return
-        result["architecture"] = name
+        result["architecture"], result["allocation"] = name, allocation
         ui.table(
             f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x "
             f"{result['device']} "
@@ -230,8 +259,10 @@ def _architecture_job(
         )
         ui.json(result)
         return
-    result = step_bench.run(loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, report=report)
-    result["architecture"] = name
+    result = step_bench.run(
+        loaded, inputs, grid, densities, pairs, block, compiled, repeats, backend, report=report, allocation=allocation
+    )
+    result["architecture"], result["allocation"] = name, allocation
     dense = result["rows"][0]["ms"]
     ui.table(
         f"{title} + {result['text_tokens']} text, batch {result['batch']}, "
@@ -475,7 +506,7 @@ def quality(
         if heatmaps is not None:
             bar.start("heat maps", r.sampling.steps)
             result["heatmaps"] = write_heatmaps(
-                loaded, r, outputs["plans"][first], texts[0], seeds[0], layer, head, heatmaps
+                loaded, r, outputs["plans"][first], texts[0], seeds[0], layer, head, heatmaps, bar.step
             )
     if video is not None:
         pair = torch.cat(
