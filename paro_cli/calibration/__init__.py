@@ -52,7 +52,7 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, progress: CalibrationProgress
     _check_dense_layers(sp.dense_layers, min(layers.values()))
     grid = token_grid(loaded, recipe)
     names = candidate_orders(grid)
-    allowed = allowed_orders(recipe.calibration.orders, names)  # a bad list fails now, not after pass 1
+    allowed = allowed_orders(recipe.calibration.orders, names)  # a bad list fails now, before any sampling
     heads = {name: local_heads(tr, loaded.adapter.num_heads(tr)) for name, tr in components.items()}  # this rank's
     gathers = {name: functools.partial(gather_heads, tr) for name, tr in components.items()}
 
