@@ -76,8 +76,9 @@ def key_block_reduce(p: torch.Tensor, grid, orders: list[str], block: int, reduc
     return out
 
 
-def _torch_raw(q, k, orders, grid, block, layout, scale, peaks, piece_elems):
-    """(mass, peak or None), each {order: (B*H, nb, nb)} for every distinct order named."""
+def _torch_raw(q, k, head_orders, grid, block, layout, scale, peaks, piece_elems):
+    """(mass, peak or None), each {order: (B*H, nb, nb)}: head h's rows are computed for the
+    orders head_orders[h] names (a piece of several heads reduces the union), zero otherwise."""
     bsz, seq, heads, dim = q.shape
     n = layout.visual_len(seq)
     nb = num_blocks(n, block)
@@ -85,6 +86,7 @@ def _torch_raw(q, k, orders, grid, block, layout, scale, peaks, piece_elems):
     kt, kv = to_paro_order(k.float(), layout, None)
     queries = qv.reshape(bsz * heads, n, dim)
     keys = torch.cat([kt, kv], dim=2).reshape(bsz * heads, seq, dim).transpose(1, 2)
+    orders = sorted(set().union(*head_orders))
     # each visual token's row block in each order
     row_block = {o: (inverse_permutation(order_permutation(o, grid)) // block).to(q.device) for o in orders}
     zeros = lambda: torch.zeros(bsz * heads, nb, nb, device=q.device)  # noqa: E731
@@ -97,10 +99,11 @@ def _torch_raw(q, k, orders, grid, block, layout, scale, peaks, piece_elems):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             p = torch.softmax(queries[b0:b1, r0:r1] @ keys[b0:b1], dim=-1)[..., layout.text_len :]
-            for o, sums in key_block_reduce(p, grid, orders, block, torch.sum).items():
+            needed = sorted(set().union(*(head_orders[bh % heads] for bh in range(b0, b1))))
+            for o, sums in key_block_reduce(p, grid, needed, block, torch.sum).items():
                 mass[o][b0:b1].index_add_(1, row_block[o][r0:r1], sums)
             if peaks:
-                for o, maxima in key_block_reduce(p, grid, orders, block, torch.amax).items():
+                for o, maxima in key_block_reduce(p, grid, needed, block, torch.amax).items():
                     index = row_block[o][r0:r1, None].expand_as(maxima)
                     peak[o][b0:b1].scatter_reduce_(1, index, maxima, "amax")
     return mass, peak
@@ -135,11 +138,11 @@ def block_statistics(
         perms = torch.stack([head_permutations(candidate, grid) for candidate in orders])
         mass, peak = raw_block_statistics(q, k, perms, block, layout, scale)
         return summarise(mass, peak if peaks else None, n, block)
-    distinct = sorted({o for candidate in orders for o in candidate})
-    raw_mass, raw_peak = _torch_raw(q, k, distinct, grid, block, layout, scale, peaks, piece_elems)
+    head_orders = [{candidate[h] for candidate in orders} for h in range(heads)]
+    raw_mass, raw_peak = _torch_raw(q, k, head_orders, grid, block, layout, scale, peaks, piece_elems)
 
     def per_candidate(raw: dict[str, torch.Tensor]) -> torch.Tensor:
-        nb = raw[distinct[0]].shape[-1]
+        nb = next(iter(raw.values())).shape[-1]
         by_order = {o: x.view(bsz, heads, nb, nb) for o, x in raw.items()}
         return torch.stack(
             [torch.stack([by_order[o][:, h] for h, o in enumerate(candidate)], dim=1) for candidate in orders]
