@@ -8,7 +8,7 @@ import torch
 from paro_kernels.layout import SequenceLayout
 from paro_kernels.stats import block_statistics, mass_recall
 
-from conftest import position_in_order, structured_qkv
+from conftest import position_in_order, rel_l2, structured_qkv
 
 
 def full_map_statistics(q, k, orders, grid, block, layout):
@@ -45,11 +45,12 @@ def test_streamed_statistics_match_full_map(text_len, text_first, use_triton):
     if use_triton and torch.cuda.is_available():
         pytest.skip("CPU tensors need the interpreter; the GPU statistics kernel is tested in test_triton_kernels")
     grid, block, orders = (3, 4, 6), 16, ["WHF", "FWH", "HFW"]
-    q, k, _ = structured_qkv(2, 72 + text_len, 3, 16, seed=7)
+    q, k, v = structured_qkv(2, 72 + text_len, 3, 16, seed=7)
     layout = SequenceLayout(text_len, text_first)
     stats = block_statistics(
         q,
         k,
+        v,
         orders=[orders, orders[::-1]],
         grid=grid,
         block=block,
@@ -61,6 +62,12 @@ def test_streamed_statistics_match_full_map(text_len, text_first, use_triton):
         mass, incoherence = full_map_statistics(q, k, candidate, grid, block, layout)
         torch.testing.assert_close(stats.mass[o].double(), mass, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(stats.incoherence[o].double(), incoherence, rtol=1e-4, atol=1e-5)
+    if use_triton:
+        assert stats.output is None  # the GPU path leaves the output to the stock call
+    else:  # the same pieces of P give the attention output, every row of it (text rows too)
+        probs = torch.softmax(torch.einsum("bshd,bthd->bhst", q.double(), k.double()) / 4.0, dim=-1)
+        expected = torch.einsum("bhst,bthd->bshd", probs, v.double())
+        assert stats.output.shape == v.shape and rel_l2(stats.output, expected) <= 1e-6
 
 
 def test_mass_recall():

@@ -30,6 +30,12 @@ def local_is_whole(local: torch.Tensor, dim: int) -> torch.Tensor:
     return local
 
 
+def attention_output(stats: BlockStatistics, dense: DenseFn) -> torch.Tensor:
+    """The call's output: the one the statistics computed from their P (on the CPU), else the
+    stock call's."""
+    return stats.output if stats.output is not None else dense()
+
+
 def one_run_fits(slots: int, layers: int, orders: int, heads: int, grid, block: int) -> bool:
     """Whether the block mass (float32) of `orders` candidate orders of every slot fits ONE_RUN_BYTES."""
     nb = num_blocks(grid[0] * grid[1] * grid[2], block)
@@ -74,12 +80,13 @@ class OrderProfiler:
             self.recall, self.incoherence = torch.zeros(shape), torch.zeros(shape)
 
     def attention(self, layer: int, q, k, v, dense: DenseFn, layout):
-        if self.profile:
-            stats = block_statistics(
-                q, k, orders=self.candidates(), grid=self.tracker.grid, block=self.block, layout=layout
-            )
-            self.add(layer, stats)
-        return dense()
+        if not self.profile:
+            return dense()
+        stats = block_statistics(
+            q, k, v, orders=self.candidates(), grid=self.tracker.grid, block=self.block, layout=layout
+        )
+        self.add(layer, stats)
+        return attention_output(stats, dense)
 
     def add(self, layer: int, stats: BlockStatistics) -> None:
         """One profiled call's statistics of every candidate order (in `candidates` order)."""
@@ -156,7 +163,7 @@ class MassCollector:
     def attention(self, layer: int, q, k, v, dense: DenseFn, layout):
         profile = self.profiler is not None and self.profiler.profile
         stats = block_statistics(
-            q, k, orders=self.candidates[layer], grid=self.grid, block=self.block, layout=layout, peaks=profile
+            q, k, v, orders=self.candidates[layer], grid=self.grid, block=self.block, layout=layout, peaks=profile
         )
         if profile:
             self.profiler.add(layer, stats)
@@ -167,7 +174,7 @@ class MassCollector:
         mass = stats.mass
         sums[layer] += mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         count[layer] += 1
-        return dense()
+        return attention_output(stats, dense)
 
     def finish(self, choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed masks (slots, layers, heads, nbytes), kept share (slots, layers, heads)) after
