@@ -59,11 +59,45 @@ def structured_qkv(b, s, h, d, seed=0, dtype=torch.float32, logit_std=2.5):
     return [x.to(dtype) for x in (q * c, k * c, v)]
 
 
+def dit_qkv(b, s, h, d, seed=0, dtype=torch.float32, logit_std=3.0):
+    """Inputs shaped like a DiT's, where INT8 QK suffers (issue 23): channel means (Q's 1-2 sigma,
+    K's 5-10 sigma, far above its spread; V's about 1 sigma) and, per head, d // 16 outlier
+    channels 4x the others in Q and as many in K. The two sets are disjoint: a channel loud in
+    both is loud in Q K^T itself, which no balance of Q against K (quant.channel_balance)
+    changes. Q and K are scaled together so that the logits softmax sees, q.(k - mean k)/sqrt(d),
+    spread about `logit_std`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def means(low, high):  # per (head, channel): a size in [low, high] sigma, a random sign
+        return (low + (high - low) * torch.rand(h, d, generator=g)) * torch.randn(h, d, generator=g).sign()
+
+    n = max(1, d // 16)
+    loud = torch.rand(h, d, generator=g).argsort(dim=1)  # per head, channels in a random order
+    q_gain, k_gain = (torch.ones(h, d).scatter(1, loud[:, i * n : (i + 1) * n], 4.0) for i in range(2))
+    q = (torch.randn(b, s, h, d, generator=g) + means(1.0, 2.0)) * q_gain
+    k = (torch.randn(b, s, h, d, generator=g) + means(5.0, 10.0)) * k_gain
+    v = torch.randn(b, s, h, d, generator=g) + torch.randn(h, d, generator=g)
+    logits = torch.einsum("bshd,bthd->bhst", q[:, :256], k - k.mean(dim=1, keepdim=True)) / d**0.5
+    c = (logit_std / logits.std()).sqrt()
+    return [x.to(dtype) for x in (q * c, k * c, v)]
+
+
 def attention_case(
-    grid, text_len, text_first, heads, dim, block, batch=1, density=0.4, seed=0, device="cpu", dtype=torch.bfloat16
+    grid,
+    text_len,
+    text_first,
+    heads,
+    dim,
+    block,
+    batch=1,
+    density=0.4,
+    seed=0,
+    device="cpu",
+    dtype=torch.bfloat16,
+    inputs=structured_qkv,
 ):
-    """q, k, v (structured_qkv) with per-head orders and random kept blocks (diagonal kept): the
-    arguments of one paro attention call, as a dict."""
+    """q, k, v (`inputs`: structured_qkv or dit_qkv) with per-head orders and random kept blocks
+    (diagonal kept): the arguments of one paro attention call, as a dict."""
     from paro_kernels.layout import SequenceLayout, num_blocks
     from paro_kernels.orders import candidate_orders, head_permutations
 
@@ -72,7 +106,7 @@ def attention_case(
     g = torch.Generator().manual_seed(seed)
     kept = (torch.rand(heads, nb, nb, generator=g) < density) | torch.eye(nb, dtype=torch.bool)
     orders = [candidate_orders(grid)[(seed + h) % 6] for h in range(heads)]
-    q, k, v = (x.to(device=device, dtype=dtype) for x in structured_qkv(batch, n + text_len, heads, dim, seed=seed))
+    q, k, v = (x.to(device=device, dtype=dtype) for x in inputs(batch, n + text_len, heads, dim, seed=seed))
     return dict(
         q=q,
         k=k,

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from paro_kernels.quant import (
+    BALANCE_LIMIT,
     MIN_AMAX,
     SHIFT_SAMPLES,
+    channel_balance,
     channel_shift,
     choose_scale,
     dequantize,
@@ -88,3 +90,42 @@ def test_channel_shift_is_the_mean_of_a_strided_sample(seq, stride):
     picked = [t for t in range(seq) if t % stride == 0]
     assert len(picked) <= SHIFT_SAMPLES
     torch.testing.assert_close(shift, sum(x[:, t] for t in picked) / len(picked), rtol=1e-12, atol=1e-12)
+
+
+def test_channel_balance_leaves_qk_unchanged_and_equalises_channels():
+    """(q / a)(k a)^T = q k^T to float64 rounding, and over the sampled tokens (every second of
+    300) each channel's amax is then the same in q and k - shift: the geometric mean of both."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 300, 3, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    q[..., :2] *= 4.0  # outlier channels in q
+    k += 8.0 * torch.randn(3, 16, generator=g, dtype=torch.float64)  # channel means far above k's spread
+    shift = channel_shift(k, torch.float64)
+    a = channel_balance(q, k, shift, torch.float64)
+    assert a.shape == (2, 3, 16) and a.dtype == torch.float64
+    qb, kb = q / a[:, None], (k - shift[:, None]) * a[:, None]
+    scores = torch.einsum("bshd,bthd->bhst", q, k - shift[:, None])
+    torch.testing.assert_close(torch.einsum("bshd,bthd->bhst", qb, kb), scores, rtol=1e-12, atol=1e-12)
+    q_amax, k_amax = (x[:, ::2].abs().amax(dim=1) for x in (q, k - shift[:, None]))
+    torch.testing.assert_close(a, (q_amax / k_amax).sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(qb[:, ::2].abs().amax(dim=1), (q_amax * k_amax).sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kb[:, ::2].abs().amax(dim=1), (q_amax * k_amax).sqrt(), rtol=1e-12, atol=0)
+
+
+def test_channel_balance_of_zero_channels_is_finite_and_bounded():
+    """A channel zero in q, in k less its shift, or in both gives a finite factor within
+    [1 / BALANCE_LIMIT, BALANCE_LIMIT] (both amaxes are at least MIN_AMAX), and rounding q / a and
+    (k - shift) a stays finite."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 64, 2, 8, generator=g) for _ in range(2))
+    q[..., 0] = 0.0  # zero in q: a would be ~1e-3, clamped up
+    k[..., 1] = 3.0  # constant in k: zero less its shift, a would be ~1e3, clamped down
+    q[..., 2], k[..., 2] = 0.0, 0.0  # zero in both: amaxes equal, a = 1
+    shift = channel_shift(k)
+    a = channel_balance(q, k, shift)
+    assert torch.isfinite(a).all() and a.dtype == torch.float32
+    assert (a >= 1 / BALANCE_LIMIT).all() and (a <= BALANCE_LIMIT).all()
+    assert torch.equal(a[..., 0], torch.full_like(a[..., 0], 1 / BALANCE_LIMIT))
+    assert torch.equal(a[..., 1], torch.full_like(a[..., 1], BALANCE_LIMIT))
+    assert torch.equal(a[..., 2], torch.ones_like(a[..., 2]))
+    for x in (q / a[:, None], (k - shift[:, None]) * a[:, None]):
+        assert torch.isfinite(fake_quantize(x.transpose(1, 2), "int8", 16)).all()

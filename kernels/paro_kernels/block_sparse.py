@@ -2,8 +2,8 @@
 the kept tiles only.
 
 Same semantics as reference.py, whose docstring states them and which stays the test oracle, and
-the same preparation (`reference.paro_inputs`: paro order, channel shifts, rounding of Q, K and
-V). The reference scores every key and masks the dropped ones, 1 / density times the work
+the same preparation (`reference.paro_inputs`: paro order, channel shifts and balance, rounding of
+Q, K and V). The reference scores every key and masks the dropped ones, 1 / density times the work
 needed; here the visual part is cut into tiles of `block` rows and each query tile meets only its
 kept key tiles:
 

@@ -398,6 +398,7 @@ if _IMPORTED:
         KScale,
         VScale,
         VShift,
+        Balance,
         stride_qb,
         stride_qh,
         stride_qs,
@@ -432,8 +433,9 @@ if _IMPORTED:
         text_base = (1 - text_first) * N  # original position of the first text / visual token
         vis_base = text_first * T
 
-        # The query tile through the head's order, quantised in registers (one scale per
-        # consumer's 64 rows, quant.QUERY_SCALE_ROWS), into shared memory: before the fork.
+        # The query tile through the head's order, quantised in registers (divided by the
+        # balance, then one scale per consumer's 64 rows, quant.QUERY_SCALE_ROWS), into shared
+        # memory: before the fork.
         ql: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [num_warps, 1], [1, 0])
         is_text = tile < n_text_tiles
         pos = gl.where(is_text, tile, tile - n_text_tiles) * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ql))
@@ -449,8 +451,9 @@ if _IMPORTED:
         )
         score_scale0 = score_scale  # consumer 0's, rows [0, 64)
         score_scale1 = score_scale  # consumer 1's, rows [64, 128)
-        if QK != FLOAT:
-            q32 = q.to(gl.float32)
+        if QK != FLOAT:  # Q / a (quant.channel_balance; the prep pass multiplied K by a)
+            inv_a = 1.0 / gl.load(Balance + bh.to(gl.int64) * DIM + d, mask=d < DIM, other=1.0)
+            q32 = q.to(gl.float32) * inv_a[None, :]
             row_amax = gl.max(gl.abs(q32), 1)
             first = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ql)) < 64
             q_scale0 = gl.maximum(gl.max(gl.where(first, row_amax, 0.0), 0), MIN_AMAX_) / QK_QMAX
@@ -604,6 +607,7 @@ def launch(
     k_scale,
     v_scale,
     v_shift,
+    balance,
     *,
     heads,
     t,
@@ -620,7 +624,8 @@ def launch(
     p_shift,
 ):
     """Launch on the prep pass's buffers: kp (B, H, rows, HEAD_DIM); vp the same when 16-bit,
-    (B, H, HEAD_DIM, rows) when 8-bit. Same scalar arguments as the portable kernel."""
+    (B, H, HEAD_DIM, rows) when 8-bit; balance (B, H, DIM), which 8-bit QK divides Q by. Same
+    scalar arguments as the portable kernel."""
     head_dim = kp.shape[-1]
     k_desc = _descriptor(kp, [BLOCK, head_dim])
     v_desc = _descriptor(vp, [head_dim, BLOCK] if pv_code != formats.FLOAT else [BLOCK, head_dim])
@@ -635,6 +640,7 @@ def launch(
         k_scale,
         v_scale,
         v_shift,
+        balance,
         q.stride(0),
         q.stride(2),
         q.stride(1),

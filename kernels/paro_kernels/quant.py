@@ -19,9 +19,24 @@ Formats (formats.py lists them) and what they stand for:
 Shapes: x is (..., N, D) with tokens on dim -2. A block-row scale is (..., ceil(N / b), 1); a
 per-channel scale is (..., 1, D). Scales are float32, as the kernels keep them.
 
-`channel_shift` is the smoothing that precedes 8-bit K and V: softmax ignores a shift shared
-by all keys, and P V / l shifts with V (its rows of P / l sum to 1), so any per-channel shift
-is exact; the mean takes the channel offsets out of the rounding.
+Smoothing that precedes the 8-bit formats, exact in exact arithmetic, per (batch, head) and
+channel, from a strided sample of tokens (SHIFT_SAMPLES):
+
+| primitive         | applied to                                  | exact because                   |
+|-------------------|---------------------------------------------|---------------------------------|
+| `channel_shift`   | K (8-bit QK): K - shift; V (8-bit PV) alike | softmax ignores a shift shared  |
+|                   |                                             | by all keys; rows of P / l sum  |
+|                   |                                             | to 1, so P V / l shifts with V  |
+| `channel_balance` | Q / a and (K - shift) a (8-bit QK)          | (Q / a)(K a)^T = Q K^T          |
+
+The shift (a mean) takes the channel offsets out of the rounding. The balance (as SmoothQuant
+migrates activation outliers into weights) equalises each channel's range in Q and in K: with
+a = sqrt(amax|Q| / amax|K - shift|) both become sqrt(amax|Q| amax|K - shift|). A DiT's Q has a
+few outlier channels whose amax sets the step of a whole block of rows; where K less its shift
+is narrow in those channels, a 4x outlier of Q becomes 2x in both, and the steps shrink with it
+(a channel loud in both stays so: it is loud in Q K^T itself). It costs a multiply per element
+where Q and K are quantised, nothing per score. Both amaxes are at least MIN_AMAX, so a channel
+that is zero in Q or K gives a finite factor, and the factors are clamped (BALANCE_LIMIT).
 """
 
 from __future__ import annotations
@@ -41,16 +56,41 @@ SHIFT_SAMPLES = 256
 # A granule whose largest magnitude is below this quantises to zeros instead of dividing by 0.
 MIN_AMAX = 1e-6
 
+# `channel_balance`'s factors lie in [1 / BALANCE_LIMIT, BALANCE_LIMIT]. Balancing needs factors of
+# a few units (0.5-2.9 on the tests' DiT-shaped inputs, where Q's outlier channels are 4x); 2**8
+# balances range ratios up to 2**16. The bound is for a channel the sample saw as all zero in one
+# operand: its amax is MIN_AMAX, and the factor, about 1e3 for a channel of unit range in the
+# other, would scale that operand's channel at the tokens the sample missed enough to take over
+# their blocks' scales.
+BALANCE_LIMIT = 2.0**8
+
 # Query rows that share one scale: a block's rows, but at most this many. Every kernel program
 # (or Hopper consumer warpgroup) then quantises only query rows it owns.
 QUERY_SCALE_ROWS = 64
 
 
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """Every ceil(S / SHIFT_SAMPLES)-th token of x (B, S, H, D), starting at token 0 (at most
+    SHIFT_SAMPLES of them)."""
+    return x[:, :: -(-x.shape[1] // SHIFT_SAMPLES)]
+
+
 def channel_shift(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-channel mean of x (B, S, H, D) over every ceil(S / SHIFT_SAMPLES)-th token, starting
-    at token 0 (at most SHIFT_SAMPLES of them): (B, H, D) in `dtype`."""
-    stride = -(-x.shape[1] // SHIFT_SAMPLES)
-    return x[:, ::stride].mean(dim=1, dtype=dtype)
+    """Per-channel mean of x (B, S, H, D) over the sampled tokens: (B, H, D) in `dtype`."""
+    return _sample(x).mean(dim=1, dtype=dtype)
+
+
+def channel_balance(
+    q: torch.Tensor, k: torch.Tensor, k_shift: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Factors a (B, H, D) in `dtype` by which 8-bit QK divides q and multiplies k - k_shift:
+    sqrt(amax|q| / amax|k - k_shift|) per channel over the sampled tokens (those channel_shift
+    averages), each amax at least MIN_AMAX, a within [1 / BALANCE_LIMIT, BALANCE_LIMIT].
+    q, k: (B, S, H, D); k_shift: (B, H, D), channel_shift(k)."""
+    q_amax = _sample(q).abs().amax(dim=1).to(dtype)
+    k_amax = (_sample(k).to(dtype) - k_shift.to(dtype)[:, None]).abs().amax(dim=1)
+    ratio = q_amax.clamp_min(MIN_AMAX) / k_amax.clamp_min(MIN_AMAX)
+    return ratio.sqrt().clamp(1 / BALANCE_LIMIT, BALANCE_LIMIT)
 
 
 def _blocks(x: torch.Tensor, block_rows: int) -> tuple[torch.Tensor, int]:

@@ -4,9 +4,11 @@ One call computes, for each head h:
   1. gather the visual tokens of q, k, v into the head's order perm[h] (text stays in front);
   2. round Q and K to the QK format, one scale per block of `block` rows (Q: per block of at
      most quant.QUERY_SCALE_ROWS rows; text and visual segments blocked separately); for
-     scaled formats K first loses its channel shift
-     (quant.channel_shift, a sampled mean over tokens), which leaves softmax unchanged (it
-     shifts every score of a row by the same amount);
+     scaled formats K first loses its channel shift (quant.channel_shift, a sampled mean over
+     tokens), which leaves softmax unchanged (it shifts every score of a row by the same
+     amount), then Q and K are balanced channel by channel: Q / a and (K - shift) a
+     (quant.channel_balance), which leaves Q K^T unchanged and moves part of the range of
+     Q's outlier channels into K, so that they set their blocks' steps less;
   3. round V to the PV format, blocked as K (the method's per-block dynamic scale; FP8 is a
      floating format, so small channels beside an outlier channel keep their relative
      precision); for scaled formats V first loses its channel shift, added back to the
@@ -33,13 +35,14 @@ import torch
 from .formats import is_scaled
 from .layout import SequenceLayout, block_mask_rows, chunk_rows, gather_tokens, to_paro_order
 from .orders import inverse_permutation
-from .quant import QUERY_SCALE_ROWS, channel_shift, fake_quantize, quantize_probabilities
+from .quant import QUERY_SCALE_ROWS, channel_balance, channel_shift, fake_quantize, quantize_probabilities
 
 
 class ParoInputs(NamedTuple):
     """What attention multiplies (steps 1-3): Q, K, V in paro order, each as its text and visual
-    parts (B, H, len, D) in the compute dtype, rounded to their formats; V less its shift, and
-    that shift (B, H, 1, D), zeros for unscaled PV formats."""
+    parts (B, H, len, D) in the compute dtype, rounded to their formats; for scaled QK formats Q
+    and K balanced and K less its shift; V less its shift, and that shift (B, H, 1, D), zeros
+    for unscaled PV formats."""
 
     q_text: torch.Tensor
     q_visual: torch.Tensor
@@ -68,8 +71,10 @@ def paro_inputs(
     vt, vv = to_paro_order(v.to(compute_dtype), layout, perm)
 
     if is_scaled(qk):
-        k_shift = channel_shift(k, compute_dtype).unsqueeze(2)
-        kt, kv = kt - k_shift, kv - k_shift
+        k_shift = channel_shift(k, compute_dtype)
+        balance = channel_balance(q, k, k_shift, compute_dtype).unsqueeze(2)
+        qt, qv = qt / balance, qv / balance
+        kt, kv = ((x - k_shift.unsqueeze(2)) * balance for x in (kt, kv))
     if is_scaled(pv):
         v_shift = channel_shift(v, compute_dtype).unsqueeze(2)
         vt, vv = vt - v_shift, vv - v_shift

@@ -12,11 +12,13 @@ Semantics are kernels/paro_kernels/reference.py's; this file is about doing it f
   in the loads) and the output is written back through `perm` (the inverse, in the store).
   No separate permute pass exists.
 - Q is read from the caller's (B, S, H, D) tensor through the order, and quantised in
-  registers when QK is 8-bit (one scale per 64 rows: quant.QUERY_SCALE_ROWS). K and V, read by every query tile
-  that keeps them, first go through `_prep_kernel`: ONE fused pass that gathers each tile in
-  paro order (and, in the 8-bit modes, removes K's and V's channel shifts and quantises them
-  with one scale per tile) into whole, zero-padded, tile-aligned buffers. The shifts are
-  sampled means (quant.channel_shift), so no pass over all of K and V precedes it. The
+  registers when QK is 8-bit: divided channel by channel by the balance (quant.channel_balance),
+  then one scale per 64 rows (quant.QUERY_SCALE_ROWS). K and V, read by every query tile that
+  keeps them, first go through `_prep_kernel`: ONE fused pass that gathers each tile in paro
+  order (and, in the 8-bit modes, removes K's and V's channel shifts, multiplies K by the
+  balance, and quantises them with one scale per tile) into whole, zero-padded, tile-aligned
+  buffers. The shifts and the balance come from a sample of tokens (quant.channel_shift,
+  quant.channel_balance), so no pass over all of Q, K and V precedes it. The
   attention kernel streams those buffers with unmasked async copies, which on the H100 beat
   gathering K and V in its own loads even in bf16, the pass included (BENCHMARKS.md).
 - Online softmax in base 2 (log2(e) folded into the score scale), fp32 statistics m_i, l_i and
@@ -42,7 +44,7 @@ from triton.language.extra.cuda import libdevice
 from . import formats, hopper_attention
 from .formats import CODE, QMAX, is_scaled
 from .layout import SequenceLayout, num_blocks
-from .quant import MIN_AMAX, QUERY_SCALE_ROWS, channel_shift
+from .quant import MIN_AMAX, QUERY_SCALE_ROWS, channel_balance, channel_shift
 from .tile_order import key_tile, program_tile, swizzle, swizzled_columns
 
 LOG2E = 1.4426950408889634
@@ -243,6 +245,7 @@ def _paro_attention_kernel(
     KScale,
     VScale,
     VShift,
+    Balance,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -277,9 +280,10 @@ def _paro_attention_kernel(
     Q_GROUP: tl.constexpr,
 ):
     """Out has Q's layout and strides. Q is read from the caller's tensor through the head's
-    order, K and V from the prep pass's paro-order buffers. Programs are numbered in launch
-    order (axis 0 fastest): tile_order.program_tile says which query tile each one takes, and
-    SPLIT programs in a row share it, each computing BLOCK // SPLIT of its rows."""
+    order, K and V from the prep pass's paro-order buffers; Balance (B * H, DIM) holds the
+    factors the prep pass multiplied K by, which 8-bit QK divides Q by. Programs are numbered
+    in launch order (axis 0 fastest): tile_order.program_tile says which query tile each one
+    takes, and SPLIT programs in a row share it, each computing BLOCK // SPLIT of its rows."""
     n_tiles = n_text_tiles + nb
     pid = tl.program_id(0) + tl.program_id(1).to(tl.int64) * n_tiles * SPLIT
     tile, bh = program_tile(pid // SPLIT, n_text_tiles, nb, tl.num_programs(1))
@@ -325,11 +329,14 @@ def _paro_attention_kernel(
         else:
             q = q.to(K.dtype.element_ty)
     else:  # quantise the query rows here: they are loaded once per program, so this costs nothing
+        # Q / a first (quant.channel_balance; the prep pass multiplied K by a): Q K^T is unchanged
+        inv_a = 1.0 / tl.load(Balance + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=1.0)
+        qf = q.to(tl.float32) * inv_a[None, :]
         if ROWS > Q_GROUP:  # several groups of rows, one scale each: a scale per row
-            amax = tl.reshape(tl.max(tl.abs(q.to(tl.float32)), 1), [ROWS // Q_GROUP, Q_GROUP])
+            amax = tl.reshape(tl.max(tl.abs(qf), 1), [ROWS // Q_GROUP, Q_GROUP])
             amax = tl.reshape(tl.broadcast_to(tl.max(amax, 1)[:, None], [ROWS // Q_GROUP, Q_GROUP]), [ROWS])
             q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
-            qf = q.to(tl.float32) / q_scale[:, None]
+            qf = qf / q_scale[:, None]
         else:  # the rows' group spans PARTS programs: read the other programs' rows too
             PARTS: tl.constexpr = Q_GROUP // ROWS
             part = pid % SPLIT
@@ -354,11 +361,11 @@ def _paro_attention_kernel(
                     HEAD_DIM,
                     False,
                 )[0]
-                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32)), 1), 0))
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(other_q.to(tl.float32) * inv_a[None, :]), 1), 0))
             # q's own rows last: their load and the other programs' are then in flight together
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0))
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(qf), 1), 0))
             q_scale = tl.maximum(amax, MIN_AMAX_) / QK_QMAX
-            qf = q.to(tl.float32) / q_scale
+            qf = qf / q_scale
         qf = tl.minimum(tl.maximum(qf, -QK_QMAX), QK_QMAX)
         if QK == INT:
             q = _rint(qf).to(tl.int8)
@@ -439,6 +446,7 @@ def _prep_kernel(
     Perm,
     KShift,
     VShift,
+    Balance,
     Kp,
     Vp,
     KScale,
@@ -477,7 +485,8 @@ def _prep_kernel(
     UPCAST: tl.constexpr,
 ):
     """One fused pass over K and V: gather a tile in paro order, remove K's and V's channel
-    shifts, quantise each with one scale per tile, write contiguous paro-order buffers (V
+    shifts, multiply K by the balance (Balance (B * H, DIM): the factors the attention kernels
+    divide Q by), quantise each with one scale per tile, write contiguous paro-order buffers (V
     transposed when 8-bit, as FP8/INT8 tensor-core products want their second operand
     K-major; its keys swizzled within the tile when SWIZZLE_V). QK, PV: formats.CODE's codes."""
     tile = tl.program_id(0)
@@ -510,8 +519,10 @@ def _prep_kernel(
     mask = _row_mask(valid, d, DIM, HEAD_DIM)  # stores are whole tiles: zeros outside it
 
     k = tl.load(K + k_src, mask=mask, other=0.0).to(tl.float32)
-    if QK != FLOAT:  # softmax ignores a shift shared by all keys; the quantiser does not
-        k = tl.where(mask, k - tl.load(KShift + bh.to(tl.int64) * DIM + d, mask=d < DIM, other=0.0)[None, :], 0.0)
+    if QK != FLOAT:  # softmax ignores a shift shared by all keys, Q K^T the balance (Q / a meets K a)
+        channel = bh.to(tl.int64) * DIM + d
+        k_shift = tl.load(KShift + channel, mask=d < DIM, other=0.0)
+        k = tl.where(mask, (k - k_shift[None, :]) * tl.load(Balance + channel, mask=d < DIM, other=1.0)[None, :], 0.0)
     k, k_scale = _quantise_tile(k, QK, QK_QMAX, MIN_AMAX_, UPCAST)
     tl.store(Kp + dst, k.to(Kp.dtype.element_ty))
     if QK != FLOAT:
@@ -646,7 +657,9 @@ def paro_attention_triton(
     split, pv_apart, swizzle_v = launch.pop("split", 1), launch.pop("pv_apart", fp8_pv), launch.pop("swizzle_v", False)
     if block % split or block // split < 16:
         raise ValueError(f"split {split} does not cut block {block} into tiles of at least 16 rows")
-    ks, vs, k_scale, v_scale, v_shift = prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v)
+    ks, vs, k_scale, v_scale, v_shift, balance = prepare_kv(
+        q, k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v
+    )
     p_shift = math.log2(P_SCALE.get(pv, 1.0))
     if hopper:
         hopper_attention.launch(
@@ -660,6 +673,7 @@ def paro_attention_triton(
             k_scale,
             v_scale,
             v_shift,
+            balance,
             heads=heads,
             t=t,
             n=n,
@@ -689,6 +703,7 @@ def paro_attention_triton(
         k_scale,
         v_scale,
         v_shift,
+        balance,
         *sq,
         *ks.stride(),
         *sv,
@@ -717,11 +732,13 @@ def paro_attention_triton(
     return out
 
 
-def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=False):
+def prepare_kv(q, k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=False):
     """The fused prep pass: paro-order K and V in the compute formats, their scales per tile,
-    and V's channel shift (V's keys swizzled within each tile when `swizzle_v`, for the kernel
-    launched with it). Returns (K, V, K scales, V scales, V shift); the 16-bit formats use no
-    scale or shift, whose tensors are then not read."""
+    V's channel shift, and the balance of Q's channels against K's (quant.channel_balance, from
+    samples of q and k: this pass multiplies K by it, the attention kernels divide Q by it).
+    V's keys are swizzled within each tile when `swizzle_v`, for the kernel launched with it.
+    Returns (K, V, K scales, V scales, V shift, balance (B, H, D) float32); the 16-bit formats
+    use no scale, shift or balance, whose tensors are then not read."""
     bsz, seq, heads, dim = k.shape
     rows = (n_text_tiles + nb) * block  # whole tiles, text tiles first, channels padded
     width = padded_head_dim(dim)
@@ -737,6 +754,7 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
     )
     unread = torch.empty(1, device=k.device, dtype=torch.float32)
     k_shift = channel_shift(k) if is_scaled(qk) else unread
+    balance = channel_balance(q, k, k_shift) if is_scaled(qk) else unread
     v_shift = channel_shift(v) if is_scaled(pv) else unread
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k,
@@ -744,6 +762,7 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
         perm,
         k_shift,
         v_shift,
+        balance,
         kp,
         vp,
         k_scale,
@@ -770,4 +789,4 @@ def prepare_kv(k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v=Fa
         UPCAST=INTERPRET,
         **_warps_and_stages(block, dim),
     )
-    return kp, vp, k_scale, v_scale, v_shift
+    return kp, vp, k_scale, v_scale, v_shift, balance
