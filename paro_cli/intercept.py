@@ -42,7 +42,7 @@ from paro_kernels.layout import SequenceLayout
 
 from .errors import PlanError
 from .models.fused_gelu import fused_gelu_projections
-from .parallel import gathered_order
+from .parallel import gathered_order, ulysses_degree
 
 DenseFn = Callable[[], torch.Tensor]
 
@@ -178,33 +178,38 @@ class AttentionInterceptor:
         layer = self._take_layer(query, key, kwargs.get("attn_mask"))
         if layer is None:
             return dense()
-        if kwargs.get("parallel_config") is not None:
-            return self._ulysses(layer, query, key, value, args, kwargs)
-        if kwargs.get("attn_mask") is None:
-            return self.handler.attention(layer, query, key, value, dense, self.layout)
-        return self._unpadded(layer, query, key, value, args, {**kwargs, "attn_mask": None})
 
-    def _ulysses(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
+        def attend(q, k, v) -> torch.Tensor:  # the stock call on a whole, unpadded sequence
+            return self.original(q, k, v, *args, **{**kwargs, "attn_mask": None, "parallel_config": None})
+
+        if kwargs.get("parallel_config") is not None:
+            return self._ulysses(layer, query, key, value, attend, kwargs["parallel_config"], kwargs.get("scale"))
+        return self._attend(layer, query, key, value, attend)
+
+    def _attend(self, layer, query, key, value, attend) -> torch.Tensor:
+        """The handler on a whole sequence in the forward's layout; `attend(q, k, v)` is the stock call."""
+        if self.text_lengths is None:
+            return self.handler.attention(layer, query, key, value, lambda: attend(query, key, value), self.layout)
+        return self._unpadded(layer, query, key, value, attend)
+
+    def _gathered(self, layer, query, key, value, attend, degree: int) -> torch.Tensor:
+        """`_attend` on a sequence as diffusers' Ulysses all-to-all gathers it from `degree` ranks:
+        put in the layout's order first (parallel.gathered_order), and back after."""
+        if degree == 1 or not self.layout.text_len:  # one rank, or visual tokens alone: already in order
+            return self._attend(layer, query, key, value, attend)
+        order, inverse = gathered_order(
+            self.layout.text_len, query.shape[1], degree, self.layout.text_first, query.device
+        )
+        return self._attend(layer, *(x[:, order] for x in (query, key, value)), attend)[:, inverse]
+
+    def _ulysses(self, layer, query, key, value, attend, config, scale) -> torch.Tensor:
         """A call under diffusers' context parallelism, on this rank's sequence shard: diffusers'
-        own Ulysses all-to-all gives the handler this rank's heads over the whole sequence (in the
-        layout's order, see parallel.gathered_order) and takes the output back to the shard."""
+        own Ulysses all-to-all gives the handler this rank's heads over the whole sequence and takes
+        the output back to the shard. A padded text's mask is not passed along: `_unpadded` drops
+        the padding from the whole sequence instead."""
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
-        config, local = kwargs["parallel_config"], {**kwargs, "parallel_config": None}
-        if self.layout.text_len:
-            degree = config.context_parallel_config.ulysses_degree
-            order, inverse = gathered_order(
-                self.layout.text_len, query.shape[1] * degree, degree, self.layout.text_first, query.device
-            )
-        else:  # visual tokens alone: the gathered sequence is already in order
-            order = inverse = None
-
-        def heads_over_sequence(ctx, q, k, v, *unused, **unused_kwargs):
-            if order is not None:
-                q, k, v = (x[:, order] for x in (q, k, v))
-            out = self.handler.attention(layer, q, k, v, lambda: self.original(q, k, v, *args, **local), self.layout)
-            return out if inverse is None else out[:, inverse]
-
+        degree = config.context_parallel_config.ulysses_degree
         return _templated_context_parallel_attention(
             query,
             key,
@@ -212,15 +217,15 @@ class AttentionInterceptor:
             None,
             0.0,
             False,
-            kwargs.get("scale"),
+            scale,
             False,
             False,
-            forward_op=heads_over_sequence,
+            forward_op=lambda ctx, q, k, v, *unused, **unused_kwargs: self._gathered(layer, q, k, v, attend, degree),
             backward_op=None,
             _parallel_config=config,
         )
 
-    def _unpadded(self, layer, query, key, value, args, kwargs) -> torch.Tensor:
+    def _unpadded(self, layer, query, key, value, attend) -> torch.Tensor:
         """A call whose text (after the video) is padded, per batch element: the video and its
         real text tokens go to the handler; the padding's query rows attend, as the stock masked
         call has them, to the real keys (a dense call of at most the text's length)."""
@@ -230,28 +235,25 @@ class AttentionInterceptor:
             real = slice(0, n + length)
             q, k, v = (x[b : b + 1, real] for x in (query, key, value))
             out[b : b + 1, real] = self.handler.attention(
-                layer,
-                q,
-                k,
-                v,
-                lambda q=q, k=k, v=v: self.original(q, k, v, *args, **kwargs),
-                SequenceLayout(length, text_first=False),
+                layer, q, k, v, lambda q=q, k=k, v=v: attend(q, k, v), SequenceLayout(length, text_first=False)
             )
             if length < text:
-                out[b : b + 1, n + length :] = self.original(query[b : b + 1, n + length :], k, v, *args, **kwargs)
+                out[b : b + 1, n + length :] = attend(query[b : b + 1, n + length :], k, v)
         return out
 
     def _sdpa(self, query, key, value, attn_mask=None, *args, **kwargs):
+        """A legacy processor's call (CogVideoX) on (B, H, S, D). Under Ulysses the processor
+        (models/cogvideox.py) calls it inside diffusers' all-to-all: on the gathered sequence."""
         stock = self.original.scaled_dot_product_attention
-
-        def dense() -> torch.Tensor:
-            return stock(query, key, value, attn_mask, *args, **kwargs).transpose(1, 2)
-
         layer = self._take_layer(query, key, attn_mask)
         if layer is None:
             return stock(query, key, value, attn_mask, *args, **kwargs)
+
+        def attend(q, k, v) -> torch.Tensor:
+            return stock(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask, *args, **kwargs).transpose(1, 2)
+
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-        return self.handler.attention(layer, q, k, v, dense, self.layout).transpose(1, 2)
+        return self._gathered(layer, q, k, v, attend, ulysses_degree(self.transformer)).transpose(1, 2)
 
 
 # Call site (id(module), name) -> the interceptors installed on it, in order, and the one whose

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from .errors import ParoError
 from .media import read_image
 from .recipe import Recipe, load_recipe
 
@@ -71,8 +70,8 @@ GpusOpt = Annotated[
     int,
     typer.Option(
         "--gpus",
-        help="GPUs of this host to run on, one process each, with diffusers' Ulysses context parallelism (Wan, Flux): "
-        "each GPU holds a share of the heads.",
+        help="GPUs of this host to run on, one process each, with diffusers' Ulysses context parallelism: each GPU "
+        "runs a share of the tokens and, in attention, of the heads. Under torchrun, its processes (leave --gpus out).",
     ),
 ]
 
@@ -102,11 +101,6 @@ def prompt_and_seed(recipe: Recipe, prompt: str | None, seed: int | None) -> tup
         recipe.calibration.prompts[0] if prompt is None else prompt,
         recipe.calibration.seeds[0] if seed is None else seed,
     )
-
-
-def check_compile_gpus(compiled: bool, gpus: int) -> None:
-    if compiled and gpus > 1:
-        raise ParoError("--compile with --gpus is not supported yet", "drop --compile, or run on one GPU")
 
 
 def image_kwargs(image: Path | None) -> dict | None:

@@ -188,7 +188,6 @@ def test_recipes(capsys):
         (["bench", "e2e", "--architecture", "wan9"], "unknown architecture 'wan9'"),
         (["generate", "--gpus", "0", "--out", "OUT/v.mp4"], "--gpus 0 is not a number of GPUs"),
         (["calibrate", "--model", "architecture:wan9", "--out", "OUT/p.safetensors"], "unknown architecture 'wan9'"),
-        (["generate", "--compile", "--gpus", "2", "--out", "OUT/v.mp4"], "--compile with --gpus is not supported yet"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(capsys, tmp_path, plan_file, args, message):

@@ -112,6 +112,11 @@ def _paro_variants(loaded, plans: dict, backends: dict, around=contextlib.nullco
                 yield {"variant": f"paro {chosen.name}", "density": plan.density, "qk": qk, "pv": pv}
 
 
+def _maybe_compiled(transformer: torch.nn.Module, compiled: bool, fullgraph: bool = True):
+    """A fresh compile per variant (each installs other processors and handlers; see compiled_forwards)."""
+    return compiled_forwards([transformer], fullgraph=fullgraph) if compiled else contextlib.nullcontext()
+
+
 def run(
     loaded,
     inputs: dict,
@@ -136,8 +141,7 @@ def run(
             tr(**inputs, return_dict=False)
 
     def maybe_compiled():
-        """A fresh compile per variant (each installs other processors and handlers; see compiled_forwards)."""
-        return compiled_forwards([tr], fullgraph=True) if compiled else contextlib.nullcontext()
+        return _maybe_compiled(tr, compiled)
 
     def timed(label: str, **row) -> dict:
         report(f"timing {label}")
@@ -196,10 +200,12 @@ def scaling(
     backend: str,
     report=lambda msg: None,
     allocation: str = "layer",
+    compiled: bool = False,
 ) -> dict:
     """Under `parallel.run` with several GPUs: the dense step and paro's per (precision, density),
     each on one GPU (rank 0 alone, the model whole) and then on all of them (Ulysses context
-    parallelism), and how far the output of the split step lies from the one-GPU output."""
+    parallelism), eager or each variant compiled, and how far the output of the split step lies
+    from the one-GPU output."""
     tr, adapter = loaded.transformer, loaded.adapter
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     layout = adapter.sequence_layout((), inputs)
@@ -217,19 +223,25 @@ def scaling(
         with torch.no_grad():
             return tr(**inputs, return_dict=False)[0]
 
+    # Graph breaks allowed, on one GPU as on several: dynamo cannot trace into the forward of a
+    # block that diffusers' context-parallel hooks wrap (functools.update_wrapper's __wrapped__).
+    def compiling():
+        return _maybe_compiled(tr, compiled, fullgraph=False)
+
     def measure(gpus: int) -> list[dict]:
         report(f"timing dense on {gpus} GPU(s)")
-        rows = [
-            {
-                "variant": "dense",
-                "density": 1.0,
-                "qk": None,
-                "pv": None,
-                **_time(output, repeats, sync),
-                "output": output(),
-            }
-        ]
-        for row in _paro_variants(loaded, plans, backends):
+        with compiling():
+            rows = [
+                {
+                    "variant": "dense",
+                    "density": 1.0,
+                    "qk": None,
+                    "pv": None,
+                    **_time(output, repeats, sync),
+                    "output": output(),
+                }
+            ]
+        for row in _paro_variants(loaded, plans, backends, compiling):
             report(f"timing paro d={row['density']} {row['qk']}/{row['pv']} on {gpus} GPU(s)")
             rows.append({**row, **_time(output, repeats, sync), "output": output()})
         return rows
@@ -256,7 +268,7 @@ def scaling(
         "grid": list(grid),
         "text_tokens": layout.text_len,
         "batch": inputs["hidden_states"].shape[0],
-        "compiled": False,
+        "compiled": compiled,
         "repeats": repeats,
         "block": block,
         "rows": rows,

@@ -15,7 +15,7 @@ from ..backends import BACKENDS
 from ..bench import e2e as e2e_bench
 from ..bench.quality import HELD_OUT_NOISE_SEED
 from ..errors import GateFailed, ParoError
-from ..models.architectures import ARCHITECTURES, check_architecture
+from ..models.architectures import ARCHITECTURES, build_architecture, check_architecture, step_inputs
 from ..models.loaded import token_grid
 from ..models.loading import load_model, resolve_device
 from ..options import (
@@ -37,13 +37,13 @@ from ..options import (
     StepsOpt,
     WidthOpt,
     build_recipe,
-    check_compile_gpus,
     image_kwargs,
     prompt_and_seed,
 )
 from ..output import Output
 from ..plan import load_plan
 from ..plan_attention import check_plan
+from ..recipe import load_recipe
 
 app = typer.Typer(
     help="Benchmarks: kernel speed against baselines; end-to-end speed; output quality against dense.",
@@ -105,7 +105,8 @@ def e2e(
         bool,
         typer.Option(
             "--compile/--eager",
-            help="With --architecture: torch.compile the transformer (fullgraph), the dense baseline too.",
+            help="With --architecture: torch.compile the transformer (fullgraph; with --gpus, graph breaks allowed), "
+            "the dense baseline too.",
         ),
     ] = False,
     repeats: Annotated[
@@ -132,7 +133,6 @@ def e2e(
     With --architecture: one denoising step of a full-size model (random weights), dense and with
     plans of each density and precision, and the share of the step spent in attention; with
     --gpus N as well, each variant's step on one GPU and on N, and their outputs' distance."""
-    check_compile_gpus(compile_, gpus)
     if architecture is not None:
         _architecture_steps(
             architecture,
@@ -153,7 +153,7 @@ def e2e(
         recipe, model=model, frames=frames, height=height, width=width, steps=steps, qk=qk, pv=pv, backend=backend
     )
     call_kwargs = image_kwargs(image)
-    parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, call_kwargs, as_json)
+    parallel.run(gpus, _plan_e2e, r, plan, prompt, seed, qk, pv, call_kwargs, as_json, recipe=r)
 
 
 def _plan_e2e(r, plan: str, prompt, seed, qk, pv, call_kwargs: dict | None, as_json: bool) -> None:
@@ -164,6 +164,8 @@ def _plan_e2e(r, plan: str, prompt, seed, qk, pv, call_kwargs: dict | None, as_j
     grid = token_grid(loaded, r)
     check_plan(loaded, loaded_plan, grid)  # before the dense run, not after it
     parallel.enable_ulysses(loaded, grid)
+    if parallel.world_size() > 1:
+        ui.print(parallel.rank_share(loaded))
     text, seed_ = prompt_and_seed(r, prompt, seed)
     with ui.progress() as bar:
         result = e2e_bench.run(loaded, r, loaded_plan, plan, grid, text, seed_, qk, pv, bar)
@@ -208,6 +210,11 @@ def _architecture_steps(
     pairs = parse_precisions(
         precision or ["bf16/bf16", "int8/fp8"], BACKENDS["torch"].qk_formats, BACKENDS["torch"].pv_formats
     )
+    count = parallel.processes(gpus)
+    if count > 1:  # refused before any process builds the weights: the architecture on the meta device
+        meta = build_architecture(name, torch.device("meta"))
+        grid, inputs = step_inputs(meta, name, load_recipe(name))
+        parallel.check_ulysses(meta, count, grid, meta.adapter.sequence_layout((), inputs).text_len)
     parallel.run(
         gpus, _architecture_job, name, densities, pairs, compiled, repeats, block, backend, as_json, allocation
     )
@@ -218,8 +225,6 @@ def _architecture_job(
 ) -> None:
     """The step benchmark, in each worker process with --gpus (rank 0 prints)."""
     from ..bench import step as step_bench
-    from ..models.architectures import build_architecture, step_inputs
-    from ..recipe import load_recipe
 
     ui = Output(as_json, silent=not parallel.is_primary())
     loaded = build_architecture(name, resolve_device())
@@ -227,12 +232,15 @@ def _architecture_job(
     report = lambda msg: ui.print(f"[dim]{msg}[/]")  # noqa: E731  (a line of progress: what is timed now)
     title = f"{name} (random weights), one step, grid {'x'.join(map(str, grid))}, {allocation} allocation"
     if parallel.world_size() > 1:
-        result = step_bench.scaling(loaded, inputs, grid, densities, pairs, block, repeats, backend, report, allocation)
+        result = step_bench.scaling(
+            loaded, inputs, grid, densities, pairs, block, repeats, backend, report, allocation, compiled
+        )
         if not parallel.is_primary():  # only rank 0 has the one-GPU figures
             return
         result["architecture"], result["allocation"] = name, allocation
         ui.table(
-            f"{title} + {result['text_tokens']} text, batch {result['batch']}, eager, on {result['gpus']} x "
+            f"{title} + {result['text_tokens']} text, batch {result['batch']}, "
+            f"{'compiled' if compiled else 'eager'}, on {result['gpus']} x "
             f"{result['device']} "
             "(Ulysses) against 1",
             [

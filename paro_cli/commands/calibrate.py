@@ -77,7 +77,7 @@ def command(
         raise ParoError(f"plan path {out} must end in .safetensors", "e.g. --out plan.safetensors")
     check_output_file(out)
     call_kwargs = image_kwargs(image)
-    parallel.run(gpus, _calibrate, r, call_kwargs, out, as_json)
+    parallel.run(gpus, _calibrate, r, call_kwargs, out, as_json, recipe=r)
 
 
 def _calibrate(r, call_kwargs: dict | None, out: Path, as_json: bool) -> None:
@@ -86,6 +86,8 @@ def _calibrate(r, call_kwargs: dict | None, out: Path, as_json: bool) -> None:
     ui = Output(as_json, silent=not parallel.is_primary())
     loaded = as_loaded(load_model(r.model, r.sampling.dtype), call_kwargs)
     parallel.enable_ulysses(loaded, token_grid(loaded, r))
+    if parallel.world_size() > 1:
+        ui.print(parallel.rank_share(loaded))
     start = time.perf_counter()
     with ui.progress() as bar:
         plan = calibrate(loaded, recipe=r, progress=CalibrationProgress(bar.start, bar.step))

@@ -33,7 +33,6 @@ from ..options import (
     StepsOpt,
     WidthOpt,
     build_recipe,
-    check_compile_gpus,
     image_kwargs,
     prompt_and_seed,
 )
@@ -88,9 +87,8 @@ def command(
         backend=backend,
     )
     check_video_path(out)
-    check_compile_gpus(compile_, gpus)
     call_kwargs = image_kwargs(image)
-    parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, call_kwargs, out, compile_, as_json)
+    parallel.run(gpus, _generate, r, plan, prompt, seed, qk, pv, call_kwargs, out, compile_, as_json, recipe=r)
 
 
 def _generate(
@@ -103,6 +101,8 @@ def _generate(
     check_decodable(loaded)
     grid = token_grid(loaded, r)
     parallel.enable_ulysses(loaded, grid)
+    if parallel.world_size() > 1:
+        ui.print(parallel.rank_share(loaded))
     text, seed_ = prompt_and_seed(r, prompt, seed)
     attention = (
         apply(loaded, loaded_plan, backend=r.backend, qk=qk, pv=pv, grid=grid)

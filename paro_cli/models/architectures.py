@@ -86,7 +86,8 @@ def step_inputs(loaded: LoadedModel, name: str, recipe: Recipe) -> tuple[tuple[i
     grid = adapter.pipeline_token_grid(pipeline, recipe.geometry)
     latent = [g * d for g, d in zip(grid, adapter.divisors(tr))]
     batch = 2 if adapter.classifier_free_guidance else 1
-    g = torch.Generator(device=loaded.device).manual_seed(0)
+    # the meta device (shapes only, checked before the weights are built) has no generator
+    g = None if loaded.device.type == "meta" else torch.Generator(device=loaded.device).manual_seed(0)
     x = torch.randn(batch, *adapter.input_shape(tr, *latent), device=loaded.device, dtype=loaded.dtype, generator=g)
     context = torch.randn(
         batch, arch.text_tokens, loaded.prompt_encoder.dim, device=loaded.device, dtype=loaded.dtype, generator=g

@@ -11,7 +11,7 @@ import torch
 
 from paro_kernels.layout import SequenceLayout
 
-from ..errors import RecipeError
+from ..errors import ModelError, RecipeError
 from .prompt_encoder import HashPromptEncoder
 
 
@@ -138,6 +138,27 @@ class TransformerAdapter(abc.ABC):
             "num_frames": geometry.frames,
             "guidance_scale": sampling.guidance,
         }
+
+    # Ulysses context parallelism (parallel.py): diffusers' engine splits the sequence where a plan says
+
+    def context_parallel_plan(self, transformer: torch.nn.Module) -> dict:
+        """The plan diffusers' context-parallel engine reads (`enable_parallelism(cp_plan=...)`):
+        which inputs are split over the sequence, where the output is gathered. By default the one
+        diffusers ships on the class (`_cp_plan`: Wan, Flux); refused (ModelError) where none exists."""
+        plan = getattr(transformer, "_cp_plan", None)
+        if plan is None:
+            raise ModelError(
+                f"diffusers has no context-parallel plan for {type(transformer).__name__} ({self.family})",
+                "run this family on one GPU (--gpus 1)",
+            )
+        return plan
+
+    def ulysses_processors(self, transformer: torch.nn.Module, rank: int, degree: int) -> dict:
+        """Attention processors (by key) that replace the stock ones once the transformer is split
+        over `degree` ranks (this one `rank`), where those would attend over this rank's shard
+        alone or with a mask of the whole sequence; none by default (the stock processors pass
+        diffusers' engine their parallel config)."""
+        return {}
 
     def valid_text_lengths(self, args: tuple, kwargs: dict) -> list[int] | None:
         """Real text tokens per batch element where the forward pads its text and masks the

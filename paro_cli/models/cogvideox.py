@@ -14,6 +14,7 @@ import torch
 
 from paro_kernels.layout import SequenceLayout
 
+from ..errors import ModelError
 from .base import TransformerAdapter, check_pixel_multiple, forward_input
 from .prompt_encoder import HashPromptEncoder
 
@@ -75,6 +76,64 @@ class CogVideoXNormRopeProcessor:
         return out[:, text:], out[:, :text]
 
 
+class CogVideoXUlyssesProcessor:
+    """attn1 of a CogVideoX transformer split by Ulysses context parallelism (`ulysses_processors`).
+
+    The stock processor attends with F.scaled_dot_product_attention over what it is given: under
+    a split sequence, this rank's shard alone. This one computes the same projections, QK norm
+    and video RoPE on the shard [text_r, video_r], on (B, S, H, D), and attends through diffusers'
+    Ulysses all-to-all: this rank's heads over every rank's tokens, in the order the all-to-all
+    gathers them ([text_0, video_0, text_1, ...]; exact for dense attention, which no order
+    changes, and intercept.py puts it in the layout's order for paro). The attention call goes
+    through diffusers' attention_processor.F, the call site intercept.py rebinds."""
+
+    def __init__(self, parallel_config):
+        from diffusers.models import attention_processor
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        self.parallel_config = parallel_config
+        # looked up here: dynamo refuses imports in __call__
+        self.functional_site, self.all_to_all, self.rope = (
+            attention_processor,
+            _templated_context_parallel_attention,
+            apply_rotary_emb,
+        )
+
+    def _attend(self, ctx, query, key, value, *unused, **unused_kwargs) -> torch.Tensor:
+        """diffusers' forward_op: the gathered sequence's attention, (B, S, H, D) in and out."""
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        return self.functional_site.F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:  # CogVideoX's blocks pass none
+            raise ModelError(
+                "a masked CogVideoX attention call cannot be split over GPUs", "run it on one GPU (--gpus 1)"
+            )
+        text = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:  # this rank's video rows (the plan splits the RoPE tables too)
+            query, key = (
+                torch.cat([x[:, :text], self.rope(x[:, text:], image_rotary_emb, sequence_dim=1)], dim=1)
+                for x in (query, key)
+            )
+        out = self.all_to_all(
+            query, key, value, forward_op=self._attend, backward_op=None, _parallel_config=self.parallel_config
+        )
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+        return out[:, text:], out[:, :text]
+
+
 def _centred_crop(grid: tuple[int, int], base: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Corners of `grid` (h, w) scaled to fit inside `base` (h, w), aspect kept, centred: where
     CogVideoX 1.0 places a latent grid in the coordinates its RoPE was trained on."""
@@ -123,6 +182,26 @@ class CogVideoXAdapter(TransformerAdapter):
         p_t = pipeline.transformer.config.patch_size_t or 1
         frames += -frames % p_t
         return (1, frames, pipeline.transformer.config.in_channels, geometry.height // s, geometry.width // s)
+
+    def context_parallel_plan(self, transformer: torch.nn.Module) -> dict:
+        """Split after the patch embedding, which joins text and video and adds the 2B model's
+        positional embedding over the whole grid: the first block's video and text inputs along the
+        sequence (each rank: [text_r, video_r] in every block), the RoPE tables (passed in, one row
+        a video token) along their rows; the video gathered after the output projection. The text
+        leaves the last block unused."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3)
+        rows = ContextParallelInput(split_dim=0, expected_dims=2)
+        return {
+            "": {"image_rotary_emb": (rows, rows)},
+            "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
+    def ulysses_processors(self, transformer: torch.nn.Module, rank: int, degree: int) -> dict:
+        processor = CogVideoXUlyssesProcessor(transformer._parallel_config)
+        return dict.fromkeys(self.attention_layers(transformer), processor)
 
     def rope_axis_slices(self, transformer: torch.nn.Module) -> dict[str, slice]:
         """Each axis's RoPE dims in a head: CogVideoX splits them t/h/w = D/4, 3D/8, 3D/8."""

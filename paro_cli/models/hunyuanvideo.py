@@ -14,8 +14,44 @@ import torch
 
 from paro_kernels.layout import SequenceLayout
 
+from ..errors import ModelError
 from .base import TransformerAdapter, check_pixel_multiple, forward_input, stream_block_layers
 from .prompt_encoder import HashPromptEncoder
+
+
+class ShardedKeyMask:
+    """A split HunyuanVideo's attention processor (`ulysses_processors`) with the model's key
+    padding mask cut to this rank's shard.
+
+    The plan splits the sequence at the first block, after the model has built its mask over the
+    whole [video, text] sequence; each rank's blocks hold [video_r, text_r]. Diffusers' Ulysses
+    all-to-all gathers a mask of the shard's length from every rank along with the keys, so each
+    rank passes on its two chunks of the mask: the gathered mask then lines up with the gathered
+    keys, and the padding stays masked out exactly."""
+
+    def __init__(self, stock, rank: int, degree: int):
+        self.stock = stock
+        self.rank = rank
+        self.degree = degree
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            video = hidden_states.shape[1] * self.degree
+            attention_mask = torch.cat(
+                [
+                    part.chunk(self.degree, dim=-1)[self.rank]
+                    for part in attention_mask.split([video, attention_mask.shape[-1] - video], dim=-1)
+                ],
+                dim=-1,
+            )
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 
 class HunyuanVideoAdapter(TransformerAdapter):
@@ -51,6 +87,34 @@ class HunyuanVideoAdapter(TransformerAdapter):
         """The real tokens of each prompt: the model keeps the first ones of each row's mask
         (which pipelines pass in the model's dtype: counted as integers, as the model does)."""
         return forward_input(args, kwargs, "encoder_attention_mask", 3).sum(dim=1, dtype=torch.int).tolist()
+
+    def context_parallel_plan(self, transformer: torch.nn.Module) -> dict:
+        """Split at the first block, after the token refiner (which attends over the whole
+        prompt) and after the model has built its attention mask over the whole sequence: the
+        block's video and text along the sequence (each rank: [video_r, text_r] in every block;
+        ShardedKeyMask cuts the mask to match), the RoPE tables (one row a video token) as the
+        model makes them; the video gathered after the output projection. Image-to-video with
+        token replacement treats the first frame's tokens apart by position: refused."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        if transformer.config.image_condition_type == "token_replace":
+            raise ModelError(
+                "HunyuanVideo with token replacement (image-to-video) treats the first frame's tokens apart by "
+                "position, which a sequence split over GPUs moves",
+                "run it on one GPU (--gpus 1)",
+            )
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3)
+        rows = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        first = "transformer_blocks.0" if transformer.config.num_layers else "single_transformer_blocks.0"
+        return {
+            "rope": {0: rows, 1: rows},
+            first: {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
+
+    def ulysses_processors(self, transformer: torch.nn.Module, rank: int, degree: int) -> dict:
+        stock = transformer.attn_processors
+        return {key: ShardedKeyMask(stock[key], rank, degree) for key in self.attention_layers(transformer)}
 
     def pipeline_latent_shape(self, pipeline, geometry) -> tuple[int, ...]:
         """Latent (B, C, F, H, W) a HunyuanVideo pipeline samples: height and width multiples of

@@ -55,22 +55,30 @@ def cast_transformer(model: torch.nn.Module, device: torch.device, dtype: torch.
                 tensor.data = tensor.data.to(dtype)
 
 
-def _load_transformer_folder(folder: Path) -> torch.nn.Module:
+def _from_config(path: Path) -> torch.nn.Module:
+    """The transformer a config.json describes, with the weights its class initialises (on the
+    default device: the meta device makes none)."""
     import diffusers
-    from safetensors.torch import load_file
 
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(
-            f"{folder}/config.json is unreadable ({exc})", "point --model at a folder written by save_pretrained"
+            f"{path} is unreadable ({exc})", "point --model at a folder written by save_pretrained"
         ) from None
     class_name = config.get("_class_name", "?")
     if class_name not in ADAPTERS:
         raise ModelError(
-            f"{folder} holds a {class_name}, which paro does not support", "supported: " + ", ".join(sorted(ADAPTERS))
+            f"{path.parent} holds a {class_name}, which paro does not support",
+            "supported: " + ", ".join(sorted(ADAPTERS)),
         )
-    model = getattr(diffusers, class_name).from_config(config)
+    return getattr(diffusers, class_name).from_config(config)
+
+
+def _load_transformer_folder(folder: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    model = _from_config(folder / "config.json")
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -174,6 +182,47 @@ def load_model(spec: str, dtype_name: str = "auto", device: torch.device | None 
             cast_transformer(model, device, dtype)
     adapter = adapter_for(transformer)
     return LoadedModel(spec, transformer, adapter, device, dtype, None, adapter.prompt_encoder(transformer), **experts)
+
+
+def load_config_only(spec: str) -> tuple[dict[str, torch.nn.Module], bool] | None:
+    """The transformers of the model `spec` names, built from their configs on the meta device (no
+    memory, no weights read), by component name, and whether they come in a pipeline: what can be
+    checked before loading. None where the config is not at hand (a hub id not in the local cache:
+    loading it will tell)."""
+    from .planted import PLANTED_CONFIG
+
+    path = Path(spec)
+    with torch.device("meta"):
+        if spec in (PLANTED_MODEL, PLANTED_EXPERTS_MODEL):
+            from diffusers import WanTransformer3DModel
+
+            names = ("transformer", "transformer_2") if spec == PLANTED_EXPERTS_MODEL else ("transformer",)
+            return {name: WanTransformer3DModel(**PLANTED_CONFIG) for name in names}, False
+        if spec.startswith(ARCHITECTURE_PREFIX):
+            return {
+                "transformer": build_architecture(spec[len(ARCHITECTURE_PREFIX) :], torch.device("meta")).transformer
+            }, False
+        if spec == EMBEDDED_MODEL or (path / "config.json").is_file():
+            return {
+                "transformer": _from_config((EMBEDDED_WEIGHTS if spec == EMBEDDED_MODEL else path) / "config.json")
+            }, False
+        configs = {name: _pipeline_config(spec, name) for name in ("transformer", "transformer_2")}
+        if configs["transformer"] is None:
+            return None
+        return {name: _from_config(config) for name, config in configs.items() if config is not None}, True
+
+
+def _pipeline_config(spec: str, component: str) -> Path | None:
+    """A pipeline's (folder or cached hub id) `component`/config.json, if at hand."""
+    local = Path(spec) / component / "config.json"
+    if local.is_file():
+        return local
+    if Path(spec).exists() or not HUB_ID.match(spec):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, f"{component}/config.json")
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def from_pipeline(pipeline, model_id: str | None = None) -> LoadedModel:
