@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from paro_cli.backends import BACKENDS
-from paro_kernels.block_sparse import block_sparse_attention
+from paro_kernels.block_sparse import block_sparse_attention, block_sparse_op
 from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks
 from paro_kernels.orders import candidate_orders, head_permutations
 from paro_kernels.reference import paro_attention_reference
@@ -174,3 +174,22 @@ def test_query_tiles_of_equal_key_tiles_form_one_unit():
     kept = kept_blocks(2, 8, "shared", seed=0)
     expect = sorted(m for h in range(2) for m in torch.unique(kept[h], dim=0, return_counts=True)[1].tolist())
     assert unit_sizes(kept) == expect and expect[-1] >= 4  # a second half at least
+
+
+def test_compiled_op_takes_a_transposed_query():
+    """Under torch.compile(fullgraph=True) the op's output has the strides its fake kernel says,
+    also where q, k, v are (B, H, S, D) tensors seen as (B, S, H, D), as CogVideoX passes them."""
+    q, k, v, kept, kwargs = case(text_len=7)
+    kv_index, kv_count = kept_block_lists(kept)
+    layout = kwargs["layout"]
+    args = (kwargs["perm"], kv_index, kv_count, 16, layout.text_len, layout.text_first, "fp32", "fp32", torch.float32)
+
+    def attention(*heads_first):  # computed in the graph, then transposed: as a processor makes them
+        q, k, v = ((x * 1.0).transpose(1, 2) for x in heads_first)
+        return block_sparse_op(q, k, v, *args) * 2.0
+
+    heads_first = [x.float().transpose(1, 2).contiguous() for x in (q, k, v)]
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph keeps an old fake's strides
+        compiled = torch.compile(attention, fullgraph=True)(*heads_first)
+    assert rel_l2(compiled, 2.0 * sparse(*(x.float() for x in (q, k, v)), kept, **kwargs)) <= 1e-6

@@ -207,7 +207,8 @@ def block_sparse_op(
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """block_sparse_attention as a torch custom op: its grouping of tiles depends on the masks'
-    values, so torch.compile(fullgraph=True) takes it as one opaque call with a known output."""
+    values, so torch.compile(fullgraph=True) takes it as one opaque call with a known output,
+    contiguous whatever q's strides (a transposed view, as CogVideoX passes it)."""
     return block_sparse_attention(
         q,
         k,
@@ -220,9 +221,9 @@ def block_sparse_op(
         qk=qk,
         pv=pv,
         compute_dtype=compute_dtype,
-    )
+    ).contiguous()
 
 
 @block_sparse_op.register_fake
 def _(q, k, v, perm, kv_index, kv_count, block, text_len, text_first, qk, pv, compute_dtype):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
