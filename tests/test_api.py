@@ -169,8 +169,8 @@ def test_model_cpu_offload_lora_and_compile_after_apply(tiny_pipeline):
     with paro.apply(pipe, plan):
         reference = run(pipe)
     pipe.enable_model_cpu_offload(device="cpu")
-    with paro.apply(pipe, plan) as applied:
-        assert np.array_equal(run(pipe), reference) and applied.calls["paro"] > 0
+    with paro.apply(pipe, plan) as applied:  # to float rounding: the hooks' copies may change the CPU's kernels
+        assert np.allclose(run(pipe), reference, rtol=0, atol=1e-6) and applied.calls["paro"] > 0
 
     peft = pytest.importorskip("peft")
     pipe = load(tiny_pipeline("wan"))

@@ -10,7 +10,13 @@ from paro_kernels.layout import SequenceLayout, kept_block_lists, num_blocks, to
 from paro_kernels.orders import candidate_orders
 from paro_kernels.quant import channel_balance, channel_shift, choose_scale, quantize
 from paro_kernels.reference import paro_attention_reference
-from paro_kernels.triton_attention import INTERPRET, padded_head_dim, paro_attention_triton, prepare_kv
+from paro_kernels.triton_attention import (
+    INTERPRET,
+    channel_smoothing,
+    padded_head_dim,
+    paro_attention_triton,
+    prepare_kv,
+)
 
 from conftest import attention_case, dit_qkv, rel_l2, structured_qkv
 
@@ -120,26 +126,45 @@ def test_interpreted_v_scale_changing_between_tiles(modes):
 
 
 @interpreted
+@pytest.mark.parametrize("qk,pv", [("int8", "fp8"), ("bf16", "fp8"), ("int8", "bf16")])
+@pytest.mark.parametrize("seq,dim", [(328, 24), (1000, 64), (40, 16)])
+def test_interpreted_smoothing_is_quants(qk, pv, seq, dim):
+    """One launch gives quant.channel_shift of K and V and quant.channel_balance, from the same
+    samples (every ceil(S / 256)-th token: 164, 250 and 40 of them), to float32 rounding; what the
+    formats do not use is not computed."""
+    q, k, v = (x.to(torch.bfloat16) for x in dit_qkv(2, seq, 3, dim, seed=seq))
+    k_shift, v_shift, balance = channel_smoothing(q, k, v, qk, pv)
+    if qk == "int8":
+        torch.testing.assert_close(k_shift, channel_shift(k), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(balance, channel_balance(q, k, channel_shift(k)), rtol=1e-5, atol=0)
+    else:
+        assert k_shift.numel() == balance.numel() == 1
+    if pv == "fp8":
+        torch.testing.assert_close(v_shift, channel_shift(v), rtol=1e-5, atol=1e-5)
+    else:
+        assert v_shift.numel() == 1
+
+
+@interpreted
 @pytest.mark.parametrize("qk,pv", [("int8", "fp8"), ("fp8", "int8")])
 @pytest.mark.parametrize("text_len,text_first,dim", [(0, True, 32), (40, True, 24), (9, False, 16)])
 def test_interpreted_prep_pass_rounds_as_the_quantiser(qk, pv, text_len, text_first, dim):
     """The prep pass's K and V codes and per-tile scales are, bit for bit, quant's for blocks of
-    each segment (text, then visual in the head's order) after quant.channel_shift and, for K,
-    times quant.channel_balance's factors; with 328 tokens the samples take every second token."""
+    each segment (text, then visual in the head's order) after the channel shifts and, for K,
+    times the balance that channel_smoothing gives (test_interpreted_smoothing_is_quants)."""
     block = 32
     c = attention_case((4, 8, 9), text_len, text_first, heads=2, dim=dim, block=block, seed=5)
     n_text_tiles, nb = num_blocks(text_len, block), num_blocks(288, block)
     kp, vp, k_scale, v_scale, v_shift, balance = prepare_kv(
         c["q"], c["k"], c["v"], c["perm"], block, c["layout"], qk, pv, n_text_tiles, nb
     )
-    assert torch.equal(v_shift, channel_shift(c["v"]))
-    assert torch.equal(balance, channel_balance(c["q"], c["k"], channel_shift(c["k"])))
+    k_shift, same_v_shift, same_balance = channel_smoothing(c["q"], c["k"], c["v"], qk, pv)
+    assert torch.equal(v_shift, same_v_shift) and torch.equal(balance, same_balance)
     vp = vp.transpose(-1, -2)  # 8-bit V is stored channels first
-    for x, fmt, codes, scales, factor in (
-        (c["k"], qk, kp, k_scale, balance.unsqueeze(2)),
-        (c["v"], pv, vp, v_scale, 1.0),
+    for x, fmt, codes, scales, factor, shift in (
+        (c["k"], qk, kp, k_scale, balance.unsqueeze(2), k_shift.unsqueeze(2)),
+        (c["v"], pv, vp, v_scale, 1.0, v_shift.unsqueeze(2)),
     ):
-        shift = channel_shift(x).unsqueeze(2)
         row = tile = 0
         for segment in to_paro_order(x.float(), c["layout"], c["perm"]):
             tiles = num_blocks(segment.shape[2], block)

@@ -44,7 +44,7 @@ from triton.language.extra.cuda import libdevice
 from . import formats, hopper_attention
 from .formats import CODE, QMAX, is_scaled
 from .layout import SequenceLayout, num_blocks
-from .quant import MIN_AMAX, QUERY_SCALE_ROWS, channel_balance, channel_shift
+from .quant import BALANCE_LIMIT, MIN_AMAX, QUERY_SCALE_ROWS, SHIFT_SAMPLES
 from .tile_order import key_tile, program_tile, swizzle, swizzled_columns
 
 LOG2E = 1.4426950408889634
@@ -540,6 +540,129 @@ def _prep_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side
 
+
+@triton.jit
+def _sampled_tokens(X, base, stride_s, stride_d, t, step, count, d, DIM: tl.constexpr):
+    """Sampled tokens t (every `step`-th, `count` of them) of one (batch, head) of X, as fp32
+    (CHUNK, HEAD_DIM) with zeros outside them, and that mask."""
+    valid = (t < count)[:, None] & (d < DIM)[None, :]
+    x = tl.load(X + base + (t * step).to(tl.int64)[:, None] * stride_s + d[None, :] * stride_d, mask=valid, other=0.0)
+    return x.to(tl.float32), valid
+
+
+@triton.jit
+def _smoothing_kernel(
+    Q,
+    K,
+    V,
+    KShift,
+    VShift,
+    Balance,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    H,
+    step,
+    count,
+    HEAD_DIM: tl.constexpr,
+    DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SMOOTH_QK: tl.constexpr,
+    SMOOTH_PV: tl.constexpr,
+    MIN_AMAX_: tl.constexpr,
+    LIMIT: tl.constexpr,
+):
+    """One (batch, head) per program: quant.channel_shift of K and V and quant.channel_balance
+    of Q against K, from the same sampled tokens, in one launch (torch takes a dozen small ones,
+    which cost short sequences more than the prep pass itself). Outputs are (B * H, DIM) fp32."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    out = bh.to(tl.int64) * DIM + d
+    k_sum = tl.zeros([HEAD_DIM], tl.float32)
+    v_sum = tl.zeros([HEAD_DIM], tl.float32)
+    q_amax = tl.zeros([HEAD_DIM], tl.float32)
+    for t0 in range(0, count, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
+        if SMOOTH_QK:
+            k, _ = _sampled_tokens(K, b * stride_kb + h * stride_kh, stride_ks, stride_kd, t, step, count, d, DIM)
+            k_sum += tl.sum(k, 0)
+            q, _ = _sampled_tokens(Q, b * stride_qb + h * stride_qh, stride_qs, stride_qd, t, step, count, d, DIM)
+            q_amax = tl.maximum(q_amax, tl.max(tl.abs(q), 0))
+        if SMOOTH_PV:
+            v, _ = _sampled_tokens(V, b * stride_vb + h * stride_vh, stride_vs, stride_vd, t, step, count, d, DIM)
+            v_sum += tl.sum(v, 0)
+    if SMOOTH_PV:
+        tl.store(VShift + out, tl.div_rn(v_sum, count.to(tl.float32)), mask=d < DIM)
+    if SMOOTH_QK:
+        k_shift = tl.div_rn(k_sum, count.to(tl.float32))
+        tl.store(KShift + out, k_shift, mask=d < DIM)
+        k_amax = tl.zeros([HEAD_DIM], tl.float32)
+        for t0 in range(0, count, CHUNK):  # K less its shift: a second pass over the samples
+            t = t0 + tl.arange(0, CHUNK)
+            k, valid = _sampled_tokens(K, b * stride_kb + h * stride_kh, stride_ks, stride_kd, t, step, count, d, DIM)
+            k_amax = tl.maximum(k_amax, tl.max(tl.where(valid, tl.abs(k - k_shift[None, :]), 0.0), 0))
+        ratio = tl.div_rn(tl.maximum(q_amax, MIN_AMAX_), tl.maximum(k_amax, MIN_AMAX_))
+        balance = tl.minimum(tl.maximum(tl.sqrt_rn(ratio), 1.0 / LIMIT), LIMIT)
+        tl.store(Balance + out, balance, mask=d < DIM)
+
+
+def channel_smoothing(q, k, v, qk: str, pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K shift, V shift, balance), each (B, H, D) float32, as quant.channel_shift and
+    quant.channel_balance define them (to float32 rounding: the sums run in another order), in
+    one launch; each one the formats do not use is an unread placeholder."""
+    bsz, seq, heads, dim = k.shape
+    unread = torch.empty(1, device=k.device, dtype=torch.float32)
+    if not (is_scaled(qk) or is_scaled(pv)):
+        return unread, unread, unread
+    step = -(-seq // SHIFT_SAMPLES)
+    k_shift, v_shift, balance = (
+        torch.empty(bsz, heads, dim, device=k.device, dtype=torch.float32) if used else unread
+        for used in (is_scaled(qk), is_scaled(pv), is_scaled(qk))
+    )
+    _smoothing_kernel[(bsz * heads,)](
+        q,
+        k,
+        v,
+        k_shift,
+        v_shift,
+        balance,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        q.stride(3),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        k.stride(3),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        v.stride(3),
+        heads,
+        step,
+        -(-seq // step),
+        HEAD_DIM=padded_head_dim(dim),
+        DIM=dim,
+        CHUNK=32,
+        SMOOTH_QK=is_scaled(qk),
+        SMOOTH_PV=is_scaled(pv),
+        MIN_AMAX_=MIN_AMAX,
+        LIMIT=BALANCE_LIMIT,
+        num_warps=1 if INTERPRET else 4,
+    )
+    return k_shift, v_shift, balance
+
+
 STORAGE = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
@@ -752,10 +875,7 @@ def prepare_kv(q, k, v, perm, block, layout, qk, pv, n_text_tiles, nb, swizzle_v
     k_scale, v_scale = (
         torch.empty(bsz, heads, n_text_tiles + nb, device=k.device, dtype=torch.float32) for _ in range(2)
     )
-    unread = torch.empty(1, device=k.device, dtype=torch.float32)
-    k_shift = channel_shift(k) if is_scaled(qk) else unread
-    balance = channel_balance(q, k, k_shift) if is_scaled(qk) else unread
-    v_shift = channel_shift(v) if is_scaled(pv) else unread
+    k_shift, v_shift, balance = channel_smoothing(q, k, v, qk, pv)
     _prep_kernel[(n_text_tiles + nb, bsz * heads)](
         k,
         v,
