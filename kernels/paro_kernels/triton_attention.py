@@ -602,9 +602,9 @@ def _smoothing_kernel(
             v, _ = _sampled_tokens(V, b * stride_vb + h * stride_vh, stride_vs, stride_vd, t, step, count, d, DIM)
             v_sum += tl.sum(v, 0)
     if SMOOTH_PV:
-        tl.store(VShift + out, tl.div_rn(v_sum, count.to(tl.float32)), mask=d < DIM)
+        tl.store(VShift + out, v_sum / (count * 1.0), mask=d < DIM)
     if SMOOTH_QK:
-        k_shift = tl.div_rn(k_sum, count.to(tl.float32))
+        k_shift = k_sum / (count * 1.0)
         tl.store(KShift + out, k_shift, mask=d < DIM)
         k_amax = tl.zeros([HEAD_DIM], tl.float32)
         for t0 in range(0, count, CHUNK):  # K less its shift: a second pass over the samples
