@@ -12,14 +12,15 @@ from conftest import position_in_order, rel_l2, structured_qkv
 
 
 def full_map_statistics(q, k, orders, grid, block, layout):
-    """Mass and incoherence from the whole softmax, block membership from the stride formula."""
+    """Mass (each sample's share of its row block, the largest over the batch) and incoherence
+    from the whole softmax, block membership from the stride formula."""
     b, s, heads, d = q.shape
     n = math.prod(grid)
     probs = torch.softmax(torch.einsum("bshd,bthd->bhst", q.double(), k.double()) / math.sqrt(d), dim=-1)
     vis = slice(layout.text_len, layout.text_len + n) if layout.text_first else slice(0, n)
     probs = probs[:, :, vis, vis]
     nb = math.ceil(n / block)
-    mass = torch.zeros(heads, nb, nb, dtype=torch.float64)
+    mass = torch.zeros(b, heads, nb, nb, dtype=torch.float64)
     ratios = torch.zeros(heads, dtype=torch.float64)
     for h, order in enumerate(orders):
         blk = torch.tensor(
@@ -33,10 +34,10 @@ def full_map_statistics(q, k, orders, grid, block, layout):
         for i in range(nb):
             for j in range(nb):
                 tile = probs[:, h][:, blk == i][:, :, blk == j]  # (B, rows, cols)
-                mass[h, i, j] = tile.sum(dim=(1, 2)).mean()
+                mass[:, h, i, j] = tile.sum(dim=(1, 2))
                 mean = tile.mean(dim=(1, 2))
                 ratios[h] += (tile.amax(dim=(1, 2)) / mean).mean() / nb**2
-    return mass, ratios
+    return (mass / mass.sum(dim=-1, keepdim=True)).amax(dim=0), ratios
 
 
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
