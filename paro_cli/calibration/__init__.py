@@ -2,8 +2,9 @@
 
 Dense (stock) sampling over the recipe's prompts and seeds, with two handlers (passes.py):
   1. OrderProfiler: at the profiled steps, for every candidate order, each head's mass recall at
-     the target density and its block incoherence (kernels/paro_kernels/stats.py), averaged over
-     prompts, CFG branches and steps. `rules.choose_orders` takes the best recall, and among
+     the target density and its block incoherence (kernels/paro_kernels/stats.py: a block's mass
+     is its largest share over the call's samples, prompts and CFG branches), averaged over calls
+     and steps. `rules.choose_orders` takes the best recall, and among
      orders tied with it the most coherent blocks (what quantisation needs).
   2. MassCollector: at every step, each head's block mass, normalised per row block and averaged
      within its timestep slot, becomes masks (masks.select_blocks) in the head's chosen order.

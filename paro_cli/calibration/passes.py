@@ -104,8 +104,9 @@ class OrderProfiler:
 
 
 class MassCollector:
-    """Each head's block mass in its candidate orders, normalised per row block and averaged
-    within each timestep slot, reduced to masks.
+    """Each head's block mass in its candidate orders (its largest share over a call's samples,
+    stats.summarise), normalised per row block and averaged within each timestep slot, reduced
+    to masks.
 
     candidates[layer] lists orders, one name per head this rank's calls hold (under context
     parallelism, its share of the model's `heads`). With one candidate (each head's chosen
