@@ -45,6 +45,11 @@ class BlockStatistics:
     output: torch.Tensor | None = None  # softmax(Q K^T * scale) V (B, S, H, D), where V was given (torch path)
 
 
+def row_shares(mass: torch.Tensor) -> torch.Tensor:
+    """Block mass (..., nb, nb) as shares of its row block's mass: each row sums to 1 (or is 0)."""
+    return mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+
+
 def summarise(mass: torch.Tensor, peak: torch.Tensor | None, n: int, block: int) -> BlockStatistics:
     """Raw per-sample block sums and maxima (O, B, H, nb, nb) -> the statistics of the batch.
 
@@ -54,7 +59,7 @@ def summarise(mass: torch.Tensor, peak: torch.Tensor | None, n: int, block: int)
     which a static mask must still serve on prompts it never saw: on the demo model's held-out
     prompts the maximum gives the d=0.3 plan about 5 dB more than the mean (BENCHMARKS.md).
     The incoherence is the batch's mean."""
-    share = (mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)).amax(dim=1)
+    share = row_shares(mass).amax(dim=1)
     if peak is None:
         return BlockStatistics(mass=share, incoherence=None)
     nb = mass.shape[-1]

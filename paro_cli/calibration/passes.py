@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from paro_kernels.layout import SequenceLayout, num_blocks
-from paro_kernels.stats import BlockStatistics, block_statistics, mass_recall
+from paro_kernels.stats import BlockStatistics, block_statistics, mass_recall, row_shares
 
 from ..intercept import DenseFn
 from ..masks import select_blocks
@@ -173,7 +173,7 @@ class MassCollector:
             self.pending[self.slot] = torch.zeros(shape, device=self.device), torch.zeros(len(self.candidates))
         sums, count = self.pending[self.slot]
         mass = stats.mass
-        sums[layer] += mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        sums[layer] += row_shares(mass)  # the batch's largest shares no longer sum to 1 per row
         count[layer] += 1
         return attention_output(stats, dense)
 
