@@ -537,10 +537,6 @@ def _prep_kernel(
         tl.store(VScale + bh.to(tl.int64) * (n_text_tiles + nb) + tile, v_scale)
 
 
-# --------------------------------------------------------------------------------------------
-# Host side
-
-
 @triton.jit
 def _sampled_tokens(X, base, stride_s, stride_d, t, step, count, d, DIM: tl.constexpr):
     """Sampled tokens t (every `step`-th, `count` of them) of one (batch, head) of X, as fp32
@@ -614,6 +610,10 @@ def _smoothing_kernel(
         ratio = tl.div_rn(tl.maximum(q_amax, MIN_AMAX_), tl.maximum(k_amax, MIN_AMAX_))
         balance = tl.minimum(tl.maximum(tl.sqrt_rn(ratio), 1.0 / LIMIT), LIMIT)
         tl.store(Balance + out, balance, mask=d < DIM)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
 
 
 def channel_smoothing(q, k, v, qk: str, pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
