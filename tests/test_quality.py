@@ -2,11 +2,12 @@
 end to end on the planted model (whose planted heads make reordering matter)."""
 
 import json
+import math
 
 import imageio.v3 as iio
 
 from paro_cli.baselines import local_window_plan
-from paro_cli.bench.quality import _with, gate_failures
+from paro_cli.bench.quality import _with, gate_failures, paired_leads, standard_error
 from paro_cli.masks import local_window_mask
 from paro_cli.recipe import RECIPES_DIR, load_recipe
 
@@ -22,6 +23,23 @@ def test_local_window_plan_replaces_orders_and_masks(planted_calibration):
     for slot in range(window.num_slots):
         assert (comp.slot_masks(slot) == expected).all()
     assert plan.components["transformer"].orders != comp.orders  # the original is untouched
+
+
+def test_paro_leads_are_paired_prompt_by_prompt():
+    assert standard_error([30.0]) is None
+    assert math.isclose(standard_error([1.0, 2.0, 6.0]), math.sqrt(7 / 3), abs_tol=1e-3)  # stdev sqrt(7), 3 values
+
+    def row(variant, per_prompt, qk="fp32"):
+        return {"variant": variant, "density": 0.3, "qk": qk, "pv": "fp32", "psnr_db_per_prompt": per_prompt}
+
+    rows = [row("dense", [100.0, 100.0]), row("paro", [30.0, 20.0]), row("paro", [9.0, 9.0], qk="int8")]
+    rows += [row("no reordering", [28.0, 19.0]), row("local window", [31.0, 10.0])]
+    paired_leads(rows)
+    # differences (2, 1): lead 1.5, stdev 0.707, standard error 0.5; unpaired, the spread between
+    # the prompts (10 dB) would swamp it
+    assert (rows[3]["paro_lead_db"], rows[3]["paro_lead_se"]) == (1.5, 0.5)
+    assert (rows[4]["paro_lead_db"], rows[4]["paro_lead_se"]) == (4.5, 5.5)  # (-1, 10): against the fp32 paro row
+    assert not any("paro_lead_db" in r for r in rows[:3])
 
 
 def test_gates_name_the_failing_variant():
@@ -64,6 +82,11 @@ def test_bench_quality_end_to_end(capsys, tmp_path):
     assert variants == [("dense", 1.0), ("paro", 0.3), ("no reordering", 0.3), ("local window", 0.3)]
     dense, paro_row = data["rows"][0], data["rows"][1]
     assert dense["psnr_db"] == 100.0 and dense["ssim"] == 1.0 and paro_row["psnr_db"] < 100
+    for r in data["rows"]:
+        assert len(r["psnr_db_per_prompt"]) == 2 and abs(sum(r["psnr_db_per_prompt"]) / 2 - r["psnr_db"]) < 2e-3
+    for baseline in data["rows"][2:]:
+        assert abs(baseline["paro_lead_db"] - (paro_row["psnr_db"] - baseline["psnr_db"])) < 2e-3
+        assert baseline["paro_lead_se"] >= 0
     assert len(data["prompts"]) == 2 and data["gates"]
     assert data["evaluation"] == "held-out" and data["seeds"] == [10_000, 10_001]
     assert not set(data["prompts"]) & set(data["calibration_prompts"])

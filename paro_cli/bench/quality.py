@@ -5,11 +5,18 @@ a precision, calibrated on the recipe's calibration prompts) generates the same 
 its plan. Per variant: PSNR, SSIM and cosine similarity against dense, and prompt fidelity
 (demo/fidelity.py) where the prompts are captions of the demo world. At each density the
 baselines (baselines.py) run at the first precision: no reordering and a static local window.
+
+A mean PSNR over a few prompts is a noisy figure (on the demo model, two sets of 8 held-out
+prompts ranked two allocations 3 dB apart in opposite orders: BENCHMARKS.md, 2026-12-08), so each
+row also gives its per-prompt PSNRs and their standard error, and each baseline row paro's lead
+over it, paired prompt by prompt (the same prompts and seeds: most of the spread between prompts
+cancels).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 
@@ -84,14 +91,33 @@ def check_given_plan(plan: Plan, recipe: Recipe) -> None:
 
 
 def _scores(videos: torch.Tensor, dense: torch.Tensor, prompts: list[str]) -> dict:
-    per_video = [psnr(v, d) for v, d in zip(videos, dense)]
+    per_video = [PSNR_CAP if p is None else min(p, PSNR_CAP) for p in (psnr(v, d) for v, d in zip(videos, dense))]
     readable = all(is_caption(p) for p in prompts)
     return {
-        "psnr_db": round(statistics.mean(PSNR_CAP if p is None else min(p, PSNR_CAP) for p in per_video), 3),
+        "psnr_db": round(statistics.mean(per_video), 3),
+        "psnr_db_se": standard_error(per_video),
+        "psnr_db_per_prompt": [round(p, 3) for p in per_video],
         "ssim": round(ssim(videos, dense), 5),
         "cosine": round(cosine(videos, dense), 6),
         "fidelity": round(statistics.mean(fidelity(v, p) for v, p in zip(videos, prompts)), 4) if readable else None,
     }
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean of `values` (None for fewer than 2)."""
+    return round(statistics.stdev(values) / math.sqrt(len(values)), 3) if len(values) > 1 else None
+
+
+def paired_leads(rows: list[dict]) -> None:
+    """Adds to each baseline row paro's PSNR lead over it (dB; paro's row of the same density and
+    precision), the mean of the per-prompt differences, and that mean's standard error."""
+    paro = {(r["density"], r["qk"], r["pv"]): r for r in rows if r["variant"] == "paro"}
+    for row in rows:
+        ours = paro.get((row["density"], row["qk"], row["pv"]))
+        if row["variant"] in ("dense", "paro") or ours is None:
+            continue
+        lead = [a - b for a, b in zip(ours["psnr_db_per_prompt"], row["psnr_db_per_prompt"])]
+        row["paro_lead_db"], row["paro_lead_se"] = round(statistics.mean(lead), 3), standard_error(lead)
 
 
 def is_caption(prompt: str) -> bool:
@@ -166,6 +192,7 @@ def run(
                 rows.append(
                     {"variant": name, "density": density, "qk": qk, "pv": pv, **_scores(outputs[label], dense, prompts)}
                 )
+    paired_leads(rows)
     dense_fidelity = rows[0]["fidelity"]
     for row in rows:
         row["fidelity_drop"] = None if dense_fidelity is None else round(dense_fidelity - row["fidelity"], 4)

@@ -374,6 +374,11 @@ def kernel(
     ui.json(result)
 
 
+def _with_error(value: float, error: float | None, fmt: str) -> str:
+    """A mean and its standard error as the quality table shows them ("24.54 ± 0.61")."""
+    return fmt.format(value) + ("" if error is None else f" ± {error:.2f}")
+
+
 @app.command("quality")
 def quality(
     recipe: RecipeOpt = None,
@@ -525,13 +530,14 @@ def quality(
     ui.table(
         f"quality vs dense on {result['device']}: {result['model']}, grid {'x'.join(map(str, result['grid']))}, "
         f"{result['steps']} steps, {len(texts)} {evaluation} prompts",
-        ["variant", "density", "QK/PV", "PSNR (dB)", "SSIM", "cosine", "fidelity", "fidelity drop"],
+        ["variant", "density", "QK/PV", "PSNR (dB)", "paro's lead (dB)", "SSIM", "cosine", "fidelity", "fidelity drop"],
         [
             [
                 row["variant"],
                 row["density"],
                 f"{row['qk']}/{row['pv']}",
-                "-" if row["variant"] == "dense" else f"{row['psnr_db']:.2f}",
+                "-" if row["variant"] == "dense" else _with_error(row["psnr_db"], row["psnr_db_se"], "{:.2f}"),
+                _with_error(row["paro_lead_db"], row["paro_lead_se"], "{:+.2f}") if "paro_lead_db" in row else "",
                 f"{row['ssim']:.4f}",
                 f"{row['cosine']:.5f}",
                 "-" if row["fidelity"] is None else f"{100 * row['fidelity']:.1f}%",
