@@ -78,7 +78,7 @@ def test_embedded_model_draws_what_its_captions_say():
     from paro_cli.runner import sample
 
     recipe = load_recipe("tiny")
-    prompts = demo_prompts(4, recipe, held_out=False)
+    prompts = demo_prompts(4, recipe, "in-sample")
     vids = sample(load_model("embedded"), recipe, prompts, [0, 1, 2, 3])
     own = sum(fidelity(v, p) for v, p in zip(vids, prompts)) / 4
     other = sum(fidelity(v, p) for v, p in zip(vids, prompts[1:] + prompts[:1])) / 4

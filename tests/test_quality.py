@@ -103,6 +103,8 @@ def test_bench_quality_refuses_bad_input(capsys, tmp_path):
     assert code == 2 and "bad --precision" in err
     code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--video", tmp_path / "x.avi")
     assert code == 2 and "unknown extension" in err
+    code, _, err = paro(capsys, "bench", "quality", "--recipe", "planted", "--prompt-set", "test")
+    assert code == 2 and "unknown --prompt-set 'test'" in err and err.count("\n") == 1
 
 
 def test_paro_variants_keep_the_recipes_allowed_orders():
@@ -194,14 +196,18 @@ def test_bench_quality_takes_the_geometry_and_every_progress_row_completes(capsy
     assert all(done == total == 2 for done, total in rows.values())
 
 
-def test_quality_prompts_are_held_out_unless_asked_in_sample():
-    """The default set shares no caption with the recipe's calibration prompts and is not the
-    first training step's scenes (the in-sample set)."""
-    from paro_cli.bench.quality import demo_prompts
+def test_quality_prompt_sets_are_fixed_and_disjoint():
+    """The held-out set shares no caption with the recipe's calibration prompts and is not the
+    first training step's scenes (the in-sample set); the validation set shares none with either
+    the calibration prompts or the held-out set."""
+    from paro_cli.bench.quality import VALIDATION_EXCLUDES, demo_prompts
     from paro_cli.recipe import load_recipe
 
     recipe = load_recipe("tiny")
-    held, in_sample = demo_prompts(24, recipe), demo_prompts(24, recipe, held_out=False)
+    held, in_sample = demo_prompts(24, recipe), demo_prompts(24, recipe, "in-sample")
+    validation = demo_prompts(24, recipe, "validation")
     assert len(set(held)) == 24 and not set(held) & set(recipe.calibration.prompts)
     assert held[:4] != in_sample[:4]
-    assert demo_prompts(24, recipe) == held  # a fixed set
+    assert len(set(validation)) == 24 and not set(validation) & set(recipe.calibration.prompts)
+    assert not set(validation) & set(demo_prompts(VALIDATION_EXCLUDES, recipe))
+    assert demo_prompts(24, recipe) == held and demo_prompts(24, recipe, "validation") == validation  # fixed sets

@@ -39,23 +39,35 @@ from .metrics import cosine, psnr, ssim
 PSNR_CAP = 100.0  # dB reported for identical videos (PSNR is infinite there; JSON has no inf)
 
 
-# Held-out evaluation: scenes of a stream no training step draws from (training seeds each step's
-# stream with an integer, demo/train.py; this is a string) and noise seeds far from the recipes'.
-HELD_OUT_SCENES = "paro held-out evaluation"
-HELD_OUT_NOISE_SEED = 10_000
+# The demo world's prompt sets: (scene stream, noise seed of the first prompt). Held out: a stream
+# no training step draws from (training seeds each step's stream with an integer, demo/train.py;
+# these are strings) and noise seeds far from the recipes'. Validation: another such stream, with
+# no caption among the first VALIDATION_EXCLUDES held-out ones, to choose settings on without
+# looking at the held-out figures. In-sample: stream 0 and seeds from 0, the first training step's.
+PROMPT_SETS = {
+    "held-out": ("paro held-out evaluation", 10_000),
+    "validation": ("paro validation scenes", 20_000),
+    "in-sample": (0, 0),
+}
+VALIDATION_EXCLUDES = 64
 
 
-def demo_prompts(count: int, recipe: Recipe, held_out: bool = True) -> list[str]:
-    """The fixed prompt set: captions of `count` scenes of the demo world. Held out (the default):
-    scenes no training step saw, no caption equal to a calibration prompt of the recipe or
-    repeated. In-sample: scene stream 0, the first training step's."""
+def demo_prompts(count: int, recipe: Recipe, prompt_set: str = "held-out") -> list[str]:
+    """The fixed prompt set `prompt_set` (PROMPT_SETS): captions of `count` scenes of the demo
+    world. Held out and validation: scenes no training step saw, none a calibration prompt of the
+    recipe or repeated (and for validation none of the held-out set's first VALIDATION_EXCLUDES).
+    In-sample: scene stream 0, the first training step's."""
     g = recipe.geometry
-    if not held_out:
-        return [s.caption for s in sample_scenes(0, count, g.frames, g.height, g.width)]
-    rng, prompts = random.Random(HELD_OUT_SCENES), []
+    stream, _ = PROMPT_SETS[prompt_set]
+    if prompt_set == "in-sample":
+        return [s.caption for s in sample_scenes(stream, count, g.frames, g.height, g.width)]
+    excluded = set(recipe.calibration.prompts)
+    if prompt_set == "validation":
+        excluded |= set(demo_prompts(VALIDATION_EXCLUDES, recipe))
+    rng, prompts = random.Random(stream), []
     while len(prompts) < count:
         caption = sample_scene(rng, g.frames, g.height, g.width).caption
-        if caption not in recipe.calibration.prompts and caption not in prompts:
+        if caption not in excluded and caption not in prompts:
             prompts.append(caption)
     return prompts
 
@@ -143,8 +155,8 @@ def run(
     """Returns (JSON-ready result, {"dense": videos, variant name: videos, "plans": {...}}).
 
     `given`: a ready plan, used for the paro variant of its density and precision instead of
-    calibrating one. `evaluation` says what the prompts are to the calibration data ("held-out",
-    "in-sample", "given prompts"), for the result."""
+    calibrating one. `evaluation` names the prompt set (PROMPT_SETS, or "given prompts"), for the
+    result."""
     grid = token_grid(loaded, recipe)
     steps = recipe.sampling.steps
 

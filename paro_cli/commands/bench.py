@@ -13,7 +13,7 @@ from .. import parallel
 from ..api import as_loaded
 from ..backends import BACKENDS
 from ..bench import e2e as e2e_bench
-from ..bench.quality import HELD_OUT_NOISE_SEED
+from ..bench.quality import PROMPT_SETS
 from ..errors import GateFailed, ParoError
 from ..models.architectures import ARCHITECTURES, build_architecture, check_architecture, step_inputs
 from ..models.loaded import token_grid
@@ -403,20 +403,17 @@ def quality(
         typer.Option(help="Prompts to generate; repeatable. Default: the demo world's fixed set (--prompts of them)."),
     ] = None,
     prompts: Annotated[int, typer.Option(help="Size of the demo world's fixed prompt set.")] = 8,
-    in_sample: Annotated[
-        bool,
+    prompt_set: Annotated[
+        str,
         typer.Option(
-            "--in-sample",
-            help="Evaluate on the in-sample set: the demo world's scene stream 0 (the demo model's first training "
-            "step) and noise seeds from 0, which overlap the calibration data. Default: held-out prompts and seeds.",
+            help="The demo world's prompt set: held-out (scenes no training step drew, none a calibration prompt; "
+            "seeds from 10000), validation (another such set, to choose settings on; seeds from 20000) or in-sample "
+            "(the demo model's first training step's scenes, seeds from 0: they overlap the calibration data)."
         ),
-    ] = False,
+    ] = "held-out",
     seed: Annotated[
         int | None,
-        typer.Option(
-            help="Noise seed of the first prompt; prompt i uses seed + i. Default: "
-            f"{HELD_OUT_NOISE_SEED} (held out), 0 with --in-sample."
-        ),
+        typer.Option(help="Noise seed of the first prompt; prompt i uses seed + i. Default: the prompt set's."),
     ] = None,
     baselines: Annotated[
         bool,
@@ -486,10 +483,12 @@ def quality(
         check_video_path(video)
     if heatmaps is not None and heatmaps.exists() and not heatmaps.is_dir():
         raise ParoError(f"--heatmaps {heatmaps} is a file", "give a folder")
-    texts = prompt or qb.demo_prompts(prompts, r, held_out=not in_sample)
-    evaluation = "given prompts" if prompt else "in-sample" if in_sample else "held-out"
+    if prompt_set not in PROMPT_SETS:
+        raise ParoError(f"unknown --prompt-set {prompt_set!r}", "use " + ", ".join(PROMPT_SETS))
+    texts = prompt or qb.demo_prompts(prompts, r, prompt_set)
+    evaluation = "given prompts" if prompt else prompt_set
     if seed is None:
-        seed = 0 if in_sample else qb.HELD_OUT_NOISE_SEED
+        seed = PROMPT_SETS[prompt_set][1]
     if max_drop is not None and not all(qb.is_caption(t) for t in texts):
         raise ParoError(
             "--max-drop needs prompt fidelity, which only the demo world's captions have", "drop --prompt or --max-drop"
